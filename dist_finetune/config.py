@@ -1,0 +1,412 @@
+"""Run configuration: a YAML file plus `key.sub=value` overrides -> one frozen, validated `Config`.
+
+Every setting has exactly one home here. Unknown keys and bad values fail at once with the key's
+full path, the value, and what is allowed (or the nearest valid key).
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A user error in the run configuration; the message names the key and the fix."""
+
+
+def _choices(*values: str, default: str) -> Any:
+    return field(default=default, metadata={"choices": values})
+
+
+MODEL_PRESETS: dict[str, dict[str, int]] = {
+    "gpt2": dict(n_layer=12, n_head=12, n_embd=768, context_length=1024),
+    "gpt2-medium": dict(n_layer=24, n_head=16, n_embd=1024, context_length=1024),
+    "gpt2-large": dict(n_layer=36, n_head=20, n_embd=1280, context_length=1024),
+    "gpt2-xl": dict(n_layer=48, n_head=25, n_embd=1600, context_length=1024),
+}
+TRAINABLE_PATTERN = re.compile(r"^(all|last_block|head|last_(\d+)_blocks)$")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    # None for all three files: the bundled SMS Spam Collection (balanced, split 70/10/20).
+    train_file: str | None = None
+    val_file: str | None = None
+    test_file: str | None = None
+    text_column: str = "text"
+    label_column: str = "label"
+    # None: the longest training example, capped at the model's context length.
+    max_length: int | None = None
+    padding: str = _choices("fixed", "longest", default="fixed")
+    num_workers: int = 0
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name: str = _choices("custom", *MODEL_PRESETS, default="gpt2")
+    # For `custom`: required. For a preset: leave unset (or equal to the preset).
+    n_layer: int | None = None
+    n_head: int | None = None
+    n_embd: int | None = None
+    context_length: int | None = None
+    vocab_size: int = 50257
+    dropout: float = 0.0
+    qkv_bias: bool = True
+    # A folder, a file, a hub id such as `gpt2`, or `none` for random initialisation.
+    weights: str = "none"
+    download: bool = False
+    pooling: str = _choices("last", "last_token", "mean", default="last")
+    # all | last_block | last_N_blocks | head
+    trainable: str = "last_block"
+
+    def arch(self) -> dict[str, int]:
+        """n_layer/n_head/n_embd/context_length, from the preset or the custom keys."""
+        keys = ("n_layer", "n_head", "n_embd", "context_length")
+        if self.name == "custom":
+            return {k: getattr(self, k) for k in keys}
+        return dict(MODEL_PRESETS[self.name])
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    epochs: int = 5
+    micro_batch_size: int = 8
+    # Set either grad_accum_steps, or global_batch_size (accumulation is then derived), or both
+    # (then micro x accum x world must equal global).
+    grad_accum_steps: int | None = None
+    global_batch_size: int | None = None
+    lr: float = 5e-5
+    weight_decay: float = 0.1
+    warmup_steps: int = 0
+    schedule: str = _choices("constant", "linear", "cosine", default="constant")
+    min_lr_ratio: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    grad_clip: float = 1.0
+    # Stop after this many optimizer steps (None: run all epochs).
+    max_steps: int | None = None
+    log_every_steps: int = 10
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    # Evaluate every N optimizer steps (None: only at each epoch end).
+    every_steps: int | None = None
+    batch_size: int | None = None  # None: 2 x micro_batch_size
+    # Cap evaluation batches during training (None: the whole validation split).
+    max_batches: int | None = None
+
+
+@dataclass(frozen=True)
+class EarlyStoppingConfig:
+    enabled: bool = True
+    metric: str = _choices("val_loss", "val_accuracy", default="val_loss")
+    mode: str = _choices("auto", "min", "max", default="auto")
+    patience: int = 3
+    min_delta: float = 0.0
+
+    def resolved_mode(self) -> str:
+        if self.mode != "auto":
+            return self.mode
+        return "min" if self.metric == "val_loss" else "max"
+
+
+@dataclass(frozen=True)
+class CheckpointConfig:
+    # Save every N optimizer steps (None: only at each new best and at the end).
+    every_steps: int | None = None
+    keep_last: int = 2
+    export: bool = True
+
+
+@dataclass(frozen=True)
+class ZeroConfig:
+    stage: int = _choices(0, 1, 2, 3, default=0)  # type: ignore[arg-type]
+    offload_optimizer: bool = False
+    overlap_comm: bool = False
+
+
+@dataclass(frozen=True)
+class DistributedConfig:
+    timeout_seconds: float = 1800.0
+    # Force CPU + gloo even where CUDA exists (the laptop / single-GPU-machine debug mode).
+    debug: bool = False
+
+
+@dataclass(frozen=True)
+class ReportConfig:
+    tensorboard: bool = False
+    progress_bar: str = _choices("auto", "on", "off", default="auto")
+    plots: bool = True
+
+
+@dataclass(frozen=True)
+class Config:
+    output_dir: str = "runs/default"
+    seed: int = 123
+    precision: str = _choices("bf16", "fp16", "fp32", default="bf16")
+    # none | auto | a checkpoint folder
+    resume: str = "none"
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    early_stopping: EarlyStoppingConfig = field(default_factory=EarlyStoppingConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    zero: ZeroConfig = field(default_factory=ZeroConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
+    report: ReportConfig = field(default_factory=ReportConfig)
+    # Expert DeepSpeed settings merged into the generated DeepSpeed config (validated there).
+    deepspeed: dict[str, Any] = field(default_factory=dict)
+
+
+# ---------------------------------------------------------------- building from dicts
+
+
+def _unwrap_optional(tp: Any) -> tuple[Any, bool]:
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if len(args) == 1:
+            return args[0], True
+    return tp, False
+
+
+def _coerce(path: str, tp: Any, value: Any) -> Any:
+    inner, optional = _unwrap_optional(tp)
+    if value is None or (optional and isinstance(value, str) and value.lower() in ("none", "null")):
+        if optional:
+            return None
+        raise ConfigError(f"{path}: a value is required here, got null")
+    origin = typing.get_origin(inner)
+    if inner is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
+            return value.lower() in ("true", "yes", "1")
+        raise ConfigError(f"{path}: expected true or false, got {value!r}")
+    if inner is int:
+        if isinstance(value, bool) or not isinstance(value, (int, str, float)):
+            raise ConfigError(f"{path}: expected an integer, got {value!r}")
+        try:
+            as_float = float(value)
+        except ValueError:
+            raise ConfigError(f"{path}: expected an integer, got {value!r}") from None
+        if not as_float.is_integer():
+            raise ConfigError(f"{path}: expected an integer, got {value!r}")
+        return int(as_float)
+    if inner is float:
+        if isinstance(value, bool):
+            raise ConfigError(f"{path}: expected a number, got {value!r}")
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{path}: expected a number, got {value!r}") from None
+    if inner is str:
+        if isinstance(value, (dict, list)):
+            raise ConfigError(f"{path}: expected a string, got {value!r}")
+        return str(value)
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{path}: expected a list, got {value!r}")
+        args = typing.get_args(inner)
+        if len(args) != len(value):
+            raise ConfigError(f"{path}: expected {len(args)} values, got {list(value)!r}")
+        return tuple(_coerce(f"{path}[{i}]", a, v) for i, (a, v) in enumerate(zip(args, value)))
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{path}: expected a mapping, got {value!r}")
+        return dict(value)
+    if dataclasses.is_dataclass(inner):
+        return _build(inner, value, path)
+    raise ConfigError(f"{path}: unsupported type {inner!r}")  # pragma: no cover
+
+
+def _build(cls: type, raw: Any, prefix: str = "") -> Any:
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{prefix or 'config'}: expected a mapping of keys, got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in raw.items():
+        path = f"{prefix}.{key}" if prefix else str(key)
+        if key not in fields:
+            near = difflib.get_close_matches(str(key), list(fields), n=1, cutoff=0.5)
+            hint = f" Did you mean '{prefix + '.' if prefix else ''}{near[0]}'?" if near else ""
+            raise ConfigError(
+                f"unknown config key '{path}'.{hint} Valid keys here: {', '.join(sorted(fields))}"
+            )
+        value = _coerce(path, hints[key], value)
+        choices = fields[key].metadata.get("choices")
+        if choices is not None and value not in choices:
+            allowed = " | ".join(str(c) for c in choices)
+            raise ConfigError(f"{path}: {value!r} is not allowed; choose one of: {allowed}")
+        kwargs[key] = value
+    return cls(**kwargs)
+
+
+# ---------------------------------------------------------------- validation
+
+
+def _check(condition: bool, message: str) -> None:
+    if not condition:
+        raise ConfigError(message)
+
+
+def _validate(cfg: Config) -> None:
+    m, t = cfg.model, cfg.train
+    _check(TRAINABLE_PATTERN.match(m.trainable) is not None,
+           f"model.trainable: {m.trainable!r} is not allowed; choose one of: "
+           "all | last_block | last_N_blocks (e.g. last_2_blocks) | head")
+    arch_keys = ("n_layer", "n_head", "n_embd", "context_length")
+    if m.name == "custom":
+        missing = [f"model.{k}" for k in arch_keys if getattr(m, k) is None]
+        _check(not missing, f"model.name is 'custom': set {', '.join(missing)}")
+    else:
+        preset = MODEL_PRESETS[m.name]
+        for k in arch_keys:
+            v = getattr(m, k)
+            _check(v is None or v == preset[k],
+                   f"model.{k}: {v} contradicts model.name={m.name!r} ({k}={preset[k]}); "
+                   "remove it or use model.name=custom")
+    arch = m.arch()
+    for k in arch_keys:
+        _check(arch[k] >= 1, f"model.{k}: must be >= 1, got {arch[k]}")
+    _check(arch["n_embd"] % arch["n_head"] == 0,
+           f"model.n_embd ({arch['n_embd']}) must be divisible by model.n_head ({arch['n_head']})")
+    blocks = TRAINABLE_PATTERN.match(m.trainable).group(2)
+    if blocks is not None:
+        _check(1 <= int(blocks) <= arch["n_layer"],
+               f"model.trainable: {m.trainable!r} asks for {blocks} blocks but the model has "
+               f"{arch['n_layer']} (model.n_layer)")
+    _check(0.0 <= m.dropout < 1.0, f"model.dropout: must be in [0, 1), got {m.dropout}")
+    _check(m.vocab_size >= 50257, f"model.vocab_size: must be >= 50257 (GPT-2 BPE), got {m.vocab_size}")
+
+    d = cfg.data
+    files = (d.train_file, d.val_file, d.test_file)
+    _check(all(f is None for f in files) or all(f is not None for f in files),
+           "data.train_file, data.val_file and data.test_file: set all three, or none of them "
+           "to use the bundled SMS Spam Collection")
+    if d.max_length is not None:
+        _check(1 <= d.max_length <= arch["context_length"],
+               f"data.max_length: {d.max_length} must be between 1 and the model's context length "
+               f"({arch['context_length']})")
+    _check(d.num_workers >= 0, f"data.num_workers: must be >= 0, got {d.num_workers}")
+
+    _check(t.epochs >= 1, f"train.epochs: must be >= 1, got {t.epochs}")
+    _check(t.micro_batch_size >= 1, f"train.micro_batch_size: must be >= 1, got {t.micro_batch_size}")
+    _check(t.grad_accum_steps is None or t.grad_accum_steps >= 1,
+           f"train.grad_accum_steps: must be >= 1, got {t.grad_accum_steps}")
+    _check(t.global_batch_size is None or t.global_batch_size >= 1,
+           f"train.global_batch_size: must be >= 1, got {t.global_batch_size}")
+    _check(t.lr > 0, f"train.lr: must be > 0, got {t.lr}")
+    _check(t.weight_decay >= 0, f"train.weight_decay: must be >= 0, got {t.weight_decay}")
+    _check(t.warmup_steps >= 0, f"train.warmup_steps: must be >= 0, got {t.warmup_steps}")
+    _check(0 <= t.min_lr_ratio <= 1, f"train.min_lr_ratio: must be in [0, 1], got {t.min_lr_ratio}")
+    _check(t.grad_clip >= 0, f"train.grad_clip: must be >= 0 (0 disables), got {t.grad_clip}")
+    _check(t.max_steps is None or t.max_steps >= 1, f"train.max_steps: must be >= 1, got {t.max_steps}")
+    _check(t.log_every_steps >= 1, f"train.log_every_steps: must be >= 1, got {t.log_every_steps}")
+    _check(cfg.eval.every_steps is None or cfg.eval.every_steps >= 1,
+           f"eval.every_steps: must be >= 1, got {cfg.eval.every_steps}")
+    _check(cfg.eval.batch_size is None or cfg.eval.batch_size >= 1,
+           f"eval.batch_size: must be >= 1, got {cfg.eval.batch_size}")
+    _check(cfg.early_stopping.patience >= 1,
+           f"early_stopping.patience: must be >= 1, got {cfg.early_stopping.patience}")
+    _check(cfg.early_stopping.min_delta >= 0,
+           f"early_stopping.min_delta: must be >= 0, got {cfg.early_stopping.min_delta}")
+    _check(cfg.checkpoint.every_steps is None or cfg.checkpoint.every_steps >= 1,
+           f"checkpoint.every_steps: must be >= 1, got {cfg.checkpoint.every_steps}")
+    _check(cfg.checkpoint.keep_last >= 1, f"checkpoint.keep_last: must be >= 1, got {cfg.checkpoint.keep_last}")
+    _check(cfg.distributed.timeout_seconds > 0,
+           f"distributed.timeout_seconds: must be > 0, got {cfg.distributed.timeout_seconds}")
+    _check(bool(cfg.output_dir), "output_dir: must not be empty")
+
+
+# ---------------------------------------------------------------- public API
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """`train.lr=1e-4` -> (['train', 'lr'], 0.0001). Values are read as YAML scalars."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r}: expected key.sub=value (e.g. train.lr=1e-4)")
+    key, raw = text.split("=", 1)
+    parts = key.strip().split(".")
+    if not all(parts):
+        raise ConfigError(f"override {text!r}: empty key part in {key!r}")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return parts, value
+
+
+def merge_override(raw: dict, parts: list[str], value: Any) -> None:
+    node = raw
+    for i, part in enumerate(parts[:-1]):
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            section = ".".join(parts[: i + 1])
+            raise ConfigError(f"override {'.'.join(parts)}: '{section}' is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def read_yaml(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} not found")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config file {path}: the top level must be a mapping of keys")
+    return raw
+
+
+def from_dict(raw: dict) -> Config:
+    cfg = _build(Config, raw)
+    _validate(cfg)
+    return cfg
+
+
+def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] = ()) -> Config:
+    raw = read_yaml(path) if path is not None else {}
+    for text in overrides:
+        merge_override(raw, *parse_override(text))
+    return from_dict(raw)
+
+
+def to_dict(cfg: Any) -> dict:
+    def plain(v: Any) -> Any:
+        if isinstance(v, tuple):
+            return list(v)
+        if isinstance(v, dict):
+            return {k: plain(x) for k, x in v.items()}
+        return v
+
+    return {k: plain(v) for k, v in dataclasses.asdict(cfg).items()}
+
+
+def to_yaml(cfg: Config) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+def replace(cfg: Config, overrides: typing.Sequence[str]) -> Config:
+    """A copy of `cfg` with dotted overrides applied and re-validated."""
+    raw = to_dict(cfg)
+    for text in overrides:
+        merge_override(raw, *parse_override(text))
+    return from_dict(raw)
