@@ -1,0 +1,100 @@
+"""The one module that owns torch.distributed: launch discovery, process group, collective helpers."""
+from __future__ import annotations
+
+import datetime
+import os
+import socket
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+    backend: str
+    launcher: str
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def is_main(env: DistEnv) -> bool:
+    return env.is_main
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _discover() -> tuple[int, int, int, str]:
+    """(rank, world_size, local_rank, launcher) from the environment the launcher left."""
+    env = os.environ
+    if "RANK" in env and "WORLD_SIZE" in env:  # torchrun, the deepspeed launcher
+        return int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0)), "torchrun"
+    return 0, 1, 0, "single"
+
+
+def _pick_device(local_rank: int, debug: bool) -> tuple[torch.device, str]:
+    if torch.cuda.is_available() and not debug:
+        torch.cuda.set_device(local_rank)
+        return torch.device("cuda", local_rank), "nccl"
+    return torch.device("cpu"), "gloo"
+
+
+def init_distributed(timeout_seconds: float = 1800.0, debug: bool = False) -> DistEnv:
+    """Initialise the process group once (a one-rank group when launched as a plain process)."""
+    rank, world_size, local_rank, launcher = _discover()
+    if launcher == "single":
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(free_port()))
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1")
+    device, backend = _pick_device(local_rank, debug)
+    if not dist.is_initialized():
+        dist.init_process_group(
+            backend=backend,
+            rank=rank,
+            world_size=world_size,
+            timeout=datetime.timedelta(seconds=timeout_seconds),
+        )
+    return DistEnv(rank, world_size, local_rank, device, backend, launcher)
+
+
+def shutdown() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def all_reduce_sum(values: torch.Tensor | list[float], env: DistEnv) -> torch.Tensor:
+    """Sum a float64 vector over ranks; every rank gets the total."""
+    t = torch.as_tensor(values, dtype=torch.float64)
+    t = t.to(env.device if env.backend == "nccl" else "cpu").clone()
+    dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t.cpu()
+
+
+def broadcast_decision(decision: int, env: DistEnv, src: int = 0) -> int:
+    """Rank `src` decides; every rank returns that decision."""
+    t = torch.tensor([decision], dtype=torch.int64, device=env.device if env.backend == "nccl" else "cpu")
+    dist.broadcast(t, src=src)
+    return int(t.item())
+
+
+def broadcast_object(obj, env: DistEnv, src: int = 0):
+    box = [obj]
+    dist.broadcast_object_list(box, src=src, device=env.device if env.backend == "nccl" else None)
+    return box[0]
+
+
+def barrier(env: DistEnv) -> None:
+    if env.backend == "nccl":
+        dist.barrier(device_ids=[env.local_rank])
+    else:
+        dist.barrier()

@@ -1,0 +1,222 @@
+"""GPT-2 (nanoGPT style, attention through F.scaled_dot_product_attention) and the classifier around it.
+
+The classifier replaces GPT-2's 50,257-way LM head with an N-class head on a pooled hidden state.
+Padding is known only from `lengths` (right padding), never from token values: the pad id 50256 is
+also <|endoftext|>, which a text may legitimately end with.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from dist_finetune.config import TRAINABLE_PATTERN
+
+if TYPE_CHECKING:
+    from dist_finetune.config import ModelConfig
+
+POOLINGS = ("last", "last_token", "mean")
+
+
+@dataclass(frozen=True)
+class GPTConfig:
+    vocab_size: int = 50257
+    context_length: int = 1024
+    n_embd: int = 768
+    n_layer: int = 12
+    n_head: int = 12
+    dropout: float = 0.0
+    qkv_bias: bool = True
+
+    @classmethod
+    def from_model_config(cls, mc: ModelConfig) -> GPTConfig:
+        arch = mc.arch()
+        return cls(
+            vocab_size=mc.vocab_size,
+            context_length=arch["context_length"],
+            n_embd=arch["n_embd"],
+            n_layer=arch["n_layer"],
+            n_head=arch["n_head"],
+            dropout=mc.dropout,
+            qkv_bias=mc.qkv_bias,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> GPTConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"GPTConfig: unknown keys {unknown}; known keys: {sorted(known)}")
+        return cls(**d)
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        if config.n_embd % config.n_head != 0:
+            raise ValueError(f"n_embd ({config.n_embd}) must be divisible by n_head ({config.n_head})")
+        self.n_head = config.n_head
+        self.n_embd = config.n_embd
+        self.dropout = config.dropout
+        self.qkv = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.qkv_bias)
+        self.proj = nn.Linear(config.n_embd, config.n_embd)
+        self.resid_drop = nn.Dropout(config.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, C = x.shape
+        q, k, v = self.qkv(x).split(self.n_embd, dim=2)
+        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
+        y = F.scaled_dot_product_attention(
+            q, k, v, dropout_p=self.dropout if self.training else 0.0, is_causal=True
+        )
+        y = y.transpose(1, 2).contiguous().view(B, T, C)
+        return self.resid_drop(self.proj(y))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.fc = nn.Linear(config.n_embd, 4 * config.n_embd)
+        self.proj = nn.Linear(4 * config.n_embd, config.n_embd)
+        self.drop = nn.Dropout(config.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.drop(self.proj(F.gelu(self.fc(x), approximate="tanh")))
+
+
+class Block(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.n_embd)
+        self.attn = CausalSelfAttention(config)
+        self.ln_2 = nn.LayerNorm(config.n_embd)
+        self.mlp = MLP(config)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x))
+        return x + self.mlp(self.ln_2(x))
+
+
+class GPT(nn.Module):
+    """The GPT-2 backbone: token ids -> hidden states after the final LayerNorm."""
+
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.config = config
+        self.wte = nn.Embedding(config.vocab_size, config.n_embd)
+        self.wpe = nn.Embedding(config.context_length, config.n_embd)
+        self.drop = nn.Dropout(config.dropout)
+        self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layer))
+        self.ln_f = nn.LayerNorm(config.n_embd)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        T = input_ids.size(1)
+        if T > self.config.context_length:
+            raise ValueError(
+                f"sequence length {T} exceeds the model's context length {self.config.context_length}"
+            )
+        pos = torch.arange(T, device=input_ids.device)
+        x = self.drop(self.wte(input_ids) + self.wpe(pos))
+        for block in self.blocks:
+            x = block(x)
+        return self.ln_f(x)
+
+    def lm_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """GPT-2's LM head, tied to the token embedding."""
+        return hidden @ self.wte.weight.T
+
+
+class GPTClassifier(nn.Module):
+    def __init__(self, gpt_config: GPTConfig, num_classes: int, pooling: str = "last"):
+        super().__init__()
+        if pooling not in POOLINGS:
+            raise ValueError(f"pooling {pooling!r} is not one of {', '.join(POOLINGS)}")
+        if num_classes < 1:
+            raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+        self.pooling = pooling
+        self.num_classes = num_classes
+        self.backbone = GPT(gpt_config)
+        self.head = nn.Linear(gpt_config.n_embd, num_classes)
+        self.apply(_init_weights)
+        # GPT-2: scale the init of the projections that write into the residual stream.
+        std = 0.02 / math.sqrt(2 * gpt_config.n_layer)
+        for block in self.backbone.blocks:
+            nn.init.normal_(block.attn.proj.weight, mean=0.0, std=std)
+            nn.init.normal_(block.mlp.proj.weight, mean=0.0, std=std)
+
+    @property
+    def config(self) -> GPTConfig:
+        return self.backbone.config
+
+    def forward(self, input_ids: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
+        """`lengths` (right padding) marks the real tokens; None means every position is real."""
+        hidden = self.backbone(input_ids)
+        return self.head(pool(hidden, lengths, self.pooling))
+
+
+def pool(hidden: torch.Tensor, lengths: torch.Tensor | None, pooling: str) -> torch.Tensor:
+    B, T, _ = hidden.shape
+    if pooling == "last" or (lengths is None and pooling == "last_token"):
+        return hidden[:, -1, :]
+    if lengths is None:
+        lengths = torch.full((B,), T, device=hidden.device)
+    lengths = lengths.to(hidden.device)
+    if pooling == "last_token":
+        return hidden[torch.arange(B, device=hidden.device), lengths - 1]
+    if pooling == "mean":
+        mask = torch.arange(T, device=hidden.device)[None, :] < lengths[:, None]
+        summed = hidden.float().masked_fill(~mask[:, :, None], 0.0).sum(dim=1)
+        return (summed / lengths.clamp(min=1)[:, None].float()).to(hidden.dtype)
+    raise ValueError(f"pooling {pooling!r} is not one of {', '.join(POOLINGS)}")
+
+
+def _init_weights(module: nn.Module) -> None:
+    if isinstance(module, nn.Linear):
+        nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.Embedding):
+        nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+
+def trainable_prefixes(policy: str, n_layer: int) -> tuple[str, ...]:
+    """Parameter-name prefixes that train under `policy` (see config.TRAINABLE_PATTERN)."""
+    m = TRAINABLE_PATTERN.match(policy)
+    if m is None:
+        raise ValueError(
+            f"trainable policy {policy!r}: choose all | last_block | last_N_blocks | head"
+        )
+    if policy == "all":
+        return ("",)
+    if policy == "head":
+        return ("head.",)
+    n = 1 if policy == "last_block" else int(m.group(2))
+    if not 1 <= n <= n_layer:
+        raise ValueError(f"trainable policy {policy!r}: the model has {n_layer} blocks")
+    blocks = tuple(f"backbone.blocks.{i}." for i in range(n_layer - n, n_layer))
+    return blocks + ("backbone.ln_f.", "head.")
+
+
+def set_trainable(model: GPTClassifier, policy: str) -> None:
+    prefixes = trainable_prefixes(policy, model.config.n_layer)
+    for name, p in model.named_parameters():
+        p.requires_grad_(name.startswith(prefixes))
+
+
+def count_parameters(model: nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameter counts."""
+    params = list(model.parameters())
+    return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
+
+
+def build_model(mc: ModelConfig, num_classes: int) -> GPTClassifier:
+    """The architecture with GPT-2's random init; weights.load_pretrained loads weights."""
+    return GPTClassifier(GPTConfig.from_model_config(mc), num_classes, pooling=mc.pooling)

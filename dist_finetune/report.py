@@ -1,0 +1,174 @@
+"""Rank 0's run report: metrics.jsonl, history.csv, plots, TensorBoard, progress, summary.json.
+
+Nothing here holds a collective: callers hand in numbers already reduced across ranks.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import math
+import resource
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+HISTORY_FIELDS = (
+    "step", "epoch", "examples_seen", "train_loss", "train_accuracy", "val_loss", "val_accuracy", "lr",
+)
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    # ru_maxrss is KiB on Linux: the peak resident set of this process.
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+
+
+def write_json(path: Path, data: Any) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n", encoding="utf-8")
+    tmp.replace(path)
+
+
+@dataclass
+class Reporter:
+    """Writes the run folder's reports. Construct it on rank 0 only (`enabled=False` elsewhere)."""
+
+    run_dir: Path
+    enabled: bool
+    tensorboard: bool = False
+    progress: str = "auto"
+    total_steps: int = 0
+    history: list[dict[str, Any]] = field(default_factory=list)
+    _bar: Any = None
+    _tb: Any = None
+    _last_line: float = 0.0
+
+    def __post_init__(self) -> None:
+        if not self.enabled:
+            return
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        use_bar = self.progress == "on" or (self.progress == "auto" and sys.stderr.isatty())
+        if use_bar:
+            from tqdm import tqdm
+
+            self._bar = tqdm(total=self.total_steps, desc="train", unit="step", dynamic_ncols=True)
+        if self.tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._tb = SummaryWriter(log_dir=str(self.run_dir / "tensorboard"))
+        self._load_history()
+
+    def _load_history(self) -> None:
+        """A resumed run keeps the history it had (events after the checkpoint are replayed anew)."""
+        path = self.run_dir / "history.csv"
+        if path.exists():
+            with path.open(newline="", encoding="utf-8") as f:
+                self.history = [{k: _num(v) for k, v in row.items()} for row in csv.DictReader(f)]
+
+    def truncate_after(self, step: int) -> None:
+        if not self.enabled:
+            return
+        self.history = [row for row in self.history if row["step"] <= step]
+        self._write_history()
+        path = self.run_dir / "metrics.jsonl"
+        if path.exists():
+            kept = [ln for ln in path.read_text(encoding="utf-8").splitlines()
+                    if ln.strip() and json.loads(ln).get("step", 0) <= step]
+            path.write_text("".join(ln + "\n" for ln in kept), encoding="utf-8")
+
+    def event(self, kind: str, **values: Any) -> None:
+        if not self.enabled:
+            return
+        record = {"event": kind, "time": round(time.time(), 3), **values}
+        with (self.run_dir / "metrics.jsonl").open("a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+        if self._tb is not None and "step" in values:
+            for key, value in values.items():
+                if isinstance(value, (int, float)) and key not in ("step", "epoch"):
+                    self._tb.add_scalar(f"{kind}/{key}", value, values["step"])
+
+    def step(self, step: int, message: str) -> None:
+        if not self.enabled:
+            return
+        if self._bar is not None:
+            self._bar.n = step
+            self._bar.set_postfix_str(message, refresh=True)
+        else:
+            print(f"step {step}/{self.total_steps} {message}", flush=True)
+
+    def say(self, message: str) -> None:
+        if not self.enabled:
+            return
+        if self._bar is not None:
+            self._bar.write(message)
+        else:
+            print(message, flush=True)
+
+    def eval_point(self, row: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        self.history.append({k: row.get(k) for k in HISTORY_FIELDS})
+        self._write_history()
+        self.event("eval", **row)
+
+    def _write_history(self) -> None:
+        with (self.run_dir / "history.csv").open("w", newline="", encoding="utf-8") as f:
+            writer = csv.DictWriter(f, fieldnames=HISTORY_FIELDS)
+            writer.writeheader()
+            writer.writerows(self.history)
+
+    def finish(self, summary: dict[str, Any], plots: bool = True) -> None:
+        if not self.enabled:
+            return
+        if self._bar is not None:
+            self._bar.close()
+        if plots and self.history:
+            plot_history(self.history, self.run_dir)
+        write_json(self.run_dir / "summary.json", summary)
+        self.event("summary", **{k: v for k, v in summary.items() if not isinstance(v, dict)})
+        if self._tb is not None:
+            self._tb.close()
+
+
+def _num(text: str) -> Any:
+    if text in ("", "None"):
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        return text
+    return int(value) if value.is_integer() and "." not in text and "e" not in text else value
+
+
+def plot_history(history: list[dict[str, Any]], run_dir: Path) -> None:
+    """The chapter's plots: train/val curves against epochs, examples seen on a second axis."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = [row["epoch"] for row in history]
+    seen = [row["examples_seen"] for row in history]
+    for metric, filename in (("loss", "loss.png"), ("accuracy", "accuracy.png")):
+        fig, ax = plt.subplots(figsize=(5, 3))
+        for split, style in (("train", "-"), ("val", "-.")):
+            values = [_finite(row.get(f"{split}_{metric}")) for row in history]
+            ax.plot(epochs, values, style, marker="o", markersize=3, label=f"{split} {metric}")
+        ax.set_xlabel("epochs")
+        ax.set_ylabel(metric)
+        ax.legend()
+        top = ax.twiny()
+        top.plot(seen, [0.0] * len(seen), alpha=0)  # aligns the examples-seen axis
+        top.set_xlabel("examples seen")
+        fig.tight_layout()
+        fig.savefig(run_dir / filename, dpi=120)
+        plt.close(fig)
+
+
+def _finite(value: Any) -> float:
+    return float(value) if isinstance(value, (int, float)) and math.isfinite(value) else float("nan")

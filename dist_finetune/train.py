@@ -1,0 +1,437 @@
+"""`python -m dist_finetune.train --config CONFIG [key.sub=value ...]`: the training loop.
+
+Every rank trains on its shard and evaluates its shard; sums are all-reduced; rank 0 alone decides
+{continue, new best, stop}; the decision is broadcast and every rank acts on it at the same step.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import os
+import random
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from . import checkpoint
+from .config import Config, ConfigError, load_config, read_yaml, to_yaml
+from .data import DataError, DataBundle, eval_loader, load_data, make_collate, train_loader
+from .distributed import DistEnv, all_reduce_sum, broadcast_decision, broadcast_object, init_distributed, shutdown
+from .engine import build_engine, param_group_names, plan_batches
+from .model import GPTConfig, build_model, count_parameters, set_trainable
+from .report import Reporter, peak_memory_bytes
+from .weights import WeightsError, load_pretrained, save_export
+
+log = logging.getLogger("dist_finetune")
+
+CONTINUE, NEW_BEST, STOP = 0, 1, 2
+USER_ERRORS = (ConfigError, DataError, WeightsError)
+
+
+class RunDirError(ConfigError):
+    """The output folder cannot be used as asked."""
+
+
+@dataclass
+class EarlyStopper:
+    """Rank 0's early-stopping state. Only rank 0 calls `update`; the result is broadcast."""
+
+    mode: str
+    patience: int
+    min_delta: float
+    enabled: bool = True
+    best: float | None = None
+    bad_evals: int = 0
+
+    def update(self, value: float) -> int:
+        better = self.best is None or (
+            value < self.best - self.min_delta if self.mode == "min" else value > self.best + self.min_delta
+        )
+        if better:
+            self.best, self.bad_evals = value, 0
+            return NEW_BEST
+        self.bad_evals += 1
+        return STOP if self.enabled and self.bad_evals >= self.patience else CONTINUE
+
+
+@dataclass
+class TrainState:
+    global_step: int = 0
+    epoch: int = 0
+    batches_in_epoch: int = 0
+    examples_seen: int = 0
+    tokens_seen: int = 0
+    best_step: int | None = None
+    stopped_early: bool = False
+    train_seconds: float = 0.0
+    stopper: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class RunningTrain:
+    """Training loss, accuracy and real tokens since the last reduction, summed on this rank."""
+
+    loss_sum: float = 0.0
+    correct: float = 0.0
+    count: float = 0.0
+    tokens: float = 0.0
+
+    def add(self, loss: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor, tokens: int) -> None:
+        n = labels.numel()
+        self.loss_sum += float(loss.detach()) * n
+        self.correct += float((logits.argmax(-1) == labels).sum())
+        self.count += n
+        self.tokens += tokens
+
+    def reduce_tokens(self, env: DistEnv) -> int:
+        tokens = int(all_reduce_sum([self.tokens], env)[0])
+        self.tokens = 0.0
+        return tokens
+
+    def reduce(self, env: DistEnv) -> tuple[float, float, int]:
+        """(mean loss, accuracy, tokens) over all ranks; every rank must call it at the same point."""
+        totals = all_reduce_sum([self.loss_sum, self.correct, self.count, self.tokens], env).tolist()
+        loss_sum, correct, count, tokens = totals
+        self.loss_sum = self.correct = self.count = self.tokens = 0.0
+        if count == 0:
+            return float("nan"), float("nan"), int(tokens)
+        return loss_sum / count, correct / count, int(tokens)
+
+
+# ---------------------------------------------------------------- set-up
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m dist_finetune.train", description=__doc__)
+    p.add_argument("--config", help="YAML run config (default: all defaults)")
+    p.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. train.lr=1e-4")
+    p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing run folder")
+    p.add_argument("--debug", action="store_true", help="CPU + gloo even where CUDA exists")
+    return p.parse_args(argv)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def prepare_run_dir(cfg: Config, env: DistEnv, overwrite: bool) -> str | None:
+    """Rank 0 checks the folder and decides; every rank gets the resume tag (or the error)."""
+    run_dir = Path(cfg.output_dir)
+    outcome: tuple[str, str | None] = ("ok", None)
+    if env.is_main:
+        try:
+            outcome = ("ok", _check_run_dir(cfg, run_dir, overwrite))
+        except ConfigError as exc:
+            outcome = ("error", str(exc))
+    outcome = broadcast_object(outcome, env)
+    if outcome[0] == "error":
+        raise RunDirError(outcome[1])
+    return outcome[1]
+
+
+def _check_run_dir(cfg: Config, run_dir: Path, overwrite: bool) -> str | None:
+    tag = checkpoint.find_resume_tag(cfg, run_dir)
+    if tag is not None:
+        saved = run_dir / "config.yaml"
+        diffs = checkpoint.result_changing_differences(read_yaml(saved), cfg) if saved.exists() else []
+        if diffs:
+            raise RunDirError(
+                f"resume: {run_dir} was trained with a different config; these keys change the result:\n  "
+                + "\n  ".join(diffs) + "\nUse the original values, or a new output_dir."
+            )
+        return tag
+    if run_dir.exists() and any(run_dir.iterdir()):
+        if not overwrite:
+            raise RunDirError(
+                f"output_dir {run_dir} already exists and is not empty; pass --overwrite to replace it, "
+                "resume=auto to continue it, or choose another output_dir"
+            )
+        shutil.rmtree(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    probe = run_dir / ".write_probe"
+    try:
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as exc:
+        raise RunDirError(f"output_dir {run_dir} is not writable: {exc}") from None
+    (run_dir / "config.yaml").write_text(to_yaml(cfg), encoding="utf-8")
+    return None
+
+
+def build_classifier(cfg: Config, data: DataBundle, reporter: Reporter):
+    model = build_model(cfg.model, len(data.label_map))
+    if cfg.model.weights.lower() != "none":
+        report = load_pretrained(model, cfg.model.weights, download=cfg.model.download)
+        reporter.say(f"weights: loaded {len(report.loaded)} tensors ({report.format}) from {report.source}")
+    set_trainable(model, cfg.model.trainable)
+    return model
+
+
+# ---------------------------------------------------------------- evaluation
+
+
+def evaluate(engine, dataset, cfg: Config, env: DistEnv, collate, max_batches: int | None = None) -> dict[str, float]:
+    """Exact metrics: every rank runs the same number of forwards (ZeRO-3 gathers), sums reduced."""
+    batch_size = cfg.eval.batch_size or 2 * cfg.train.micro_batch_size
+    loader = eval_loader(dataset, batch_size, collate, env.rank, env.world_size)
+    largest_shard = math.ceil(len(dataset) / env.world_size)
+    steps = math.ceil(largest_shard / batch_size)
+    if max_batches is not None:
+        steps = min(steps, max_batches)
+    engine.eval()
+    loss_sum = correct = count = 0.0
+    batches = iter(loader)
+    with torch.no_grad():
+        for _ in range(steps):
+            batch = next(batches, None)
+            real = batch is not None
+            if not real:  # this rank's shard is done; keep the forwards in step with the others
+                batch = {"input_ids": torch.full((1, 1), 50256), "lengths": torch.ones(1, dtype=torch.long),
+                         "labels": torch.zeros(1, dtype=torch.long)}
+            logits, labels = forward(engine, batch, env)
+            if real:
+                loss_sum += float(F.cross_entropy(logits, labels, reduction="sum"))
+                correct += float((logits.argmax(-1) == labels).sum())
+                count += labels.numel()
+    engine.train()
+    loss_sum, correct, count = all_reduce_sum([loss_sum, correct, count], env).tolist()
+    return {"loss": loss_sum / max(count, 1), "accuracy": correct / max(count, 1), "examples": int(count)}
+
+
+def forward(engine, batch: dict[str, torch.Tensor], env: DistEnv) -> tuple[torch.Tensor, torch.Tensor]:
+    input_ids = batch["input_ids"].to(env.device, non_blocking=True)
+    lengths = batch["lengths"].to(env.device, non_blocking=True)
+    labels = batch["labels"].to(env.device, non_blocking=True)
+    return engine(input_ids, lengths).float(), labels
+
+
+# ---------------------------------------------------------------- the loop
+
+
+def train(cfg: Config, env: DistEnv, overwrite: bool = False) -> dict[str, Any]:
+    wall_start = time.perf_counter()
+    run_dir = Path(cfg.output_dir)
+    resume_tag = prepare_run_dir(cfg, env, overwrite)
+    seed_everything(cfg.seed)
+    data = load_data(cfg.data, GPTConfig.from_model_config(cfg.model).context_length)
+    plan = plan_batches(cfg, env.world_size)
+    collate = make_collate(cfg.data.padding, data.max_length)
+    loader = train_loader(data.train, plan.micro_batch_size, collate, env.rank, env.world_size, cfg.seed,
+                          cfg.data.num_workers)
+    steps_per_epoch = len(loader) // plan.grad_accum_steps
+    if steps_per_epoch == 0:
+        raise ConfigError(
+            f"the training split ({len(data.train)} examples) is smaller than one optimizer step "
+            f"(global batch {plan.global_batch_size}); lower train.micro_batch_size or train.grad_accum_steps"
+        )
+    total_steps = steps_per_epoch * cfg.train.epochs
+    if cfg.train.max_steps is not None:
+        total_steps = min(total_steps, cfg.train.max_steps)
+    reporter = Reporter(run_dir, env.is_main, cfg.report.tensorboard, cfg.report.progress_bar, total_steps)
+    model = build_classifier(cfg, data, reporter)
+    trainable, total = count_parameters(model)
+    engine, precision = build_engine(model, cfg, env, plan, total_steps)
+    es = cfg.early_stopping
+    stopper = EarlyStopper(es.resolved_mode(), es.patience, es.min_delta, es.enabled)
+    state = TrainState()
+    if resume_tag is not None:
+        client = checkpoint.load(engine, run_dir, env, resume_tag)
+        if client.get("world_size") != env.world_size:
+            raise ConfigError(
+                f"resume: checkpoint {resume_tag} was written by {client.get('world_size')} ranks, this run has "
+                f"{env.world_size}; relaunch with the same number of ranks or start a new output_dir"
+            )
+        state = TrainState(**client["train_state"])
+        stopper = EarlyStopper(**state.stopper)
+        reporter.truncate_after(state.global_step)
+        reporter.say(f"resumed from {resume_tag} (step {state.global_step}, epoch {state.epoch})")
+    reporter.say(
+        f"world_size={env.world_size} device={env.device} precision={precision} zero={cfg.zero.stage} "
+        f"micro={plan.micro_batch_size} accum={plan.grad_accum_steps} global={plan.global_batch_size} "
+        f"steps={total_steps} trainable={trainable:,}/{total:,}"
+    )
+    state = run_loop(cfg, env, engine, data, loader, collate, plan, steps_per_epoch, total_steps,
+                     stopper, state, reporter)
+    return finish(cfg, env, engine, data, collate, state, reporter, precision, wall_start,
+                  trainable, total, steps_per_epoch)
+
+
+def run_loop(cfg, env, engine, data, loader, collate, plan, steps_per_epoch, total_steps,
+             stopper: EarlyStopper, state: TrainState, reporter: Reporter) -> TrainState:
+    micro_per_epoch = steps_per_epoch * plan.grad_accum_steps
+    running, window = RunningTrain(), RunningTrain()  # since the last evaluation / the last log line
+    last_eval_step = state.global_step if state.global_step else -1
+    tick = time.perf_counter()
+    engine.train()
+
+    def eval_and_decide() -> int:
+        nonlocal last_eval_step
+        val = evaluate(engine, data.val, cfg, env, collate, cfg.eval.max_batches)
+        train_loss, train_acc, tokens = running.reduce(env)
+        state.tokens_seen += tokens
+        metric = val["loss"] if cfg.early_stopping.metric == "val_loss" else val["accuracy"]
+        decision = stopper.update(metric) if env.is_main else CONTINUE
+        decision = broadcast_decision(decision, env)
+        last_eval_step = state.global_step
+        if decision == NEW_BEST:
+            state.best_step = state.global_step
+        reporter.eval_point({
+            "step": state.global_step, "epoch": round(state.global_step / steps_per_epoch, 4),
+            "examples_seen": state.examples_seen, "train_loss": train_loss, "train_accuracy": train_acc,
+            "val_loss": val["loss"], "val_accuracy": val["accuracy"], "lr": engine.get_lr()[0],
+            "decision": ("continue", "new_best", "stop")[decision],
+        })
+        return decision
+
+    def save(is_best: bool) -> None:
+        state.tokens_seen += running.reduce_tokens(env)
+        state.stopper = asdict(stopper)
+        client = {"train_state": asdict(state), "world_size": env.world_size,
+                  "param_group_names": param_group_names(engine.module)}
+        checkpoint.save(engine, Path(cfg.output_dir), env, state.global_step, client, is_best,
+                        cfg.checkpoint.keep_last)
+
+    done = state.global_step >= total_steps or state.stopped_early
+    while not done and state.epoch < cfg.train.epochs:
+        loader.sampler.set_epoch(state.epoch)
+        for i, batch in enumerate(loader):
+            if i >= micro_per_epoch:
+                break
+            if i < state.batches_in_epoch:  # resuming inside an epoch: skip what was trained
+                continue
+            logits, labels = forward(engine, batch, env)
+            loss = F.cross_entropy(logits, labels)
+            engine.backward(loss)
+            engine.step()
+            tokens = int(batch["lengths"].sum())
+            running.add(loss, logits, labels, tokens)
+            window.add(loss, logits, labels, 0)
+            state.batches_in_epoch += 1
+            state.examples_seen += labels.numel() * env.world_size
+            if state.batches_in_epoch % plan.grad_accum_steps:
+                continue
+            state.global_step += 1
+            now = time.perf_counter()
+            state.train_seconds += now - tick
+            tick = now
+            if state.global_step % cfg.train.log_every_steps == 0:
+                loss_avg, acc_avg, _ = window.reduce(env)
+                lr = engine.get_lr()[0]
+                speed = state.examples_seen / max(state.train_seconds, 1e-9)
+                reporter.step(state.global_step, f"epoch {state.epoch + 1} loss {loss_avg:.4f} lr {lr:.2e}")
+                reporter.event("train", step=state.global_step, epoch=round(state.global_step / steps_per_epoch, 4),
+                               examples_seen=state.examples_seen, train_loss=loss_avg,
+                               train_accuracy=acc_avg, lr=lr, samples_per_second=speed)
+            every = cfg.eval.every_steps
+            decision = eval_and_decide() if every and state.global_step % every == 0 else CONTINUE
+            end_of_run = state.global_step >= total_steps or decision == STOP
+            periodic = cfg.checkpoint.every_steps and state.global_step % cfg.checkpoint.every_steps == 0
+            if end_of_run:
+                if last_eval_step != state.global_step:
+                    decision = eval_and_decide()
+                state.stopped_early = decision == STOP
+                save(decision == NEW_BEST)
+                done = True
+                break
+            if decision == NEW_BEST or periodic:
+                save(decision == NEW_BEST)
+            tick = time.perf_counter()
+        if done:
+            break
+        state.epoch += 1
+        state.batches_in_epoch = 0
+        if last_eval_step != state.global_step:
+            decision = eval_and_decide()
+            state.stopped_early = decision == STOP
+            save(decision == NEW_BEST)
+            done = state.stopped_early
+        tick = time.perf_counter()
+    return state
+
+
+def finish(cfg, env, engine, data, collate, state: TrainState, reporter: Reporter, precision: str,
+           wall_start: float, trainable: int, total: int, steps_per_epoch: int) -> dict[str, Any]:
+    run_dir = Path(cfg.output_dir)
+    best_tag = checkpoint.read_pointer(run_dir, "best") if env.is_main else None
+    best_tag = broadcast_object(best_tag, env)
+    if best_tag is not None:
+        checkpoint.load(engine, run_dir, env, best_tag, weights_only=True)
+    results = {split: evaluate(engine, getattr(data, split), cfg, env, collate)
+               for split in ("train", "val", "test")}
+    if env.is_main and cfg.checkpoint.export and best_tag is not None:
+        export_best(cfg, data, run_dir, best_tag)
+    summary = {
+        **{split: {"accuracy": r["accuracy"], "loss": r["loss"], "examples": r["examples"]}
+           for split, r in results.items()},
+        "best_step": state.best_step,
+        "global_step": state.global_step,
+        "epochs_completed": _whole(state.global_step / steps_per_epoch),
+        "stopped_early": state.stopped_early,
+        "world_size": env.world_size,
+        "zero_stage": cfg.zero.stage,
+        "precision": precision,
+        "wall_seconds": round(time.perf_counter() - wall_start, 3),
+        "train_seconds": round(state.train_seconds, 3),
+        "samples_per_second": state.examples_seen / max(state.train_seconds, 1e-9),
+        "tokens_per_second": state.tokens_seen / max(state.train_seconds, 1e-9),
+        "peak_memory_bytes": peak_memory_bytes(env.device),
+        "trainable_parameters": trainable,
+        "total_parameters": total,
+        "labels": data.label_map.to_json(),
+        "best_checkpoint": best_tag,
+    }
+    reporter.finish(summary, plots=cfg.report.plots)
+    reporter.say(
+        f"done: test accuracy {summary['test']['accuracy']:.4f}, val {summary['val']['accuracy']:.4f}, "
+        f"best step {state.best_step}, {summary['wall_seconds']:.1f} s -> {run_dir}"
+    )
+    return summary
+
+
+def _whole(x: float) -> float | int:
+    return int(x) if float(x).is_integer() else round(x, 4)
+
+
+def export_best(cfg: Config, data: DataBundle, run_dir: Path, tag: str) -> None:
+    """Rank 0 only, from files alone: the best checkpoint as one fp32 model.safetensors."""
+    state_dict = checkpoint.consolidated_state_dict(run_dir, tag)
+    model = build_model(cfg.model, len(data.label_map))
+    model.load_state_dict(state_dict, strict=True)
+    save_export(model, run_dir / "export", cfg.model.pooling, data.label_map.to_json())
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    args = parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if args.print_config:
+        print(to_yaml(cfg), end="")
+        return 0
+    env = init_distributed(cfg.distributed.timeout_seconds, debug=args.debug or cfg.distributed.debug)
+    try:
+        train(cfg, env, overwrite=args.overwrite)
+    except USER_ERRORS as exc:
+        print(f"error (rank {env.rank}): {exc}", file=sys.stderr)
+        return 2
+    finally:
+        shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
