@@ -145,6 +145,8 @@ class ReportConfig:
     tensorboard: bool = False
     progress_bar: str = _choices("auto", "on", "off", default="auto")
     plots: bool = True
+    # Every rank writes the dataset indices of each training batch to samples/rank{R}.jsonl.
+    sample_log: bool = False
 
 
 @dataclass(frozen=True)

@@ -36,6 +36,7 @@ FORMATS: dict[str, str] = {
 _FORMAT_NAMES = {"csv": "comma-separated", "tsv": "tab-separated", "jsonl": "JSON Lines"}
 _SUPPORTED = ".csv (comma-separated), .tsv / .tab / .txt (tab-separated), .jsonl / .ndjson (JSON Lines)"
 _INT_RE = re.compile(r"[+-]?\d+")
+_BAD_BYTE_MARK = "\U0010fffe"  # a Unicode noncharacter: stands in for undecodable bytes
 
 
 class DataError(ValueError):
@@ -176,7 +177,7 @@ def _read_file(path: str | Path, text_column: str, label_column: str, key: str |
     fmt = _check_path(path, key)
     text = _decode_utf8(path, _read_bytes(path), fmt)
     if not text.strip():
-        raise DataError(f"{path}: the file is empty; it needs {_expected_layout(fmt, text_column, label_column)}")
+        raise DataError(f"{path}: the file is empty; it needs {_expected_layout(fmt, text_column, label_column)}.")
     if fmt == "jsonl":
         frame, lines = _parse_jsonl(path, text)
     else:
@@ -230,7 +231,14 @@ def _decode_utf8(path: Path, raw: bytes, fmt: str) -> str:
 
 
 def _locate_bad_cell(text: str, fmt: str) -> tuple[int, str] | None:
-    """(row, column) of the first cell holding an undecodable byte, if the file still parses."""
+    """(row, column) of the first cell holding an undecodable byte, if the file still parses.
+
+    `text` was decoded with errors="surrogateescape"; the escaped bytes are swapped for a marker
+    character absent from the file, so that pandas (which cannot encode lone surrogates) can parse it.
+    """
+    if _BAD_BYTE_MARK in text:
+        return None
+    text = re.sub("[\udc80-\udcff]", _BAD_BYTE_MARK, text)
     try:
         if fmt == "jsonl":
             return _locate_bad_jsonl(text)
@@ -241,7 +249,7 @@ def _locate_bad_cell(text: str, fmt: str) -> tuple[int, str] | None:
         return None
     for row, record in enumerate(frame.itertuples(index=False), 1):
         for column, value in zip(frame.columns, record):
-            if isinstance(value, str) and _has_surrogate(value):
+            if isinstance(value, str) and _BAD_BYTE_MARK in value:
                 return row, str(column)
     return None
 
@@ -252,15 +260,11 @@ def _locate_bad_jsonl(text: str) -> tuple[int, str] | None:
         if not line.strip():
             continue
         row += 1
-        if _has_surrogate(line):
+        if _BAD_BYTE_MARK in line:
             record = json.loads(line)
-            names = [k for k, v in record.items() if isinstance(v, str) and _has_surrogate(v)]
+            names = [k for k, v in record.items() if isinstance(v, str) and _BAD_BYTE_MARK in v]
             return (row, names[0]) if names else None
     return None
-
-
-def _has_surrogate(value: str) -> bool:
-    return any("\udc80" <= ch <= "\udcff" for ch in value)
 
 
 def _csv_options(fmt: str) -> dict[str, Any]:
@@ -275,7 +279,12 @@ def _parse_delimited(path: Path, text: str, fmt: str) -> pd.DataFrame:
         with warnings.catch_warnings():
             warnings.simplefilter("error", pd.errors.ParserWarning)  # "... leads to a loss of data"
             return pd.read_csv(io.StringIO(text), **_csv_options(fmt))
-    except (pd.errors.ParserError, pd.errors.ParserWarning, ValueError) as e:
+    except pd.errors.ParserWarning:
+        raise DataError(
+            f"{path}: cannot be read as {_FORMAT_NAMES[fmt]}: a row has more fields than the header line. "
+            "Check the quoting (fields holding the separator must be in double quotes)."
+        ) from None
+    except (pd.errors.ParserError, ValueError) as e:
         raise DataError(
             f"{path}: cannot be read as {_FORMAT_NAMES[fmt]} ({_one_line(e)}). Check the quoting and "
             "that every row has as many fields as the header."

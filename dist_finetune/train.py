@@ -6,6 +6,7 @@ Every rank trains on its shard and evaluates its shard; sums are all-reduced; ra
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import math
 import os
@@ -73,37 +74,52 @@ class TrainState:
     stopped_early: bool = False
     train_seconds: float = 0.0
     stopper: dict[str, Any] = field(default_factory=dict)
+    # Training sums (loss, correct, count) flushed at a checkpoint, not yet reported at an evaluation.
+    pending: list[float] = field(default_factory=lambda: [0.0, 0.0, 0.0])
+
+    def absorb(self, totals: list[float]) -> None:
+        self.tokens_seen += int(totals[3])
+        self.pending = [a + b for a, b in zip(self.pending, totals[:3])]
 
 
 @dataclass
 class RunningTrain:
-    """Training loss, accuracy and real tokens since the last reduction, summed on this rank."""
+    """Training loss sum, correct predictions, examples and real tokens on this rank since the last flush."""
 
-    loss_sum: float = 0.0
-    correct: float = 0.0
-    count: float = 0.0
-    tokens: float = 0.0
+    sums: list[float] = field(default_factory=lambda: [0.0, 0.0, 0.0, 0.0])
 
     def add(self, loss: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor, tokens: int) -> None:
         n = labels.numel()
-        self.loss_sum += float(loss.detach()) * n
-        self.correct += float((logits.argmax(-1) == labels).sum())
-        self.count += n
-        self.tokens += tokens
+        correct = float((logits.argmax(-1) == labels).sum())
+        for i, value in enumerate((float(loss.detach()) * n, correct, n, tokens)):
+            self.sums[i] += value
 
-    def reduce_tokens(self, env: DistEnv) -> int:
-        tokens = int(all_reduce_sum([self.tokens], env)[0])
-        self.tokens = 0.0
-        return tokens
+    def flush(self, env: DistEnv) -> list[float]:
+        """The sums over all ranks since the last flush; every rank calls it at the same point."""
+        totals = all_reduce_sum(self.sums, env).tolist()
+        self.sums = [0.0, 0.0, 0.0, 0.0]
+        return totals
 
-    def reduce(self, env: DistEnv) -> tuple[float, float, int]:
-        """(mean loss, accuracy, tokens) over all ranks; every rank must call it at the same point."""
-        totals = all_reduce_sum([self.loss_sum, self.correct, self.count, self.tokens], env).tolist()
-        loss_sum, correct, count, tokens = totals
-        self.loss_sum = self.correct = self.count = self.tokens = 0.0
-        if count == 0:
-            return float("nan"), float("nan"), int(tokens)
-        return loss_sum / count, correct / count, int(tokens)
+
+def mean_loss_accuracy(totals: list[float]) -> tuple[float, float]:
+    loss_sum, correct, count = totals[:3]
+    return (loss_sum / count, correct / count) if count else (float("nan"), float("nan"))
+
+
+class SampleLog:
+    """Which dataset indices this rank trained on, batch by batch (a debugging aid)."""
+
+    def __init__(self, run_dir: Path, rank: int, loader, epoch: int) -> None:
+        self.path = run_dir / "samples" / f"rank{rank}.jsonl"
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.batches = list(loader.batch_sampler)  # same seed and epoch: the order the loader yields
+        self.epoch = epoch
+
+    def write(self, batch_index: int, step: int) -> None:
+        record = {"epoch": self.epoch, "batch": batch_index, "step": step,
+                  "indices": [int(i) for i in self.batches[batch_index]]}
+        with self.path.open("a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
 
 
 # ---------------------------------------------------------------- set-up
@@ -278,8 +294,9 @@ def run_loop(cfg, env, engine, data, loader, collate, plan, steps_per_epoch, tot
     def eval_and_decide() -> int:
         nonlocal last_eval_step
         val = evaluate(engine, data.val, cfg, env, collate, cfg.eval.max_batches)
-        train_loss, train_acc, tokens = running.reduce(env)
-        state.tokens_seen += tokens
+        state.absorb(running.flush(env))
+        train_loss, train_acc = mean_loss_accuracy(state.pending)
+        state.pending = [0.0, 0.0, 0.0]
         metric = val["loss"] if cfg.early_stopping.metric == "val_loss" else val["accuracy"]
         decision = stopper.update(metric) if env.is_main else CONTINUE
         decision = broadcast_decision(decision, env)
@@ -295,7 +312,7 @@ def run_loop(cfg, env, engine, data, loader, collate, plan, steps_per_epoch, tot
         return decision
 
     def save(is_best: bool) -> None:
-        state.tokens_seen += running.reduce_tokens(env)
+        state.absorb(running.flush(env))
         state.stopper = asdict(stopper)
         client = {"train_state": asdict(state), "world_size": env.world_size,
                   "param_group_names": param_group_names(engine.module)}
@@ -305,11 +322,14 @@ def run_loop(cfg, env, engine, data, loader, collate, plan, steps_per_epoch, tot
     done = state.global_step >= total_steps or state.stopped_early
     while not done and state.epoch < cfg.train.epochs:
         loader.sampler.set_epoch(state.epoch)
+        sample_log = SampleLog(Path(cfg.output_dir), env.rank, loader, state.epoch) if cfg.report.sample_log else None
         for i, batch in enumerate(loader):
             if i >= micro_per_epoch:
                 break
             if i < state.batches_in_epoch:  # resuming inside an epoch: skip what was trained
                 continue
+            if sample_log is not None:
+                sample_log.write(i, state.global_step)
             logits, labels = forward(engine, batch, env)
             loss = F.cross_entropy(logits, labels)
             engine.backward(loss)
@@ -326,7 +346,7 @@ def run_loop(cfg, env, engine, data, loader, collate, plan, steps_per_epoch, tot
             state.train_seconds += now - tick
             tick = now
             if state.global_step % cfg.train.log_every_steps == 0:
-                loss_avg, acc_avg, _ = window.reduce(env)
+                loss_avg, acc_avg = mean_loss_accuracy(window.flush(env))
                 lr = engine.get_lr()[0]
                 speed = state.examples_seen / max(state.train_seconds, 1e-9)
                 reporter.step(state.global_step, f"epoch {state.epoch + 1} loss {loss_avg:.4f} lr {lr:.2e}")

@@ -1,0 +1,495 @@
+"""Pretrained GPT-2 weights: find them, read them, convert them to our names, load them with checks.
+
+Sources: a local file or folder, the local Hugging Face hub cache, or (only when asked) a download.
+Formats: Hugging Face GPT-2 (Conv1D weights stored [in, out]), the chapter's GPTModel
+(LLMs-from-scratch: tok_emb, trf_blocks.N.att.W_query ...), and ours (backbone.* / head.*).
+Every user error is a WeightsError naming the file or tensor and the fix.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from dist_finetune.config import MODEL_PRESETS
+from dist_finetune.model import GPTClassifier, GPTConfig
+
+
+class WeightsError(ValueError):
+    """A user error about pretrained weights; the message names the file or tensor and the fix."""
+
+
+WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+EXPORT_WEIGHTS = "model.safetensors"
+EXPORT_CONFIG = "model_config.json"
+EXPORT_LABELS = "labels.json"
+ALLOW_DOWNLOAD_ENV = "DIST_FINETUNE_ALLOW_DOWNLOAD"
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+_WRAPPER_KEYS = ("model_state_dict", "state_dict", "module")
+_SHOWN = 8  # how many tensor names an error message lists
+
+
+# ---------------------------------------------------------------- where the weights are
+
+
+def hub_cache_dir() -> Path:
+    """The hub cache as huggingface_hub finds it: HF_HUB_CACHE, else HF_HOME/hub, else ~/.cache/..."""
+    if os.environ.get("HF_HUB_CACHE"):
+        return Path(os.environ["HF_HUB_CACHE"]).expanduser()
+    if os.environ.get("HF_HOME"):
+        return Path(os.environ["HF_HOME"]).expanduser() / "hub"
+    cache = os.environ.get("XDG_CACHE_HOME") or "~/.cache"
+    return Path(cache).expanduser() / "huggingface" / "hub"
+
+
+def _has_weights(folder: Path) -> bool:
+    return folder.is_dir() and any((folder / name).is_file() for name in WEIGHT_FILES)
+
+
+def cached_snapshot(repo_id: str, cache: Path | None = None) -> Path | None:
+    """The cached snapshot folder of `repo_id` holding weights: refs/main's revision first."""
+    repo = (cache or hub_cache_dir()) / f"models--{repo_id.replace('/', '--')}"
+    ref = repo / "refs" / "main"
+    if ref.is_file():
+        snapshot = repo / "snapshots" / ref.read_text().strip()
+        if _has_weights(snapshot):
+            return snapshot
+    snapshots = repo / "snapshots"
+    found = [d for d in snapshots.iterdir() if _has_weights(d)] if snapshots.is_dir() else []
+    return max(found, key=lambda d: d.stat().st_mtime) if found else None
+
+
+def _download(repo_id: str) -> Path:
+    """Safetensors when the repo has them, else pytorch_model.bin: never both (gpt2-xl is 6 GB each)."""
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError:
+        raise WeightsError(
+            f"model.weights={repo_id!r}: downloading needs huggingface_hub (pip install huggingface_hub)"
+        ) from None
+    try:
+        for weights_file in WEIGHT_FILES:
+            folder = Path(snapshot_download(repo_id=repo_id, allow_patterns=[weights_file, "config.json"]))
+            if (folder / weights_file).is_file():
+                return folder
+    except Exception as exc:  # network, auth, unknown repo: all user-fixable
+        raise WeightsError(
+            f"model.weights={repo_id!r}: download from the Hugging Face hub failed "
+            f"({type(exc).__name__}: {exc}). Check the model id and the network, or pass a local folder."
+        ) from exc
+    raise WeightsError(
+        f"model.weights={repo_id!r}: the hub repository has neither model.safetensors nor pytorch_model.bin"
+    )
+
+
+def resolve_weights(spec: str, download: bool = False) -> Path:
+    path = Path(spec).expanduser()
+    if path.exists():
+        return path
+    if not _HUB_ID.match(spec):
+        raise WeightsError(f"model.weights={spec!r}: no such file or folder")
+    cache = hub_cache_dir()
+    snapshot = cached_snapshot(spec, cache)
+    if snapshot is not None:
+        return snapshot
+    if download or os.environ.get(ALLOW_DOWNLOAD_ENV) == "1":
+        return _download(spec)
+    raise WeightsError(
+        f"model.weights={spec!r}: not a local file or folder, and the Hugging Face hub cache ({cache}) "
+        f"holds no snapshot of {spec!r} with model.safetensors or pytorch_model.bin. Fix one of: "
+        f"(1) pass a local folder holding model.safetensors or pytorch_model.bin "
+        f"(model.weights=/path/to/folder); "
+        f"(2) pre-populate the cache with `huggingface-cli download {spec}` on a machine with internet "
+        f"and copy it here (or point HF_HUB_CACHE at it); "
+        f"(3) set model.download=true to download it now."
+    )
+
+
+# ---------------------------------------------------------------- reading
+
+
+def _weights_file(folder: Path) -> Path:
+    for name in WEIGHT_FILES:
+        if (folder / name).is_file():
+            return folder / name
+    pickles = sorted(p for p in folder.iterdir() if p.suffix in (".pth", ".pt") and p.is_file())
+    if len(pickles) == 1:
+        return pickles[0]
+    if pickles:
+        names = ", ".join(p.name for p in pickles)
+        raise WeightsError(f"{folder}: several weight files ({names}); set model.weights to one of them")
+    held = ", ".join(sorted(p.name for p in folder.iterdir())[:_SHOWN]) or "nothing"
+    raise WeightsError(
+        f"{folder}: no weights found (looked for model.safetensors, pytorch_model.bin, a single *.pth "
+        f"or *.pt); the folder holds {held}"
+    )
+
+
+def _strip_common_prefix(sd: dict[str, Tensor], prefix: str) -> dict[str, Tensor]:
+    if sd and all(k.startswith(prefix) for k in sd):
+        return {k[len(prefix):]: v for k, v in sd.items()}
+    return sd
+
+
+def _unwrap(obj: Any, file: Path) -> dict[str, Tensor]:
+    """A training checkpoint {'model_state_dict': ..., 'optimizer_state_dict': ...} -> the state dict."""
+    while isinstance(obj, dict):
+        inner = next((obj[k] for k in _WRAPPER_KEYS if isinstance(obj.get(k), dict)), None)
+        if inner is None:
+            break
+        obj = inner
+    if not isinstance(obj, dict) or not obj:
+        raise WeightsError(f"{file}: expected a state dict (name -> tensor), found {type(obj).__name__}")
+    bad = [k for k, v in obj.items() if not isinstance(v, Tensor)]
+    if bad:
+        raise WeightsError(
+            f"{file}: entries {bad[:_SHOWN]} are not tensors; save the weights with "
+            "torch.save(model.state_dict(), path)"
+        )
+    for prefix in ("module.", "_orig_mod."):  # DDP / torch.compile wrappers
+        obj = _strip_common_prefix(obj, prefix)
+    return obj
+
+
+def read_state_dict(path: Path) -> dict[str, Tensor]:
+    path = Path(path)
+    file = _weights_file(path) if path.is_dir() else path
+    if not file.is_file():
+        raise WeightsError(f"{file}: no such file")
+    try:
+        if file.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            obj: Any = load_file(str(file))
+        else:
+            obj = torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise WeightsError(
+            f"{file}: cannot read it as a {'safetensors' if file.suffix == '.safetensors' else 'PyTorch'} "
+            f"file ({type(exc).__name__}: {exc}). Expected a state dict saved with "
+            "safetensors or torch.save(model.state_dict(), path), not a pickled model object"
+        ) from exc
+    return _unwrap(obj, file)
+
+
+# ---------------------------------------------------------------- converting
+
+
+_HF_BLOCK_KEY = re.compile(r"^(transformer\.)?h\.\d+\.attn\.c_attn\.weight$")
+
+
+def detect_format(sd: dict[str, Tensor]) -> str:
+    keys = list(sd)
+    if any(k.startswith(("backbone.", "head.")) for k in keys):
+        return "ours"
+    if any(_HF_BLOCK_KEY.match(k) for k in keys):
+        return "hf"
+    if any(k.startswith("trf_blocks.") for k in keys) or "tok_emb.weight" in sd:
+        return "chapter"
+    raise WeightsError(
+        f"unrecognised state dict (first keys: {keys[:5]}); expected a Hugging Face GPT-2 checkpoint "
+        "(h.0.attn.c_attn.weight), a chapter GPTModel state dict (trf_blocks.0.att.W_query.weight) "
+        "or one of ours (backbone.wte.weight)"
+    )
+
+
+_HF_BACKBONE = re.compile(r"^(wte|wpe|ln_f|h\.\d+)\.")
+_HF_DROPPED = re.compile(r"^lm_head\.weight$|\.attn\.(bias|masked_bias)$")  # tied head; causal-mask buffers
+_HF_CONV1D = re.compile(r"\.(c_attn|c_proj|c_fc)\.weight$")
+
+
+def _from_hf(sd: dict[str, Tensor]) -> dict[str, Tensor]:
+    out = {}
+    for key, t in sd.items():
+        k = key.removeprefix("transformer.")
+        if _HF_DROPPED.search(k):
+            continue
+        if not _HF_BACKBONE.match(k):
+            out[key] = t  # not ours to map: reported as unexpected
+            continue
+        if _HF_CONV1D.search(k):
+            t = t.t().contiguous()  # Conv1D [in, out] -> Linear [out, in]
+        k = re.sub(r"^h\.(\d+)\.", r"blocks.\1.", k)
+        k = k.replace(".c_attn.", ".qkv.").replace(".c_proj.", ".proj.").replace(".c_fc.", ".fc.")
+        out[f"backbone.{k}"] = t
+    return out
+
+
+_CH_TOP = {
+    "tok_emb.weight": "backbone.wte.weight",
+    "pos_emb.weight": "backbone.wpe.weight",
+    "final_norm.scale": "backbone.ln_f.weight",
+    "final_norm.shift": "backbone.ln_f.bias",
+}
+_CH_BLOCK = {
+    "att.out_proj.weight": "attn.proj.weight",
+    "att.out_proj.bias": "attn.proj.bias",
+    "ff.layers.0.weight": "mlp.fc.weight",
+    "ff.layers.0.bias": "mlp.fc.bias",
+    "ff.layers.2.weight": "mlp.proj.weight",
+    "ff.layers.2.bias": "mlp.proj.bias",
+    "norm1.scale": "ln_1.weight",
+    "norm1.shift": "ln_1.bias",
+    "norm2.scale": "ln_2.weight",
+    "norm2.shift": "ln_2.bias",
+}
+_CH_BLOCK_KEY = re.compile(r"^trf_blocks\.(\d+)\.(.+)$")
+_CH_QKV = re.compile(r"^att\.W_(query|key|value)\.(weight|bias)$")
+
+
+def _from_chapter(sd: dict[str, Tensor]) -> dict[str, Tensor]:
+    out: dict[str, Tensor] = {}
+    qkv: dict[tuple[str, str], dict[str, tuple[str, Tensor]]] = {}
+    for key, t in sd.items():
+        m = _CH_BLOCK_KEY.match(key)
+        if key in _CH_TOP:
+            out[_CH_TOP[key]] = t
+        elif m and m[2] == "att.mask":
+            continue  # the causal-mask buffer
+        elif m and _CH_QKV.match(m[2]):
+            q = _CH_QKV.match(m[2])
+            qkv.setdefault((m[1], q[2]), {})[q[1]] = (key, t)
+        elif m and m[2] in _CH_BLOCK:
+            out[f"backbone.blocks.{m[1]}.{_CH_BLOCK[m[2]]}"] = t
+        elif not key.startswith("out_head."):
+            out[key] = t  # not ours to map: reported as unexpected
+    for (block, kind), parts in qkv.items():
+        if len(parts) == 3:
+            fused = torch.cat([parts[n][1] for n in ("query", "key", "value")], dim=0)
+            out[f"backbone.blocks.{block}.attn.qkv.{kind}"] = fused
+        else:  # incomplete: keep the pieces under their own names; qkv is then reported missing
+            out.update(dict(parts.values()))
+    out.update(_chapter_head(sd))
+    return out
+
+
+def _chapter_head(sd: dict[str, Tensor]) -> dict[str, Tensor]:
+    """out_head with vocab rows is the LM head (GPT-2 ties it to wte: dropped); else a classifier head."""
+    weight = sd.get("out_head.weight")
+    if weight is None:
+        return {}
+    vocab = sd["tok_emb.weight"].shape[0] if "tok_emb.weight" in sd else 50257
+    if weight.shape[0] == vocab:
+        return {}
+    head = {"head.weight": weight}
+    if "out_head.bias" in sd:
+        head["head.bias"] = sd["out_head.bias"]
+    return head
+
+
+def to_canonical(sd: dict[str, Tensor], fmt: str | None = None) -> dict[str, Tensor]:
+    fmt = fmt or detect_format(sd)
+    if fmt == "ours":
+        return dict(sd)
+    if fmt == "hf":
+        return _from_hf(sd)
+    if fmt == "chapter":
+        return _from_chapter(sd)
+    raise ValueError(f"unknown weights format {fmt!r}: hf | chapter | ours")
+
+
+# ---------------------------------------------------------------- architecture from a checkpoint
+
+
+def _arch_from_shapes(sd: dict[str, Tensor]) -> dict[str, Any]:
+    if "backbone.wte.weight" not in sd or "backbone.wpe.weight" not in sd:
+        raise WeightsError("the checkpoint has no token/position embeddings (backbone.wte / backbone.wpe)")
+    blocks = {int(m[1]) for k in sd if (m := re.match(r"^backbone\.blocks\.(\d+)\.", k))}
+    vocab_size, n_embd = sd["backbone.wte.weight"].shape
+    return dict(
+        vocab_size=int(vocab_size),
+        context_length=int(sd["backbone.wpe.weight"].shape[0]),
+        n_embd=int(n_embd),
+        n_layer=max(blocks) + 1 if blocks else 0,
+        qkv_bias="backbone.blocks.0.attn.qkv.bias" in sd or not blocks,
+    )
+
+
+def _preset_of(arch: dict[str, Any]) -> str | None:
+    keys = ("n_layer", "n_embd", "context_length")
+    return next((n for n, p in MODEL_PRESETS.items() if all(p[k] == arch[k] for k in keys)), None)
+
+
+def config_beside(source: Path) -> dict[str, int]:
+    """Architecture keys (our names) from a model_config.json (ours) or config.json (HF) beside `source`."""
+    folder = source if source.is_dir() else source.parent
+    ours, hf = folder / EXPORT_CONFIG, folder / "config.json"
+    try:
+        if ours.is_file():
+            gpt = json.loads(ours.read_text(encoding="utf-8")).get("gpt", {})
+            return {k: int(gpt[k]) for k in ("n_head", "n_layer", "n_embd", "context_length") if k in gpt}
+        if hf.is_file():
+            raw = json.loads(hf.read_text(encoding="utf-8"))
+            names = dict(n_head="n_head", n_layer="n_layer", n_embd="n_embd",
+                         n_positions="context_length", vocab_size="vocab_size")
+            return {ours_k: int(raw[k]) for k, ours_k in names.items() if isinstance(raw.get(k), int)}
+    except (json.JSONDecodeError, AttributeError, TypeError, ValueError) as exc:
+        raise WeightsError(f"{folder}: cannot read the model config beside the weights ({exc})") from exc
+    return {}
+
+
+def infer_gpt_config(
+    sd_canonical: dict[str, Tensor], n_head: int | None = None, source: Path | None = None
+) -> GPTConfig:
+    """Shapes give everything but n_head: from a config beside `source`, else `n_head`, else the preset."""
+    arch = _arch_from_shapes(sd_canonical)
+    heads = config_beside(Path(source)).get("n_head") if source is not None else None
+    preset = _preset_of(arch)
+    heads = heads or n_head or (MODEL_PRESETS[preset]["n_head"] if preset else None)
+    if heads is None:
+        raise WeightsError(
+            f"cannot infer n_head from tensor shapes (n_embd={arch['n_embd']}); put the config.json "
+            "beside the weights or pass n_head"
+        )
+    return GPTConfig(n_head=heads, **arch)
+
+
+# ---------------------------------------------------------------- loading
+
+
+@dataclass
+class LoadReport:
+    source: Path
+    format: str
+    loaded: list[str]
+    missing: list[str]
+    unexpected: list[str]
+    head_loaded: bool
+
+
+def _listing(names: list[str]) -> str:
+    more = f" ... ({len(names)} in all)" if len(names) > _SHOWN else ""
+    return ", ".join(names[:_SHOWN]) + more
+
+
+def _describe(arch: dict[str, Any]) -> str:
+    return ", ".join(f"{k}={arch[k]}" for k in ("n_layer", "n_embd", "context_length", "vocab_size"))
+
+
+def _mismatch_error(source: Path, sd: dict[str, Tensor], model: GPTClassifier,
+                    shapes: list[str], extra: list[str]) -> WeightsError:
+    problems = shapes + ([f"tensors the model has no place for: {_listing(extra)}"] if extra else [])
+    try:
+        arch = _arch_from_shapes(sd)
+        preset = _preset_of(arch)
+        holds = f" The checkpoint holds {_describe(arch)}" + (f" (the {preset!r} preset)." if preset else ".")
+    except WeightsError:
+        holds = ""
+    built = _describe(model.config.to_dict())
+    return WeightsError(
+        f"weights {source} do not fit the model: {'; '.join(problems)}.{holds} The model was built with "
+        f"{built}. Set model.name to the checkpoint's preset ({' | '.join(MODEL_PRESETS)}), or use "
+        "model.name=custom with model.n_layer / model.n_head / model.n_embd / model.context_length / "
+        "model.vocab_size matching the checkpoint."
+    )
+
+
+def _missing_error(source: Path, fmt: str, missing: list[str]) -> WeightsError:
+    hint = "the file is incomplete or not a GPT-2 checkpoint"
+    if all(k.endswith("attn.qkv.bias") for k in missing):
+        hint = "the checkpoint has no attention (qkv) biases: set model.qkv_bias=false"
+    return WeightsError(f"weights {source} ({fmt} format) lack backbone tensors: {_listing(missing)}; {hint}")
+
+
+def _check_n_head(source: Path, model: GPTClassifier) -> None:
+    n_head = config_beside(source).get("n_head")
+    if n_head is not None and n_head != model.config.n_head:
+        raise WeightsError(
+            f"weights {source}: the config beside them says n_head={n_head} but the model was built with "
+            f"n_head={model.config.n_head}; set model.n_head={n_head} or model.name to the matching preset"
+        )
+
+
+def load_pretrained(model: GPTClassifier, spec: str, download: bool = False) -> LoadReport:
+    """Backbone strictly (every tensor present, every shape equal); the head only when one fits."""
+    source = resolve_weights(spec, download)
+    raw = read_state_dict(source)
+    try:
+        fmt = detect_format(raw)
+    except WeightsError as exc:
+        raise WeightsError(f"weights {source}: {exc}") from None
+    sd = to_canonical(raw, fmt)
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+    shapes = [
+        f"tensor {k} has shape {tuple(sd[k].shape)} in the checkpoint but {shape} in the model"
+        for k, shape in expected.items()
+        if k.startswith("backbone.") and k in sd and tuple(sd[k].shape) != shape
+    ]
+    extra = [k for k in sd if k.startswith("backbone.") and k not in expected]
+    if shapes or extra:
+        raise _mismatch_error(source, sd, model, shapes, extra)
+    missing_backbone = [k for k in expected if k.startswith("backbone.") and k not in sd]
+    if missing_backbone:
+        raise _missing_error(source, fmt, missing_backbone)
+    _check_n_head(source, model)
+
+    to_load = {k: t for k, t in sd.items() if k.startswith("backbone.")}
+    head = {k: sd[k] for k in ("head.weight", "head.bias") if k in sd}
+    head_loaded = "head.weight" in head and all(tuple(t.shape) == expected[k] for k, t in head.items())
+    if head_loaded:
+        to_load.update(head)
+    with torch.no_grad():
+        model.load_state_dict(to_load, strict=False)
+        if head_loaded and "head.bias" not in head:
+            model.head.bias.zero_()  # a bias-free head: zeros reproduce it
+    return LoadReport(
+        source=source,
+        format=fmt,
+        loaded=sorted(to_load),
+        missing=[k for k in expected if k not in to_load],
+        unexpected=[k for k in sd if k not in to_load],
+        head_loaded=head_loaded,
+    )
+
+
+# ---------------------------------------------------------------- export folder
+
+
+def _atomic_write(path: Path, write) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def save_export(model: GPTClassifier, folder: Path, pooling: str, labels: list | dict) -> None:
+    """model.safetensors (fp32, canonical names) + model_config.json + labels.json (as given)."""
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in model.state_dict().items()}
+    config = {"gpt": model.config.to_dict(), "num_classes": model.head.out_features, "pooling": pooling}
+    _atomic_write(folder / EXPORT_WEIGHTS, lambda p: save_file(state, str(p), metadata={"format": "pt"}))
+    _atomic_write(folder / EXPORT_CONFIG, lambda p: p.write_text(json.dumps(config, indent=2) + "\n"))
+    _atomic_write(folder / EXPORT_LABELS, lambda p: p.write_text(json.dumps(labels, indent=2) + "\n"))
+
+
+def load_export(folder: Path) -> tuple[GPTClassifier, Any]:
+    """The exported classifier (eval mode) and the parsed labels.json."""
+    folder = Path(folder)
+    for name in (EXPORT_WEIGHTS, EXPORT_CONFIG, EXPORT_LABELS):
+        if not (folder / name).is_file():
+            raise WeightsError(
+                f"{folder}: not an exported model ({name} is missing); an export folder holds "
+                f"{EXPORT_WEIGHTS}, {EXPORT_CONFIG} and {EXPORT_LABELS}"
+            )
+    try:
+        config = json.loads((folder / EXPORT_CONFIG).read_text(encoding="utf-8"))
+        model = GPTClassifier(
+            GPTConfig.from_dict(config["gpt"]), int(config["num_classes"]), config.get("pooling", "last")
+        )
+        labels = json.loads((folder / EXPORT_LABELS).read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+        raise WeightsError(f"{folder}: unreadable {EXPORT_CONFIG} or {EXPORT_LABELS} ({exc})") from exc
+    try:
+        model.load_state_dict(read_state_dict(folder / EXPORT_WEIGHTS), strict=True)
+    except RuntimeError as exc:
+        raise WeightsError(f"{folder / EXPORT_WEIGHTS} does not match {EXPORT_CONFIG}: {exc}") from exc
+    return model.eval(), labels

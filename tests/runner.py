@@ -1,0 +1,99 @@
+"""Start real training processes for the tests: one plain process, or torchrun with N ranks."""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+NETGUARD = Path(__file__).resolve().parent / "netguard"
+
+# A tiny GPT-2 on the bundled SMS split: fast enough for many runs on two cores.
+TINY: dict[str, Any] = {
+    "seed": 123,
+    "precision": "fp32",
+    "model": {"name": "custom", "n_layer": 2, "n_head": 4, "n_embd": 64, "context_length": 128,
+              "weights": "none", "pooling": "last_token", "trainable": "all"},
+    "data": {"padding": "fixed", "max_length": 64},
+    "train": {"epochs": 1, "micro_batch_size": 8, "lr": 1e-3, "warmup_steps": 0, "log_every_steps": 1},
+    "report": {"plots": False},
+}
+
+
+@dataclass
+class Run:
+    dir: Path
+    proc: subprocess.CompletedProcess
+
+    @property
+    def ok(self) -> bool:
+        return self.proc.returncode == 0
+
+    def summary(self) -> dict[str, Any]:
+        return json.loads((self.dir / "summary.json").read_text())
+
+    def events(self, kind: str) -> list[dict[str, Any]]:
+        lines = (self.dir / "metrics.jsonl").read_text().splitlines()
+        return [e for e in map(json.loads, lines) if e["event"] == kind]
+
+    def output(self) -> str:
+        return f"--- stdout\n{self.proc.stdout[-4000:]}\n--- stderr\n{self.proc.stderr[-6000:]}"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def write_config(path: Path, base: dict[str, Any] | None = None) -> Path:
+    path.write_text(yaml.safe_dump(base or TINY))
+    return path
+
+
+def child_env(netguard_log: Path | None = None) -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(NETGUARD), str(REPO), env.get("PYTHONPATH", "")])
+    env.update(OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
+               MASTER_ADDR="127.0.0.1", PYTHONUNBUFFERED="1")
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT"):
+        env.pop(key, None)
+    if netguard_log is not None:
+        env["NETGUARD_LOG"] = str(netguard_log)
+    return env
+
+
+def command(nproc: int, config: Path, overrides: list[str]) -> list[str]:
+    train = ["-m", "dist_finetune.train", "--config", str(config), *overrides]
+    if nproc == 1:
+        return [sys.executable, *train]
+    return [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", f"--nproc_per_node={nproc}",
+            "--master_addr=127.0.0.1", f"--master_port={free_port()}", *train]
+
+
+def train(tmp: Path, name: str, overrides: list[str] = (), nproc: int = 1, base: dict | None = None,
+          timeout: float = 300, netguard_log: Path | None = None) -> Run:
+    """Run a whole training to the end; a run that hangs fails the test at `timeout`."""
+    run_dir = tmp / name
+    config = write_config(tmp / f"{name}.yaml", base)
+    cmd = command(nproc, config, [f"output_dir={run_dir}", *overrides])
+    proc = subprocess.run(cmd, cwd=REPO, env=child_env(netguard_log), capture_output=True, text=True,
+                          timeout=timeout)
+    return Run(run_dir, proc)
+
+
+def start(tmp: Path, name: str, overrides: list[str] = (), nproc: int = 1,
+          base: dict | None = None) -> tuple[Path, subprocess.Popen]:
+    run_dir = tmp / name
+    config = write_config(tmp / f"{name}.yaml", base)
+    cmd = command(nproc, config, [f"output_dir={run_dir}", *overrides])
+    proc = subprocess.Popen(cmd, cwd=REPO, env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+    return run_dir, proc

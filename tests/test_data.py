@@ -1,0 +1,370 @@
+"""Reading, validation, label maps, tokenization, padding and sharding of classification data."""
+from __future__ import annotations
+
+import json
+import pickle
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from dist_finetune.config import DataConfig
+from dist_finetune.data import (
+    ClassificationDataset,
+    DataError,
+    LabelMap,
+    ShardedEvalSampler,
+    bundled_sms_splits,
+    eval_loader,
+    load_data,
+    make_collate,
+    read_table,
+    train_loader,
+)
+from dist_finetune.tokenizer import EOT_ID, PAD_ID, encode
+
+GOOD_CSV = "text,label\nwin a prize now,spam\nsee you at lunch,ham\ncall me later,ham\nfree money,spam\n"
+
+
+def write(directory: Path, name: str, content: str | bytes) -> Path:
+    path = directory / name
+    if isinstance(content, bytes):
+        path.write_bytes(content)
+    else:
+        path.write_text(content, encoding="utf-8")
+    return path
+
+
+def files_cfg(tmp_path: Path, train: tuple[str, str | bytes] = ("train.csv", GOOD_CSV),
+              val: tuple[str, str | bytes] = ("val.csv", GOOD_CSV),
+              test: tuple[str, str | bytes] = ("test.csv", GOOD_CSV), **overrides) -> DataConfig:
+    paths = {split: str(write(tmp_path, *spec)) for split, spec in (("train", train), ("val", val), ("test", test))}
+    return DataConfig(train_file=paths["train"], val_file=paths["val"], test_file=paths["test"], **overrides)
+
+
+def tiny_dataset(n: int) -> ClassificationDataset:
+    return ClassificationDataset([[i + 1] for i in range(n)], [i % 2 for i in range(n)], [str(i) for i in range(n)])
+
+
+# ---------------------------------------------------------------- the bundled SMS Spam Collection
+
+
+@pytest.fixture(scope="module")
+def bundled():
+    return load_data(DataConfig(), context_length=1024)
+
+
+def test_bundled_split_sizes_and_balance(bundled):
+    assert (len(bundled.train), len(bundled.val), len(bundled.test)) == (1045, 149, 300)
+    assert bundled.label_map.labels == ("ham", "spam")
+    counts = Counter(bundled.train.labels + bundled.val.labels + bundled.test.labels)
+    assert counts == {0: 747, 1: 747}
+
+
+def test_bundled_matches_reference_max_length(bundled):
+    # The chapter-6 reference reports 120 tokens for the longest training message.
+    assert bundled.max_length == 120
+    assert bundled.truncated == {"train": 0, "val": 0, "test": 0}
+
+
+def test_bundled_is_deterministic(bundled):
+    again = load_data(DataConfig(), context_length=1024)
+    for split in ("train", "val", "test"):
+        first, second = getattr(bundled, split), getattr(again, split)
+        assert first.token_ids == second.token_ids
+        assert first.labels == second.labels
+        assert first.texts == second.texts
+
+
+def test_bundled_splits_frames():
+    splits = bundled_sms_splits()
+    assert set(splits) == {"train", "val", "test"}
+    for frame in splits.values():
+        assert list(frame.columns) == ["text", "label"]
+        assert set(frame["label"]) <= {"ham", "spam"}
+        assert list(frame.index) == list(range(len(frame)))
+    other = bundled_sms_splits(seed=7)
+    assert len(other["train"]) == 1045
+    assert other["train"]["text"].tolist() != splits["train"]["text"].tolist()
+
+
+def test_bundled_tokens_are_encode(bundled):
+    for i in (0, 1, 500, 1044):
+        assert bundled.train.token_ids[i] == encode(bundled.train.texts[i])
+    assert bundled.train.num_tokens() == sum(len(ids) for ids in bundled.train.token_ids)
+
+
+# ---------------------------------------------------------------- padding and truncation
+
+
+def test_fixed_padding_shapes_and_lengths():
+    collate = make_collate("fixed", max_length=6)
+    batch = collate([([5, 6, 7], 1), ([8], 0), ([1, 2, 3, 4, 5, 6], 1)])
+    assert batch["input_ids"].shape == (3, 6)
+    assert batch["input_ids"].dtype == torch.long
+    assert batch["lengths"].tolist() == [3, 1, 6]
+    assert batch["labels"].tolist() == [1, 0, 1]
+    assert batch["input_ids"][0].tolist() == [5, 6, 7, PAD_ID, PAD_ID, PAD_ID]
+    assert batch["input_ids"][1].tolist() == [8] + [PAD_ID] * 5
+
+
+def test_longest_padding_shapes_and_lengths():
+    collate = make_collate("longest", max_length=50)
+    batch = collate([([5, 6, 7], 1), ([8], 0)])
+    assert batch["input_ids"].shape == (2, 3)
+    assert batch["lengths"].tolist() == [3, 1]
+    assert batch["input_ids"][1].tolist() == [8, PAD_ID, PAD_ID]
+
+
+def test_collate_rejects_bad_input():
+    with pytest.raises(ValueError, match="padding"):
+        make_collate("left", 8)
+    with pytest.raises(ValueError, match="max_length"):
+        make_collate("fixed", 2)([([1, 2, 3], 0)])
+    with pytest.raises(ValueError):
+        make_collate("longest", 2)([([], 0)])
+
+
+def test_collate_pickles():
+    collate = make_collate("longest", 9)
+    assert pickle.loads(pickle.dumps(collate)) == collate
+
+
+def test_text_ending_in_endoftext_keeps_it(tmp_path):
+    csv = 'text,label\n"hello there <|endoftext|>",spam\nhi,ham\n'
+    bundle = load_data(files_cfg(tmp_path, train=("train.csv", csv)), context_length=1024)
+    ids = bundle.train.token_ids[0]
+    assert ids[-1] == EOT_ID and ids == encode("hello there <|endoftext|>")
+    collate = make_collate("fixed", bundle.max_length)
+    batch = collate([bundle.train[0], bundle.train[1]])
+    assert batch["lengths"][0].item() == len(ids)
+    assert batch["input_ids"][0, len(ids) - 1].item() == EOT_ID
+    assert batch["lengths"][1].item() == 1
+
+
+def test_truncation_with_max_length(tmp_path):
+    long = "one two three four five six seven"
+    train = f"text,label\n{long},a\nshort,b\n"
+    val = f"text,label\n{long},a\n{long} eight,b\nok,a\n"
+    bundle = load_data(files_cfg(tmp_path, train=("train.csv", train), val=("val.csv", val),
+                                 test=("test.csv", train), max_length=3), context_length=1024)
+    assert bundle.max_length == 3
+    assert bundle.truncated == {"train": 1, "val": 2, "test": 1}
+    assert bundle.train.token_ids[0] == encode(long)[:3]
+    assert bundle.train.token_ids[1] == encode("short")
+    assert all(len(ids) <= 3 for ids in bundle.val.token_ids)
+    assert bundle.train.texts[0] == long
+
+
+def test_max_length_defaults_to_longest_train_example(tmp_path):
+    train = "text,label\none two three,a\nfour,b\n"
+    val = "text,label\none two three four five,a\n"
+    bundle = load_data(files_cfg(tmp_path, train=("train.csv", train), val=("val.csv", val),
+                                 test=("test.csv", train)), context_length=1024)
+    assert bundle.max_length == 3
+    assert bundle.truncated == {"train": 0, "val": 1, "test": 0}
+    capped = load_data(files_cfg(tmp_path, train=("train.csv", train), val=("val.csv", val),
+                                 test=("test.csv", train)), context_length=2)
+    assert capped.max_length == 2
+    assert capped.truncated == {"train": 1, "val": 1, "test": 1}
+
+
+# ---------------------------------------------------------------- formats and labels
+
+
+def test_csv_custom_columns_and_int_labels(tmp_path):
+    csv = "id,msg,y\n1,hello,2\n2,bye,10\n3,\"comma, inside\",2\n4,NA,10\n5,null,2\n"
+    bundle = load_data(files_cfg(tmp_path, train=("t.csv", csv), val=("v.csv", csv), test=("s.csv", csv),
+                                 text_column="msg", label_column="y"), context_length=1024)
+    assert bundle.label_map.labels == (2, 10)  # integers sort numerically
+    assert bundle.train.labels == [0, 1, 0, 1, 0]
+    assert bundle.train.texts == ["hello", "bye", "comma, inside", "NA", "null"]  # no NA guessing
+
+
+def test_tsv_and_txt_custom_columns(tmp_path):
+    tsv = "body\tcls\nhello, world\tpos\nbad day\tneg\n"
+    bundle = load_data(files_cfg(tmp_path, train=("t.tsv", tsv), val=("v.txt", tsv), test=("s.tab", tsv),
+                                 text_column="body", label_column="cls"), context_length=1024)
+    assert bundle.label_map.labels == ("neg", "pos")
+    assert bundle.val.texts == ["hello, world", "bad day"]
+    assert bundle.val.labels == [1, 0]
+
+
+def test_jsonl_int_labels_extra_keys_blank_lines(tmp_path):
+    lines = [{"content": "good film", "stars": 1, "extra": [1, 2]}, {"content": "bad film", "stars": 0}]
+    jsonl = json.dumps(lines[0]) + "\n\n" + json.dumps(lines[1]) + "\n"
+    bundle = load_data(files_cfg(tmp_path, train=("t.jsonl", jsonl), val=("v.ndjson", jsonl),
+                                 test=("s.csv", "content,stars\nok,1\n"),
+                                 text_column="content", label_column="stars"), context_length=1024)
+    assert bundle.label_map.labels == (0, 1)
+    assert bundle.train.labels == [1, 0]
+    assert bundle.test.labels == [1]
+
+
+def test_read_table_returns_text_and_label(tmp_path):
+    path = write(tmp_path, "d.csv", "a,msg,y\nx,hello,3\nz,bye,4\n")
+    frame = read_table(path, "msg", "y")
+    assert list(frame.columns) == ["text", "label"]
+    assert frame["text"].tolist() == ["hello", "bye"]
+    assert frame["label"].tolist() == [3, 4]
+    utf8_bom = write(tmp_path, "bom.csv", "\ufefftext,label\ncafé,x\n".encode())
+    assert read_table(utf8_bom, "text", "label")["text"].tolist() == ["café"]
+
+
+def test_label_map_round_trip():
+    for labels in (("ham", "spam"), (0, 1, 7)):
+        label_map = LabelMap(labels)
+        restored = LabelMap.from_json(json.loads(json.dumps(label_map.to_json())))
+        assert restored == label_map and len(restored) == len(labels)
+        assert [restored.to_id(x) for x in labels] == list(range(len(labels)))
+    ints = LabelMap((0, 1, 7))
+    assert ints.to_id(np.int64(7)) == 2 and ints.to_id("7") == 2
+    assert ints.from_id(1) == 1
+    with pytest.raises(DataError, match="known labels"):
+        ints.to_id(3)
+    with pytest.raises(ValueError, match="sorted"):
+        LabelMap.from_json(["spam", "ham"])
+    with pytest.raises(ValueError, match="all strings or all integers"):
+        LabelMap.from_json([1, "a"])
+
+
+# ---------------------------------------------------------------- bad data: one message each
+
+BAD_DATA = [
+    # id, overrides of files_cfg, substrings the message must contain
+    ("missing file", dict(train=None), ["nope.csv", "not found", "data.train_file"]),
+    ("unknown format", dict(train=("train.xlsx", GOOD_CSV)),
+     ["train.xlsx", "'.xlsx'", ".csv", ".tsv", ".jsonl"]),
+    ("missing text column", dict(text_column="body"),
+     ["train.csv", "'body'", "columns found", "['text', 'label']", "data.text_column"]),
+    ("missing label column", dict(label_column="y"),
+     ["train.csv", "'y'", "['text', 'label']", "data.label_column"]),
+    ("empty text", dict(train=("train.csv", "text,label\nhello,ham\n,spam\nbye,ham\n")),
+     ["train.csv", "row 2", "'text'", "empty"]),
+    ("whitespace text", dict(val=("val.csv", "text,label\nhello,ham\nbye,spam\n   ,ham\n")),
+     ["val.csv", "row 3", "'text'", "empty"]),
+    ("missing label", dict(train=("train.csv", "text,label\nhello,ham\nbye,spam\nno label,\n")),
+     ["train.csv", "row 3", "'label'", "missing"]),
+    ("short row", dict(train=("train.csv", "text,label\nhello,ham\nbye\n")),
+     ["train.csv", "row 2", "'label'", "missing"]),
+    ("unseen label", dict(test=("test.csv", "text,label\nhi,ham\nmaybe spam,maybe\n")),
+     ["test.csv", "row 2", "'maybe'", "known labels", "['ham', 'spam']"]),
+    ("invalid utf-8", dict(train=("train.csv", b"text,label\nhello,ham\ncaf\xe9 au lait,spam\n")),
+     ["train.csv", "invalid UTF-8", "line 3", "row 2", "'text'", "0xe9"]),
+    ("invalid utf-8 jsonl",
+     dict(val=("val.jsonl", b'{"text": "ok", "label": "ham"}\n\n{"text": "x", "label": "sp\xffam"}\n')),
+     ["val.jsonl", "invalid UTF-8", "line 3", "row 2", "'label'"]),
+    ("header only", dict(test=("test.csv", "text,label\n")), ["test.csv", "test split has no rows"]),
+    ("empty file", dict(val=("val.csv", "")), ["val.csv", "empty"]),
+    ("empty jsonl", dict(val=("val.jsonl", "\n\n")), ["val.jsonl", "empty"]),
+    ("mixed labels", dict(train=("train.csv", "text,label\na,1\nb,0\nc,spam\n")),
+     ["train.csv", "row 3", "'label'", "'spam'", "integer"]),
+    ("too many fields", dict(train=("train.csv", "text,label\na,ham\nb,spam,extra\n")),
+     ["train.csv", "line 3", "fields"]),
+    ("too many fields first row", dict(train=("train.csv", "text,label\na,ham,extra\nb,spam\n")),
+     ["train.csv", "comma-separated", "more fields than the header"]),
+    ("bad json", dict(train=("train.jsonl", '{"text": "a", "label": "x"}\n{"text": "b", label}\n')),
+     ["train.jsonl", "line 2", "not valid JSON"]),
+    ("json not object", dict(train=("train.jsonl", '["a", "x"]\n')), ["train.jsonl", "line 1", "JSON object"]),
+    ("json null text", dict(train=("train.jsonl", '{"text": "a", "label": "x"}\n{"text": null, "label": "y"}\n')),
+     ["train.jsonl", "row 2 (line 2)", "'text'", "empty"]),
+    ("json empty text zero tokens",
+     dict(train=("train.jsonl", '{"text": "a", "label": "x"}\n\n{"text": "", "label": "y"}\n')),
+     ["train.jsonl", "row 2 (line 3)", "'text'", "empty"]),
+    ("json missing label key", dict(train=("train.jsonl", '{"text": "a", "label": "x"}\n{"text": "b"}\n')),
+     ["train.jsonl", "row 2", "'label'", "missing"]),
+    ("json float label", dict(train=("train.jsonl", '{"text": "a", "label": 1}\n{"text": "b", "label": 0.5}\n')),
+     ["train.jsonl", "row 2", "'label'", "strings or integers"]),
+    ("json number text", dict(train=("train.jsonl", '{"text": 42, "label": "x"}\n')),
+     ["train.jsonl", "row 1", "'text'", "must be a string"]),
+    ("one training label", dict(train=("train.csv", "text,label\na,ham\nb,ham\n")),
+     ["train.csv", "only one label", "'ham'"]),
+    ("directory", dict(val="dir"), ["is not a file", "data.val_file"]),
+    ("max_length too long", dict(max_length=5000), ["data.max_length", "5000", "1024"]),
+]
+
+
+@pytest.mark.parametrize("overrides, expected", [(o, e) for _, o, e in BAD_DATA], ids=[c[0] for c in BAD_DATA])
+def test_bad_data_messages(tmp_path, overrides, expected):
+    overrides = dict(overrides)
+    special = {split: overrides.pop(split) for split in ("train", "val", "test")
+               if split in overrides and not isinstance(overrides[split], tuple)}
+    cfg = files_cfg(tmp_path, **overrides)
+    for split, what in special.items():
+        if what is None:
+            target = tmp_path / "nope.csv"
+        else:
+            target = tmp_path / "adir.csv"
+            target.mkdir()
+        cfg = DataConfig(**{**cfg.__dict__, f"{split}_file": str(target)})
+    with pytest.raises(DataError) as excinfo:
+        load_data(cfg, context_length=1024)
+    message = str(excinfo.value)
+    for part in expected:
+        assert part in message, f"{part!r} not in {message!r}"
+
+
+def test_partial_file_config_is_an_error(tmp_path):
+    cfg = DataConfig(train_file=str(write(tmp_path, "t.csv", GOOD_CSV)))
+    with pytest.raises(DataError, match="data.val_file, data.test_file"):
+        load_data(cfg, context_length=1024)
+
+
+# ---------------------------------------------------------------- sharding
+
+
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_train_shards_disjoint_and_cover(world_size):
+    ds = tiny_dataset(23)
+    collate = make_collate("longest", 4)
+    loaders = [train_loader(ds, 2, collate, rank, world_size, seed=5) for rank in range(world_size)]
+    for epoch in (0, 1):
+        shards = []
+        for loader in loaders:
+            loader.sampler.set_epoch(epoch)
+            shards.append(list(loader.sampler))
+        flat = [i for shard in shards for i in shard]
+        assert len(flat) == len(set(flat)) == (23 // world_size) * world_size
+        assert set(flat) <= set(range(23))
+        for loader, shard in zip(loaders, shards):
+            seen = [ids[0] - 1 for batch in loader for ids in batch["input_ids"].tolist()]
+            assert seen == shard[: len(shard) // 2 * 2]  # DataLoader drop_last trims the partial batch
+            assert len(loader) == len(shard) // 2
+    sampler = loaders[0].sampler
+    sampler.set_epoch(0)
+    epoch0 = list(sampler)
+    sampler.set_epoch(1)
+    assert list(sampler) != epoch0  # set_epoch reshuffles
+
+
+def test_train_loader_needs_one_batch_per_rank():
+    with pytest.raises(DataError, match="micro_batch_size"):
+        train_loader(tiny_dataset(5), 4, make_collate("longest", 4), rank=0, world_size=2, seed=1)
+
+
+@pytest.mark.parametrize("world_size", [1, 2, 3])
+@pytest.mark.parametrize("n", [0, 1, 2, 7, 149])
+def test_eval_sampler_visits_each_index_once(world_size, n):
+    samplers = [ShardedEvalSampler(n, rank, world_size) for rank in range(world_size)]
+    visited = [i for sampler in samplers for i in sampler]
+    assert visited == list(range(n))  # contiguous shards, in rank order
+    sizes = [len(sampler) for sampler in samplers]
+    assert sum(sizes) == n and max(sizes) - min(sizes) <= 1
+
+
+@pytest.mark.parametrize("world_size", [1, 2, 3])
+def test_eval_loader_covers_dataset(world_size):
+    ds = tiny_dataset(7)
+    collate = make_collate("fixed", 4)
+    labels = []
+    for rank in range(world_size):
+        for batch in eval_loader(ds, 2, collate, rank, world_size):
+            labels += batch["labels"].tolist()
+    assert labels == ds.labels
+
+
+def test_eval_sampler_rejects_bad_rank():
+    with pytest.raises(ValueError):
+        ShardedEvalSampler(5, rank=2, world_size=2)
