@@ -146,20 +146,23 @@ def result_changing_differences(saved: dict[str, Any], cfg: Config) -> list[str]
 def consolidated_state_dict(run_dir: Path, tag: str) -> dict[str, torch.Tensor]:
     """fp32 weights of a checkpoint, read from its files alone (no process group needed).
 
-    Trained parameters come from the fp32 master copies; frozen ones are as the module holds them.
+    Trained parameters come from the fp32 master copies; frozen ones as the checkpoint holds them.
     """
     folder = checkpoint_dir(run_dir) / tag
-    if any(folder.glob("*optim_states.pt")):  # ZeRO 1-3 (and bf16 at stage 0 in some versions)
+    states_file = folder / "mp_rank_00_model_states.pt"
+    states = torch.load(states_file, map_location="cpu", weights_only=False) if states_file.exists() else {}
+    # ZeRO-3 keeps only placeholders in "module"; ZeRO 0-2 keep every tensor there (16-bit if bf16/fp16).
+    sd = {k: v.detach().float().contiguous() for k, v in (states.get("module") or {}).items() if v.numel()}
+    if any(folder.glob("*optim_states.pt")):  # ZeRO 1-3: fp32 partitions of the trained parameters
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-        sd = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint_dir(run_dir)), tag=tag)
-        return {k: v.detach().float().contiguous() for k, v in sd.items()}
-    states = torch.load(folder / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
-    sd = {k: v.detach().float().contiguous() for k, v in states["module"].items()}
-    masters = (states.get("optimizer") or {}).get("fp32_groups")
-    if masters:  # stage 0 with bf16/fp16: the module holds 16-bit copies, the optimizer fp32 masters
+        masters = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint_dir(run_dir)), tag=tag)
+        sd.update({k: v.detach().float().contiguous() for k, v in masters.items()})
+        return sd
+    groups = (states.get("optimizer") or {}).get("fp32_groups")
+    if groups:  # stage 0 with bf16/fp16: the module holds 16-bit copies, the optimizer fp32 masters
         names = [n for group in states["param_group_names"] for n in group]
-        flat = [p for group in masters for p in group]
+        flat = [p for group in groups for p in group]
         for name, tensor in zip(names, flat, strict=True):
             sd[name] = tensor.detach().float().reshape(sd[name].shape).contiguous()
     return sd

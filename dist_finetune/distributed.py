@@ -68,7 +68,10 @@ def init_distributed(timeout_seconds: float = 1800.0, debug: bool = False) -> Di
 
 
 def shutdown() -> None:
+    """Leave together: a rank that tears down its group while a peer is still in a collective
+    can abort the peer (seen with gloo)."""
     if dist.is_initialized():
+        dist.barrier()
         dist.destroy_process_group()
 
 

@@ -445,11 +445,11 @@ def main(argv: list[str] | None = None) -> int:
     env = init_distributed(cfg.distributed.timeout_seconds, debug=args.debug or cfg.distributed.debug)
     try:
         train(cfg, env, overwrite=args.overwrite)
-    except USER_ERRORS as exc:
+    except USER_ERRORS as exc:  # raised by every rank at the same point
         print(f"error (rank {env.rank}): {exc}", file=sys.stderr)
-        return 2
-    finally:
         shutdown()
+        return 2
+    shutdown()
     return 0
 
 

@@ -70,12 +70,16 @@ def child_env(netguard_log: Path | None = None) -> dict[str, str]:
     return env
 
 
-def command(nproc: int, config: Path, overrides: list[str]) -> list[str]:
-    train = ["-m", "dist_finetune.train", "--config", str(config), *overrides]
+def launcher(nproc: int) -> list[str]:
+    """A plain Python process, or torchrun with `nproc` ranks on 127.0.0.1 and a free port."""
     if nproc == 1:
-        return [sys.executable, *train]
+        return [sys.executable]
     return [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", f"--nproc_per_node={nproc}",
-            "--master_addr=127.0.0.1", f"--master_port={free_port()}", *train]
+            "--master_addr=127.0.0.1", f"--master_port={free_port()}"]
+
+
+def command(nproc: int, config: Path, overrides: list[str]) -> list[str]:
+    return [*launcher(nproc), "-m", "dist_finetune.train", "--config", str(config), *overrides]
 
 
 def train(tmp: Path, name: str, overrides: list[str] = (), nproc: int = 1, base: dict | None = None,

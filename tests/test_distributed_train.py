@@ -1,0 +1,131 @@
+"""Real multi-rank training: torchrun, gloo on 127.0.0.1, DeepSpeed ZeRO 0-3 (fp32, tiny model)."""
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import runner
+from dist_finetune.checkpoint import consolidated_state_dict, read_pointer
+
+pytestmark = pytest.mark.slow
+FOUR_STEPS = ["train.max_steps=4", "early_stopping.enabled=false", "checkpoint.export=false"]
+
+
+def weights_at_latest(run: runner.Run) -> dict[str, torch.Tensor]:
+    return consolidated_state_dict(run.dir, read_pointer(run.dir, "latest"))
+
+
+def assert_same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], atol: float) -> None:
+    assert a.keys() == b.keys()
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], atol=atol, rtol=0, msg=lambda m: f"{name}: {m}")
+
+
+def step_losses(run: runner.Run) -> list[float]:
+    return [e["train_loss"] for e in run.events("train")]
+
+
+def test_two_ranks_train_disjoint_shards_and_stop_together(tmp_path):
+    # min_delta larger than any possible improvement: the second evaluation must stop the run.
+    run = runner.train(tmp_path, "es", nproc=2, overrides=[
+        "eval.every_steps=5", "early_stopping.patience=1", "early_stopping.min_delta=100",
+        "report.sample_log=true", "train.epochs=3"])
+    assert run.ok, run.output()
+    summary = run.summary()
+    assert summary["stopped_early"] is True and summary["world_size"] == 2
+    assert summary["global_step"] == 10 and summary["best_step"] == 5
+    logs = [[json.loads(x) for x in (run.dir / "samples" / f"rank{r}.jsonl").read_text().splitlines()]
+            for r in range(2)]
+    assert [b["step"] for b in logs[0]] == [b["step"] for b in logs[1]] == list(range(10))
+    seen = [{i for b in log for i in b["indices"]} for log in logs]
+    assert not seen[0] & seen[1]
+    assert len(seen[0]) == len(seen[1]) == 10 * 8
+    decisions = [e["decision"] for e in run.events("eval")]
+    assert decisions == ["new_best", "stop"]
+
+
+def test_data_parallel_and_accumulation_are_equivalent(tmp_path):
+    ranks = runner.train(tmp_path, "r2m4", nproc=2, overrides=[*FOUR_STEPS, "train.micro_batch_size=4"])
+    accum = runner.train(tmp_path, "r1m4a2", overrides=[*FOUR_STEPS, "train.micro_batch_size=4",
+                                                        "train.grad_accum_steps=2"])
+    single = runner.train(tmp_path, "r1m8", overrides=[*FOUR_STEPS, "train.micro_batch_size=8"])
+    for run in (ranks, accum, single):
+        assert run.ok, run.output()
+    reference = step_losses(single)
+    assert len(reference) == 4
+    for run in (ranks, accum):
+        assert step_losses(run) == pytest.approx(reference, rel=1e-5, abs=1e-6)
+        assert_same_weights(weights_at_latest(run), weights_at_latest(single), atol=1e-5)
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_zero_stages_give_the_same_weights(tmp_path, stage):
+    common = [*FOUR_STEPS, "train.micro_batch_size=4", "model.trainable=last_block"]
+    zero0 = runner.train(tmp_path, "z0", nproc=2, overrides=[*common, "zero.stage=0"])
+    other = runner.train(tmp_path, f"z{stage}", nproc=2, overrides=[*common, f"zero.stage={stage}"])
+    assert zero0.ok, zero0.output()
+    assert other.ok, other.output()
+    assert step_losses(other) == pytest.approx(step_losses(zero0), rel=1e-5, abs=1e-6)
+    assert_same_weights(weights_at_latest(other), weights_at_latest(zero0), atol=1e-5)
+
+
+def test_killed_run_resumes_to_the_same_result(tmp_path):
+    steps = ["train.max_steps=60", "eval.every_steps=10", "checkpoint.every_steps=10",
+             "checkpoint.keep_last=10", "early_stopping.patience=100"]
+    full = runner.train(tmp_path, "full", overrides=steps)
+    assert full.ok, full.output()
+
+    run_dir, proc = runner.start(tmp_path, "killed", overrides=steps)
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        tag = read_pointer(run_dir, "latest")
+        if tag is not None and int(tag.split("_")[1]) >= 20:
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, "the run ended before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    killed_at = int(read_pointer(run_dir, "latest").split("_")[1])
+    assert 20 <= killed_at < 60  # mid-epoch: an epoch is 130 steps
+
+    resumed = runner.train(tmp_path, "killed", overrides=[*steps, "resume=auto"])
+    assert resumed.ok, resumed.output()
+    assert f"resumed from step_{killed_at:07d}" in resumed.proc.stdout
+    assert_same_weights(weights_at_latest(resumed), weights_at_latest(full), atol=0)
+    a, b = full.summary(), resumed.summary()
+    for key in ("train", "val", "test", "best_step", "global_step", "stopped_early"):
+        assert a[key] == b[key], key
+    assert (full.dir / "history.csv").read_text() == (resumed.dir / "history.csv").read_text()
+
+
+def test_resume_refuses_a_changed_config(tmp_path):
+    first = runner.train(tmp_path, "run", overrides=["train.max_steps=2"])
+    assert first.ok, first.output()
+    again = runner.train(tmp_path, "run", overrides=["train.max_steps=2", "resume=auto", "train.lr=0.5"])
+    assert again.proc.returncode == 2
+    assert "train.lr" in again.proc.stderr and "0.5" in again.proc.stderr
+
+
+@pytest.mark.parametrize("nproc,stage", [(2, 3), (3, 0)])
+def test_sharded_evaluation_is_exact(tmp_path, nproc, stage):
+    """149 validation examples, eval batch 2: uneven shards, so ranks run padded forwards too."""
+    config = runner.write_config(tmp_path / "c.yaml")
+    results = []
+    for n in (1, nproc):
+        out = tmp_path / f"eval{n}.json"
+        script = str(runner.REPO / "tests" / "scripts" / "eval_shards.py")
+        cmd = [*runner.launcher(n), script, str(config), str(out), "eval.batch_size=2", f"zero.stage={stage}"]
+        proc = subprocess.run(cmd, cwd=runner.REPO, env=runner.child_env(), capture_output=True, text=True,
+                              timeout=300)
+        assert proc.returncode == 0, proc.stderr[-4000:]
+        results.append(json.loads(out.read_text()))
+    one, many = results
+    assert one["examples"] == many["examples"] == 149
+    assert many["accuracy"] == one["accuracy"]
+    assert many["loss"] == pytest.approx(one["loss"], rel=1e-6)
