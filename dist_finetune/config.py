@@ -190,19 +190,13 @@ def _coerce(path: str, tp: Any, value: Any) -> Any:
     if inner is bool:
         if isinstance(value, bool):
             return value
+        if isinstance(value, int) and value in (0, 1):
+            return bool(value)
         if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
             return value.lower() in ("true", "yes", "1")
         raise ConfigError(f"{path}: expected true or false, got {value!r}")
     if inner is int:
-        if isinstance(value, bool) or not isinstance(value, (int, str, float)):
-            raise ConfigError(f"{path}: expected an integer, got {value!r}")
-        try:
-            as_float = float(value)
-        except ValueError:
-            raise ConfigError(f"{path}: expected an integer, got {value!r}") from None
-        if not as_float.is_integer():
-            raise ConfigError(f"{path}: expected an integer, got {value!r}")
-        return int(as_float)
+        return _as_int(path, value)
     if inner is float:
         if isinstance(value, bool):
             raise ConfigError(f"{path}: expected a number, got {value!r}")
@@ -228,6 +222,24 @@ def _coerce(path: str, tp: Any, value: Any) -> Any:
     if dataclasses.is_dataclass(inner):
         return _build(inner, value, path)
     raise ConfigError(f"{path}: unsupported type {inner!r}")  # pragma: no cover
+
+
+def _as_int(path: str, value: Any) -> int:
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if isinstance(value, str):
+        try:
+            return int(value.strip())
+        except ValueError:
+            pass
+    if isinstance(value, (str, float)) and not isinstance(value, bool):
+        try:
+            as_float = float(value)
+        except ValueError:
+            as_float = float("nan")
+        if as_float.is_integer():
+            return int(as_float)
+    raise ConfigError(f"{path}: expected an integer, got {value!r}")
 
 
 def _build(cls: type, raw: Any, prefix: str = "") -> Any:
@@ -318,6 +330,8 @@ def _validate(cfg: Config) -> None:
     _check(t.log_every_steps >= 1, f"train.log_every_steps: must be >= 1, got {t.log_every_steps}")
     _check(cfg.eval.every_steps is None or cfg.eval.every_steps >= 1,
            f"eval.every_steps: must be >= 1, got {cfg.eval.every_steps}")
+    _check(cfg.eval.max_batches is None or cfg.eval.max_batches >= 1,
+           f"eval.max_batches: must be >= 1, got {cfg.eval.max_batches}")
     _check(cfg.eval.batch_size is None or cfg.eval.batch_size >= 1,
            f"eval.batch_size: must be >= 1, got {cfg.eval.batch_size}")
     _check(cfg.early_stopping.patience >= 1,

@@ -4,6 +4,7 @@ from __future__ import annotations
 import datetime
 import os
 import socket
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -34,6 +35,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+# Variables a plain single process writes into its environment (DeepSpeed reads them); undone at shutdown.
+_set_by_us: set[str] = set()
+
+
 def _discover() -> tuple[int, int, int, str]:
     """(rank, world_size, local_rank, launcher) from the environment the launcher left."""
     env = os.environ
@@ -53,9 +58,13 @@ def init_distributed(timeout_seconds: float = 1800.0, debug: bool = False) -> Di
     """Initialise the process group once (a one-rank group when launched as a plain process)."""
     rank, world_size, local_rank, launcher = _discover()
     if launcher == "single":
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(free_port()))
-        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1")
+        wanted = dict(MASTER_ADDR=os.environ.get("MASTER_ADDR", "127.0.0.1"),
+                      MASTER_PORT=os.environ.get("MASTER_PORT") or str(free_port()),
+                      RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1")
+        for key, value in wanted.items():
+            if key not in os.environ:
+                _set_by_us.add(key)
+                os.environ[key] = value
     device, backend = _pick_device(local_rank, debug)
     if not dist.is_initialized():
         dist.init_process_group(
@@ -73,6 +82,16 @@ def shutdown() -> None:
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
+    _forget_deepspeed_group()
+    while _set_by_us:
+        os.environ.pop(_set_by_us.pop(), None)
+
+
+def _forget_deepspeed_group() -> None:
+    """DeepSpeed caches the world group; a later group in the same process must not meet the old one."""
+    groups = sys.modules.get("deepspeed.utils.groups")
+    if groups is not None and hasattr(groups, "_WORLD_GROUP"):
+        groups._WORLD_GROUP = None
 
 
 def all_reduce_sum(values: torch.Tensor | list[float], env: DistEnv) -> torch.Tensor:

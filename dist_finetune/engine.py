@@ -115,6 +115,9 @@ def _merge_expert(derived: dict[str, Any], expert: dict[str, Any]) -> dict[str, 
                     f"deepspeed.zero_optimization.stage={stage} contradicts zero.stage="
                     f"{derived[key]['stage']}; set zero.stage instead"
                 )
+            for sub, owner in (("offload_optimizer", "zero.offload_optimizer"), ("overlap_comm", "zero.overlap_comm")):
+                if sub in value and value[sub] != derived[key].get(sub):
+                    raise ConfigError(f"deepspeed.zero_optimization.{sub}: set it with {owner} instead")
             merged[key] = {**derived[key], **value}
         else:
             merged[key] = value
