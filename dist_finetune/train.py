@@ -8,7 +8,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
 import os
 import random
 import shutil
@@ -24,12 +23,14 @@ import torch.nn.functional as F
 
 from . import checkpoint
 from .config import Config, ConfigError, load_config, read_yaml, to_yaml
-from .data import DataError, DataBundle, eval_loader, load_data, make_collate, train_loader
+from .data import DataError, DataBundle, load_data, make_collate, train_loader
 from .distributed import DistEnv, all_reduce_sum, broadcast_decision, broadcast_object, init_distributed, shutdown
 from .engine import build_engine, param_group_names, plan_batches
 from .model import GPTConfig, build_model, count_parameters, set_trainable
 from .report import Reporter, peak_memory_bytes
-from .weights import WeightsError, load_pretrained, save_export
+from .evaluate import evaluate, forward
+from .export import export_checkpoint
+from .weights import WeightsError, load_pretrained
 
 log = logging.getLogger("dist_finetune")
 
@@ -194,44 +195,6 @@ def build_classifier(cfg: Config, data: DataBundle, reporter: Reporter):
     return model
 
 
-# ---------------------------------------------------------------- evaluation
-
-
-def evaluate(engine, dataset, cfg: Config, env: DistEnv, collate, max_batches: int | None = None) -> dict[str, float]:
-    """Exact metrics: every rank runs the same number of forwards (ZeRO-3 gathers), sums reduced."""
-    batch_size = cfg.eval.batch_size or 2 * cfg.train.micro_batch_size
-    loader = eval_loader(dataset, batch_size, collate, env.rank, env.world_size)
-    largest_shard = math.ceil(len(dataset) / env.world_size)
-    steps = math.ceil(largest_shard / batch_size)
-    if max_batches is not None:
-        steps = min(steps, max_batches)
-    engine.eval()
-    loss_sum = correct = count = 0.0
-    batches = iter(loader)
-    with torch.no_grad():
-        for _ in range(steps):
-            batch = next(batches, None)
-            real = batch is not None
-            if not real:  # this rank's shard is done; keep the forwards in step with the others
-                batch = {"input_ids": torch.full((1, 1), 50256), "lengths": torch.ones(1, dtype=torch.long),
-                         "labels": torch.zeros(1, dtype=torch.long)}
-            logits, labels = forward(engine, batch, env)
-            if real:
-                loss_sum += float(F.cross_entropy(logits, labels, reduction="sum"))
-                correct += float((logits.argmax(-1) == labels).sum())
-                count += labels.numel()
-    engine.train()
-    loss_sum, correct, count = all_reduce_sum([loss_sum, correct, count], env).tolist()
-    return {"loss": loss_sum / max(count, 1), "accuracy": correct / max(count, 1), "examples": int(count)}
-
-
-def forward(engine, batch: dict[str, torch.Tensor], env: DistEnv) -> tuple[torch.Tensor, torch.Tensor]:
-    input_ids = batch["input_ids"].to(env.device, non_blocking=True)
-    lengths = batch["lengths"].to(env.device, non_blocking=True)
-    labels = batch["labels"].to(env.device, non_blocking=True)
-    return engine(input_ids, lengths).float(), labels
-
-
 # ---------------------------------------------------------------- the loop
 
 
@@ -390,7 +353,7 @@ def finish(cfg, env, engine, data, collate, state: TrainState, reporter: Reporte
     results = {split: evaluate(engine, getattr(data, split), cfg, env, collate)
                for split in ("train", "val", "test")}
     if env.is_main and cfg.checkpoint.export and best_tag is not None:
-        export_best(cfg, data, run_dir, best_tag)
+        export_checkpoint(run_dir, best_tag, run_dir / "export", cfg.model, data.label_map.to_json())
     summary = {
         **{split: {"accuracy": r["accuracy"], "loss": r["loss"], "examples": r["examples"]}
            for split, r in results.items()},
@@ -421,14 +384,6 @@ def finish(cfg, env, engine, data, collate, state: TrainState, reporter: Reporte
 
 def _whole(x: float) -> float | int:
     return int(x) if float(x).is_integer() else round(x, 4)
-
-
-def export_best(cfg: Config, data: DataBundle, run_dir: Path, tag: str) -> None:
-    """Rank 0 only, from files alone: the best checkpoint as one fp32 model.safetensors."""
-    state_dict = checkpoint.consolidated_state_dict(run_dir, tag)
-    model = build_model(cfg.model, len(data.label_map))
-    model.load_state_dict(state_dict, strict=True)
-    save_export(model, run_dir / "export", cfg.model.pooling, data.label_map.to_json())
 
 
 def main(argv: list[str] | None = None) -> int:
