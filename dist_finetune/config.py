@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import re
 import types
 import typing
@@ -46,6 +47,9 @@ class DataConfig:
     max_length: int | None = None
     padding: str = _choices("fixed", "longest", default="fixed")
     num_workers: int = 0
+    # undersample: every label of the training split down to the rarest label's count (the bundled SMS
+    # set: the chapter's balanced split; user files: the train split only). none: keep every row.
+    balance: str = _choices("undersample", "none", default="undersample")
 
 
 @dataclass(frozen=True)
@@ -93,6 +97,28 @@ class TrainConfig:
     # Stop after this many optimizer steps (None: run all epochs).
     max_steps: int | None = None
     log_every_steps: int = 10
+
+
+def _class_weights(path: str, value: Any) -> str | tuple[float, ...]:
+    if value is None or (isinstance(value, str) and value.strip().lower() in ("none", "null")):
+        return "none"
+    if isinstance(value, str) and value.strip() == "balanced":
+        return "balanced"
+    if isinstance(value, (list, tuple)) and value:
+        weights = tuple(_coerce(f"{path}[{i}]", float, v) for i, v in enumerate(value))
+        if all(math.isfinite(w) and w > 0 for w in weights):
+            return weights
+    raise ConfigError(
+        f"{path}: {value!r} is not allowed; choose none | balanced | a list of positive weights, one per class "
+        "in label order (e.g. [1.0, 6.5])"
+    )
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    # none | balanced (n_examples / (n_classes x count of the class), from the training split) |
+    # [w0, w1, ...], one weight per class in label order. The length is checked against the data.
+    class_weights: str | tuple[float, ...] = field(default="none", metadata={"coerce": _class_weights})
 
 
 @dataclass(frozen=True)
@@ -159,6 +185,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     early_stopping: EarlyStoppingConfig = field(default_factory=EarlyStoppingConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
@@ -258,7 +285,8 @@ def _build(cls: type, raw: Any, prefix: str = "") -> Any:
             raise ConfigError(
                 f"unknown config key '{path}'.{hint} Valid keys here: {', '.join(sorted(fields))}"
             )
-        value = _coerce(path, hints[key], value)
+        coerce = fields[key].metadata.get("coerce")
+        value = coerce(path, value) if coerce else _coerce(path, hints[key], value)
         choices = fields[key].metadata.get("choices")
         if choices is not None and value not in choices:
             allowed = " | ".join(str(c) for c in choices)

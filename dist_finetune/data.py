@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
@@ -37,6 +38,7 @@ _FORMAT_NAMES = {"csv": "comma-separated", "tsv": "tab-separated", "jsonl": "JSO
 _SUPPORTED = ".csv (comma-separated), .tsv / .tab / .txt (tab-separated), .jsonl / .ndjson (JSON Lines)"
 _INT_RE = re.compile(r"[+-]?\d+")
 _BAD_BYTE_MARK = "\U0010fffe"  # a Unicode noncharacter: stands in for undecodable bytes
+BALANCE_SEED = 123  # data.balance=undersample on user files: which rows of the larger labels are kept
 
 
 class DataError(ValueError):
@@ -172,19 +174,27 @@ def read_table(path: str | Path, text_column: str, label_column: str) -> pd.Data
     return _read_file(path, text_column, label_column).frame
 
 
-def _read_file(path: str | Path, text_column: str, label_column: str, key: str | None = None) -> _Table:
+def _read_file(path: str | Path, text_column: str, label_column: str, key: str | None = None,
+               column_keys: tuple[str, str] = ("data.text_column", "data.label_column")) -> _Table:
     path = Path(path)
+    frame, fmt, lines = _read_frame(path, text_column, label_column, key)
+    for column, column_key, what in ((text_column, column_keys[0], "text"), (label_column, column_keys[1], "labels")):
+        _check_column(path, fmt, list(frame.columns), column, column_key, what)
+    source = _Source(str(path), text_column, label_column, lines)
+    return _Table(_validated(frame[text_column].tolist(), frame[label_column].tolist(), source), source)
+
+
+def _read_frame(path: Path, text_column: str, label_column: str | None,
+                key: str | None) -> tuple[pd.DataFrame, str, tuple[int, ...] | None]:
+    """The file's whole table as read (every column), its format, and JSONL line numbers."""
     fmt = _check_path(path, key)
     text = _decode_utf8(path, _read_bytes(path), fmt)
     if not text.strip():
         raise DataError(f"{path}: the file is empty; it needs {_expected_layout(fmt, text_column, label_column)}.")
     if fmt == "jsonl":
         frame, lines = _parse_jsonl(path, text)
-    else:
-        frame, lines = _parse_delimited(path, text, fmt), None
-    _check_columns(path, fmt, list(frame.columns), text_column, label_column)
-    source = _Source(str(path), text_column, label_column, lines)
-    return _Table(_validated(frame[text_column].tolist(), frame[label_column].tolist(), source), source)
+        return frame, fmt, lines
+    return _parse_delimited(path, text, fmt), fmt, None
 
 
 def _check_path(path: Path, key: str | None) -> str:
@@ -192,10 +202,11 @@ def _check_path(path: Path, key: str | None) -> str:
     if not path.exists():
         raise DataError(
             f"{path}: file not found{set_by}; relative paths are resolved from {Path.cwd()}. "
-            "Check the path in the config."
+            f"Check the path{'' if key and key.startswith('-') else ' in the config'}."
         )
     if not path.is_file():
-        raise DataError(f"{path}: is not a file{set_by}; point the config at a data file.")
+        target = key if key and key.startswith("-") else "the config"
+        raise DataError(f"{path}: is not a file{set_by}; point {target} at a data file.")
     fmt = FORMATS.get(path.suffix.lower())
     if fmt is None:
         raise DataError(
@@ -320,20 +331,20 @@ def _one_line(error: Exception) -> str:
     return " ".join(str(error).split())
 
 
-def _expected_layout(fmt: str, text_column: str, label_column: str) -> str:
+def _expected_layout(fmt: str, text_column: str, label_column: str | None) -> str:
+    columns = [c for c in (text_column, label_column) if c is not None]
     if fmt == "jsonl":
-        return f"one JSON object per line with keys {text_column!r} and {label_column!r}"
-    return f"a header line naming the columns ({text_column!r}, {label_column!r}, ...) and one row per example"
+        return f"one JSON object per line with key{'s' if len(columns) > 1 else ''} {' and '.join(map(repr, columns))}"
+    return f"a header line naming the columns ({', '.join(map(repr, columns))}, ...) and one row per example"
 
 
-def _check_columns(path: Path, fmt: str, found: list, text_column: str, label_column: str) -> None:
-    for column, key in ((text_column, "data.text_column"), (label_column, "data.label_column")):
-        if column not in found:
-            shown = [str(c) for c in found]
-            raise DataError(
-                f"{path}: no column {column!r} (read as {_FORMAT_NAMES[fmt]}); columns found: {shown}. "
-                f"Set {key} to the column that holds the {'text' if key.endswith('text_column') else 'labels'}."
-            )
+def _check_column(path: Path, fmt: str, found: list, column: str, key: str, what: str) -> None:
+    if column not in found:
+        shown = [str(c) for c in found]
+        raise DataError(
+            f"{path}: no column {column!r} (read as {_FORMAT_NAMES[fmt]}); columns found: {shown}. "
+            f"Set {key} to the column that holds the {what}."
+        )
 
 
 # ---------------------------------------------------------------- row validation
@@ -394,19 +405,22 @@ def _check_label_kinds(labels: list, source: _Source) -> None:
 # ---------------------------------------------------------------- the bundled SMS Spam Collection
 
 
-def bundled_sms_splits(seed: int = 123) -> dict[str, pd.DataFrame]:
+def bundled_sms_splits(seed: int = 123, balance: str = "undersample") -> dict[str, pd.DataFrame]:
     """The chapter-6 reference split of the bundled collection: balanced, shuffled, 70/10/20.
 
     Read with pandas' default quoting on purpose (5,572 rows; see the dataset's SOURCE.md): that is
     how the reference reads it, and its published figures come from exactly this split.
+    `balance="none"` keeps every message (13% spam) and splits the same way.
     """
     df = pd.read_csv(BUNDLED_SMS_PATH, sep="\t", header=None, names=["Label", "Text"])
-    spam = df[df["Label"] == "spam"]
-    ham = df[df["Label"] == "ham"].sample(len(spam), random_state=seed)
-    balanced = pd.concat([ham, spam]).sample(frac=1, random_state=seed).reset_index(drop=True)
-    train_end = int(len(balanced) * 0.7)
-    val_end = train_end + int(len(balanced) * 0.1)
-    parts = {"train": balanced[:train_end], "val": balanced[train_end:val_end], "test": balanced[val_end:]}
+    if balance == "undersample":
+        spam = df[df["Label"] == "spam"]
+        ham = df[df["Label"] == "ham"].sample(len(spam), random_state=seed)
+        df = pd.concat([ham, spam])
+    shuffled = df.sample(frac=1, random_state=seed).reset_index(drop=True)
+    train_end = int(len(shuffled) * 0.7)
+    val_end = train_end + int(len(shuffled) * 0.1)
+    parts = {"train": shuffled[:train_end], "val": shuffled[train_end:val_end], "test": shuffled[val_end:]}
     return {
         name: pd.DataFrame({"text": part["Text"].tolist(), "label": part["Label"].tolist()})
         for name, part in parts.items()
@@ -428,13 +442,18 @@ def load_data(cfg: DataConfig, context_length: int) -> DataBundle:
     label_map = _label_map_from_train(tables["train"])
     labels = {split: _label_ids(table, label_map, tables["train"].source.name) for split, table in tables.items()}
     tokens = {split: _tokenize(table) for split, table in tables.items()}
+    texts = {split: table.frame["text"].tolist() for split, table in tables.items()}
+    if cfg.balance == "undersample" and cfg.train_file is not None:  # the bundled split is balanced already
+        keep = undersample_indices(labels["train"])
+        labels["train"], tokens["train"], texts["train"] = (
+            [column[i] for i in keep] for column in (labels["train"], tokens["train"], texts["train"]))
     max_length = _max_length(cfg, context_length, tokens["train"])
     datasets: dict[str, ClassificationDataset] = {}
     truncated: dict[str, int] = {}
     for split in SPLITS:
         truncated[split] = sum(len(ids) > max_length for ids in tokens[split])
         ids = [seq[:max_length] for seq in tokens[split]]
-        datasets[split] = ClassificationDataset(ids, labels[split], tables[split].frame["text"].tolist())
+        datasets[split] = ClassificationDataset(ids, labels[split], texts[split])
     return DataBundle(datasets["train"], datasets["val"], datasets["test"], label_map, max_length, truncated)
 
 
@@ -443,7 +462,7 @@ def _load_tables(cfg: DataConfig) -> dict[str, _Table]:
     if all(f is None for f in files.values()):
         return {
             split: _bundled_table(split, frame)
-            for split, frame in bundled_sms_splits().items()
+            for split, frame in bundled_sms_splits(balance=cfg.balance).items()
         }
     missing = [f"data.{split}_file" for split, f in files.items() if f is None]
     if missing:
@@ -455,6 +474,20 @@ def _load_tables(cfg: DataConfig) -> dict[str, _Table]:
         split: _read_file(path, cfg.text_column, cfg.label_column, key=f"data.{split}_file")
         for split, path in files.items()
     }
+
+
+def undersample_indices(labels: Sequence[int], seed: int = BALANCE_SEED) -> list[int]:
+    """Row indices keeping every label's rows down to the rarest label's count (drawn with a fixed
+    seed); rows keep their order. Already balanced: every row."""
+    by_label: dict[int, list[int]] = {}
+    for i, label in enumerate(labels):
+        by_label.setdefault(label, []).append(i)
+    smallest = min(len(rows) for rows in by_label.values())
+    rng = np.random.RandomState(seed)
+    keep = [i for label in sorted(by_label)
+            for i in (by_label[label] if len(by_label[label]) == smallest
+                      else rng.choice(by_label[label], smallest, replace=False).tolist())]
+    return sorted(keep)
 
 
 def _bundled_table(split: str, frame: pd.DataFrame) -> _Table:
@@ -507,6 +540,42 @@ def _max_length(cfg: DataConfig, context_length: int, train_tokens: list[list[in
             f"({context_length}); lower it or leave it unset (null) for the longest training example."
         )
     return cfg.max_length
+
+
+# ---------------------------------------------------------------- files given to evaluate / predict
+
+
+def load_eval_file(path: str | Path, text_column: str, label_column: str, label_map: LabelMap, max_length: int,
+                   keys: tuple[str, str, str] = ("--data", "--text-column", "--label-column"),
+                   ) -> tuple[ClassificationDataset, int]:
+    """A labelled file read, validated, mapped with the run's labels and truncated as in training.
+
+    Returns the dataset and how many texts were truncated. `keys` name the settings that chose the
+    file and its columns, for messages.
+    """
+    table = _read_file(path, text_column, label_column, key=keys[0], column_keys=(keys[1], keys[2]))
+    _check_not_empty(table.source.name, len(table.frame))
+    labels = _label_ids(table, label_map, "the run's training data")
+    tokens = _tokenize(table)
+    truncated = sum(len(ids) > max_length for ids in tokens)
+    dataset = ClassificationDataset([ids[:max_length] for ids in tokens], labels, table.frame["text"].tolist())
+    return dataset, truncated
+
+
+def read_texts(path: str | Path, text_column: str,
+               keys: tuple[str, str] = ("--input", "--text-column")) -> tuple[pd.DataFrame, list[str]]:
+    """Every column of an unlabelled file, as read, and its validated texts."""
+    path = Path(path)
+    frame, fmt, lines = _read_frame(path, text_column, None, keys[0])
+    _check_column(path, fmt, list(frame.columns), text_column, keys[1], "text")
+    _check_not_empty(str(path), len(frame))
+    source = _Source(str(path), text_column, text_column, lines)
+    return frame, [_text_value(v, source, row) for row, v in enumerate(frame[text_column].tolist(), 1)]
+
+
+def _check_not_empty(name: str, rows: int) -> None:
+    if rows == 0:
+        raise DataError(f"{name}: the file has no rows; add examples (one row each, below the header).")
 
 
 # ---------------------------------------------------------------- batching

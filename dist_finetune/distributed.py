@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import datetime
 import os
+import re
 import socket
+import subprocess
 import sys
 from dataclasses import dataclass
 
@@ -35,16 +37,88 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-# Variables a plain single process writes into its environment (DeepSpeed reads them); undone at shutdown.
+class LaunchError(RuntimeError):
+    """The launch environment is incomplete (e.g. MPI without mpi4py)."""
+
+
+@dataclass(frozen=True)
+class Launch:
+    rank: int
+    world_size: int
+    local_rank: int
+    launcher: str
+    master_addr: str
+    master_port: str
+
+
+MPI_MARKERS = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK", "MV2_COMM_WORLD_SIZE")
+# Variables this process wrote into its own environment (DeepSpeed reads them); undone at shutdown.
 _set_by_us: set[str] = set()
 
 
-def _discover() -> tuple[int, int, int, str]:
-    """(rank, world_size, local_rank, launcher) from the environment the launcher left."""
+def discover() -> Launch:
+    """Who launched us: torchrun / the deepspeed launcher, MPI, a SLURM srun step, or nobody."""
     env = os.environ
-    if "RANK" in env and "WORLD_SIZE" in env:  # torchrun, the deepspeed launcher
-        return int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0)), "torchrun"
-    return 0, 1, 0, "single"
+    if "RANK" in env and "WORLD_SIZE" in env:
+        return Launch(int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0)), "torchrun",
+                      env.get("MASTER_ADDR", "127.0.0.1"), env.get("MASTER_PORT", "29500"))
+    if any(key in env for key in MPI_MARKERS):
+        return _from_mpi()
+    if "SLURM_STEP_NUM_TASKS" in env and "SLURM_PROCID" in env:
+        return _from_slurm()
+    return Launch(0, 1, 0, "single", env.get("MASTER_ADDR", "127.0.0.1"),
+                  env.get("MASTER_PORT") or str(free_port()))
+
+
+def _from_mpi() -> Launch:
+    try:
+        from mpi4py import MPI
+    except ImportError:
+        raise LaunchError(
+            "launched by MPI (found " + ", ".join(k for k in MPI_MARKERS if k in os.environ)
+            + ") but mpi4py is not installed: pip install -e '.[mpi]'"
+        ) from None
+    comm = MPI.COMM_WORLD
+    rank, size = comm.Get_rank(), comm.Get_size()
+    node = comm.Split_type(MPI.COMM_TYPE_SHARED)
+    local_rank, one_node = node.Get_rank(), node.Get_size() == size
+    addr = os.environ.get("MASTER_ADDR") or comm.bcast(_own_address(one_node) if rank == 0 else None, root=0)
+    port = os.environ.get("MASTER_PORT") or comm.bcast(str(free_port()) if rank == 0 else None, root=0)
+    return Launch(rank, size, local_rank, "mpi", addr, port)
+
+
+def _own_address(one_node: bool) -> str:
+    return "127.0.0.1" if one_node else socket.gethostbyname(socket.gethostname())
+
+
+def _from_slurm() -> Launch:
+    env = os.environ
+    addr = env.get("MASTER_ADDR") or first_slurm_host(env.get("SLURM_STEP_NODELIST") or env["SLURM_JOB_NODELIST"])
+    port = env.get("MASTER_PORT") or str(20000 + int(env.get("SLURM_JOB_ID", "0")) % 20000)
+    return Launch(int(env["SLURM_PROCID"]), int(env.get("SLURM_NTASKS", env["SLURM_STEP_NUM_TASKS"])),
+                  int(env.get("SLURM_LOCALID", 0)), "slurm", addr, port)
+
+
+def first_slurm_host(nodelist: str) -> str:
+    """The first host of a SLURM node list ("node[03-05,07]" -> "node03"), as scontrol expands it."""
+    try:
+        out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True,
+                             check=True, timeout=30).stdout.split()
+        if out:
+            return out[0]
+    except (OSError, subprocess.SubprocessError):
+        pass
+    match = re.match(r"^([^\[,]+)(?:\[([^\],-]+))?", nodelist)
+    return match.group(1) + (match.group(2) or "") if match else nodelist
+
+
+def _export(launch: Launch) -> None:
+    wanted = dict(MASTER_ADDR=launch.master_addr, MASTER_PORT=launch.master_port, RANK=str(launch.rank),
+                  WORLD_SIZE=str(launch.world_size), LOCAL_RANK=str(launch.local_rank))
+    for key, value in wanted.items():
+        if key not in os.environ:
+            _set_by_us.add(key)
+            os.environ[key] = value
 
 
 def _pick_device(local_rank: int, debug: bool) -> tuple[torch.device, str]:
@@ -56,15 +130,9 @@ def _pick_device(local_rank: int, debug: bool) -> tuple[torch.device, str]:
 
 def init_distributed(timeout_seconds: float = 1800.0, debug: bool = False) -> DistEnv:
     """Initialise the process group once (a one-rank group when launched as a plain process)."""
-    rank, world_size, local_rank, launcher = _discover()
-    if launcher == "single":
-        wanted = dict(MASTER_ADDR=os.environ.get("MASTER_ADDR", "127.0.0.1"),
-                      MASTER_PORT=os.environ.get("MASTER_PORT") or str(free_port()),
-                      RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1")
-        for key, value in wanted.items():
-            if key not in os.environ:
-                _set_by_us.add(key)
-                os.environ[key] = value
+    launch = discover()
+    _export(launch)
+    rank, world_size, local_rank, launcher = launch.rank, launch.world_size, launch.local_rank, launch.launcher
     device, backend = _pick_device(local_rank, debug)
     if not dist.is_initialized():
         dist.init_process_group(

@@ -1,26 +1,58 @@
-"""Exact evaluation across ranks: every rank evaluates its shard, the sums are all-reduced."""
+"""Exact evaluation across ranks, and `python -m dist_finetune.evaluate --run RUN_DIR ...`.
+
+Every rank evaluates its shard; the loss sum and the confusion matrix travel in one all-reduce, and
+every metric is computed from those counts (metrics.py), so 1 and N ranks report the same numbers.
+
+    python -m dist_finetune.evaluate --run RUN_DIR [--split train|val|test | --data FILE]
+                                     [--checkpoint best|latest|PATH] [--out FILE.json]
+    torchrun --nproc_per_node=N -m dist_finetune.evaluate -- --run RUN_DIR ...
+
+Under torchrun, put `--` before the arguments (or spell `--run` as `--run-dir`): torchrun reads
+`--run` as an abbreviation of its own `--run-path` option.
+"""
 from __future__ import annotations
 
+import argparse
+import json
 import math
+import sys
+from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from .config import Config
-from .data import eval_loader
-from .distributed import DistEnv, all_reduce_sum
+from .config import Config, ConfigError, replace
+from .data import SPLITS, DataError, eval_loader, load_data, load_eval_file, make_collate
+from .distributed import DistEnv, LaunchError, all_reduce_sum, init_distributed, shutdown
+from .engine import resolve_precision
+from .metrics import format_table, from_confusion
+from .model import GPTConfig
+from .report import plot_confusion, write_json
+from .runs import RunError, check_same_labels, load_checkpoint_model, load_run_config, resolve_checkpoint, run_facts
+from .weights import WeightsError
+
+USER_ERRORS = (ConfigError, DataError, WeightsError, RunError)
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
-def evaluate(engine, dataset, cfg: Config, env: DistEnv, collate, max_batches: int | None = None) -> dict[str, float]:
-    """Exact metrics: every rank runs the same number of forwards (ZeRO-3 gathers), sums reduced."""
+def evaluate(model, dataset, cfg: Config, env: DistEnv, collate, max_batches: int | None = None,
+             num_classes: int | None = None) -> dict[str, Any]:
+    """Exact metrics: every rank runs the same number of forwards (ZeRO-3 gathers), sums reduced.
+
+    `model` is any module called as `model(input_ids, lengths) -> logits` (a DeepSpeed engine is one).
+    Returns loss, accuracy, examples, macro / weighted / per-class scores and the confusion matrix.
+    """
     batch_size = cfg.eval.batch_size or 2 * cfg.train.micro_batch_size
     loader = eval_loader(dataset, batch_size, collate, env.rank, env.world_size)
-    largest_shard = math.ceil(len(dataset) / env.world_size)
-    steps = math.ceil(largest_shard / batch_size)
+    steps = math.ceil(math.ceil(len(dataset) / env.world_size) / batch_size)
     if max_batches is not None:
         steps = min(steps, max_batches)
-    engine.eval()
-    loss_sum = correct = count = 0.0
+    module = getattr(model, "module", model)  # a DeepSpeed engine's own `training` flag is not kept
+    was_training = module.training
+    model.eval()
+    loss_sum, confusion = 0.0, None
     batches = iter(loader)
     with torch.no_grad():
         for _ in range(steps):
@@ -29,14 +61,21 @@ def evaluate(engine, dataset, cfg: Config, env: DistEnv, collate, max_batches: i
             if not real:  # this rank's shard is done; keep the forwards in step with the others
                 batch = {"input_ids": torch.full((1, 1), 50256), "lengths": torch.ones(1, dtype=torch.long),
                          "labels": torch.zeros(1, dtype=torch.long)}
-            logits, labels = forward(engine, batch, env)
+            logits, labels = forward(model, batch, env)
+            n = num_classes or logits.shape[-1]
+            if confusion is None:
+                confusion = torch.zeros(n * n, dtype=torch.float64)
             if real:
                 loss_sum += float(F.cross_entropy(logits, labels, reduction="sum"))
-                correct += float((logits.argmax(-1) == labels).sum())
-                count += labels.numel()
-    engine.train()
-    loss_sum, correct, count = all_reduce_sum([loss_sum, correct, count], env).tolist()
-    return {"loss": loss_sum / max(count, 1), "accuracy": correct / max(count, 1), "examples": int(count)}
+                cells = labels * n + logits.argmax(-1)
+                confusion += torch.bincount(cells, minlength=n * n).cpu().double()
+    model.train(was_training)
+    if confusion is None:  # no forwards at all (an empty split): the same on every rank
+        confusion = torch.zeros((num_classes or 0) ** 2, dtype=torch.float64)
+    totals = all_reduce_sum(torch.cat([torch.tensor([loss_sum], dtype=torch.float64), confusion]), env)
+    n = math.isqrt(totals.numel() - 1)
+    metrics = from_confusion(totals[1:].view(n, n).tolist())
+    return {"loss": float(totals[0]) / max(metrics.examples, 1), **metrics.to_dict()}
 
 
 def forward(engine, batch: dict[str, torch.Tensor], env: DistEnv) -> tuple[torch.Tensor, torch.Tensor]:
@@ -44,3 +83,111 @@ def forward(engine, batch: dict[str, torch.Tensor], env: DistEnv) -> tuple[torch
     lengths = batch["lengths"].to(env.device, non_blocking=True)
     labels = batch["labels"].to(env.device, non_blocking=True)
     return engine(input_ids, lengths).float(), labels
+
+
+# ---------------------------------------------------------------- the command
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m dist_finetune.evaluate", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--run", "--run-dir", dest="run", required=True, type=Path,
+                   help="the run folder (the training output_dir)")
+    which = p.add_mutually_exclusive_group()
+    which.add_argument("--split", choices=SPLITS, help="a split of the run's data (default: test)")
+    which.add_argument("--data", type=Path, help="a labelled CSV / TSV / JSONL file")
+    p.add_argument("--text-column", help="--data's text column (default: the run's data.text_column)")
+    p.add_argument("--label-column", help="--data's label column (default: the run's data.label_column)")
+    p.add_argument("--checkpoint", default="best", help="best (default), latest, or a RUN/checkpoints/step_* folder")
+    p.add_argument("--batch-size", type=int, help="evaluation batch size per rank (default: the run's)")
+    p.add_argument("--out", type=Path, help="the JSON to write (default: RUN/eval/<split or file stem>.json)")
+    p.add_argument("--debug", action="store_true", help="CPU + gloo even where CUDA exists")
+    args = p.parse_args(argv)
+    if args.batch_size is not None and args.batch_size < 1:
+        p.error(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.data is None and (args.text_column or args.label_column):
+        p.error("--text-column and --label-column apply to --data only")
+    return args
+
+
+def prepare(args: argparse.Namespace) -> dict[str, Any]:
+    """Everything that reads files and can fail on the user's input; runs before any process group."""
+    run_dir = args.run
+    cfg = load_run_config(run_dir)
+    if args.batch_size is not None:
+        cfg = replace(cfg, [f"eval.batch_size={args.batch_size}"])
+    ckpt_run, tag = resolve_checkpoint(run_dir, args.checkpoint)
+    if args.data is not None:
+        facts = run_facts(run_dir, cfg)
+        text_column = args.text_column or cfg.data.text_column
+        label_column = args.label_column or cfg.data.label_column
+        dataset, truncated = load_eval_file(args.data, text_column, label_column, facts.labels, facts.max_length)
+        name, max_length, labels = args.data.stem, facts.max_length, facts.labels
+    else:
+        split = args.split or "test"
+        bundle = load_data(cfg.data, GPTConfig.from_model_config(cfg.model).context_length)
+        facts = run_facts(run_dir, cfg)
+        check_same_labels(run_dir, facts.labels, bundle.label_map)
+        dataset, truncated = getattr(bundle, split), bundle.truncated[split]
+        name, max_length, labels = split, bundle.max_length, bundle.label_map
+    model = load_checkpoint_model(cfg, len(labels), ckpt_run, tag, run_dir)
+    return dict(cfg=cfg, model=model, dataset=dataset, truncated=truncated, name=name, labels=labels.to_json(),
+                max_length=max_length, precision=facts.precision, checkpoint=ckpt_run / "checkpoints" / tag)
+
+
+def run(args: argparse.Namespace, job: dict[str, Any], env: DistEnv) -> dict[str, Any]:
+    cfg = job["cfg"]
+    precision = resolve_precision(job["precision"], env.device)
+    # DeepSpeed runs a bf16/fp16 model in that precision: the same here, so summary.json's numbers reproduce.
+    model = job["model"].to(env.device, DTYPES[precision])
+    collate = make_collate(cfg.data.padding, job["max_length"])
+    result = evaluate(model, job["dataset"], cfg, env, collate, num_classes=len(job["labels"]))
+    result["labels"] = job["labels"]
+    result["per_class"] = [{"label": label, **s} for label, s in zip(job["labels"], result["per_class"])]
+    return {
+        "run": str(args.run), "checkpoint": str(job["checkpoint"]),
+        "split": None if args.data is not None else job["name"], "data": None if args.data is None else str(args.data),
+        **result,
+        "truncated": job["truncated"], "max_length": job["max_length"], "precision": precision,
+        "world_size": env.world_size,
+    }
+
+
+def write_outputs(args: argparse.Namespace, report: dict[str, Any], name: str) -> Path:
+    out = args.out or args.run / "eval" / f"{name}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    write_json(out, report)
+    plot_confusion(report["confusion_matrix"], report["labels"], out.parent / f"confusion_{name}.png",
+                   title=f"{name} ({report['examples']} examples)")
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        job = prepare(args)
+    except USER_ERRORS as exc:  # the same on every rank: they read the same files
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    cfg = job["cfg"]
+    try:
+        env = init_distributed(cfg.distributed.timeout_seconds, debug=args.debug or cfg.distributed.debug)
+    except LaunchError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    report = run(args, job, env)
+    if env.is_main:
+        out = write_outputs(args, report, job["name"])
+        what = f"split {job['name']}" if args.data is None else f"file {args.data}"
+        print(f"{args.run}: checkpoint {Path(report['checkpoint']).name}, {what}, {env.world_size} rank(s)")
+        print(format_table(report, report["labels"]))
+        if job["truncated"]:
+            print(f"note: {job['truncated']} text(s) longer than max_length={job['max_length']} tokens were "
+                  "truncated, as in training", file=sys.stderr)
+        print(f"wrote {out} and {out.parent / ('confusion_' + job['name'] + '.png')}")
+    shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,17 +1,67 @@
-"""Export a checkpoint as one fp32 `model.safetensors` + model config + label map (no DeepSpeed needed to load)."""
+"""`python -m dist_finetune.export --run RUN_DIR [--checkpoint best|latest|PATH] --out DIR`
+
+Consolidates a DeepSpeed checkpoint (ZeRO 0-3, any world size) into the export format: fp32
+`model.safetensors`, `model_config.json` (architecture, pooling, tokenizer reference, max_length,
+padding) and `labels.json`; loadable with `weights.load_export`, without DeepSpeed.
+"""
 from __future__ import annotations
 
+import argparse
+import sys
 from pathlib import Path
 
-from .checkpoint import consolidated_state_dict
-from .config import ModelConfig
+from .checkpoint import checkpoint_dir, consolidated_state_dict
+from .config import ConfigError, ModelConfig
+from .data import DataError
 from .model import build_model
-from .weights import save_export
+from .runs import RunError, load_checkpoint_model, load_run_config, resolve_checkpoint, run_facts
+from .weights import WeightsError, save_export
+
+USER_ERRORS = (ConfigError, DataError, WeightsError, RunError)
 
 
-def export_checkpoint(run_dir: Path, tag: str, out_dir: Path, model_cfg: ModelConfig, labels: list) -> None:
+def export_checkpoint(run_dir: Path, tag: str, out_dir: Path, model_cfg: ModelConfig, labels: list,
+                      max_length: int | None = None, padding: str = "fixed") -> None:
     """Reads the checkpoint's files alone (call it on one rank); writes `out_dir`."""
     state_dict = consolidated_state_dict(run_dir, tag)
     model = build_model(model_cfg, len(labels))
     model.load_state_dict(state_dict, strict=True)
-    save_export(model, out_dir, model_cfg.pooling, labels)
+    save_export(model, out_dir, model_cfg.pooling, labels, max_length=max_length, padding=padding)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m dist_finetune.export", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--run", "--run-dir", dest="run", required=True, type=Path,
+                   help="the run folder (the training output_dir)")
+    p.add_argument("--checkpoint", default="best", help="best (default), latest, or a RUN/checkpoints/step_* folder")
+    p.add_argument("--out", required=True, type=Path, help="the export folder to write")
+    return p.parse_args(argv)
+
+
+def export_run(run_dir: Path, checkpoint: str, out_dir: Path) -> Path:
+    cfg = load_run_config(run_dir)
+    ckpt_run, tag = resolve_checkpoint(run_dir, checkpoint)
+    facts = run_facts(run_dir, cfg)
+    model = load_checkpoint_model(cfg, len(facts.labels), ckpt_run, tag, run_dir)
+    save_export(model, out_dir, cfg.model.pooling, facts.labels.to_json(), max_length=facts.max_length,
+                padding=cfg.data.padding)
+    return checkpoint_dir(ckpt_run) / tag
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.out.exists() and not args.out.is_dir():
+        print(f"error: --out {args.out} is a file; pass a folder to write the export into", file=sys.stderr)
+        return 2
+    try:
+        source = export_run(args.run, args.checkpoint, args.out)
+    except USER_ERRORS as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"exported {source} -> {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

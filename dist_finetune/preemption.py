@@ -16,17 +16,17 @@ SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
 class PreemptionFlag:
     def __init__(self) -> None:
         self.received: int | None = None
-        self._previous = {}
 
     def install(self) -> "PreemptionFlag":
         for sig in SIGNALS:
-            self._previous[sig] = signal.signal(sig, self._handle)
+            signal.signal(sig, self._handle)
         return self
 
-    def uninstall(self) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-        self._previous.clear()
+    def ignore_from_now(self) -> None:
+        """The run is over: later signals must not kill the process while it exits (the interpreter
+        resets Python-level handlers to the default action during shutdown)."""
+        for sig in SIGNALS:
+            signal.signal(sig, signal.SIG_IGN)
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         self.received = signum

@@ -19,6 +19,7 @@ import torch
 HISTORY_FIELDS = (
     "step", "epoch", "examples_seen", "train_loss", "train_accuracy", "val_loss", "val_accuracy", "lr",
 )
+PLOTS = ("loss.png", "accuracy.png", "confusion_test.png")
 
 
 def peak_memory_bytes(device: torch.device) -> int:
@@ -129,7 +130,13 @@ class Reporter:
             self._bar.close()
         if plots and self.history:
             plot_history(self.history, self.run_dir)
+        test = summary.get("test") or {}
+        if plots and "confusion_matrix" in test:
+            plot_confusion(test["confusion_matrix"], summary["labels"], self.run_dir / "confusion_test.png",
+                           title=f"test split ({test['examples']} examples)")
         write_json(self.run_dir / "summary.json", summary)
+        images = [name for name in PLOTS if plots and (self.run_dir / name).is_file()]
+        (self.run_dir / "report.md").write_text(report_markdown(summary, self.run_dir, images), encoding="utf-8")
         self.event("summary", **{k: v for k, v in summary.items() if not isinstance(v, dict)})
         if self._tb is not None:
             self._tb.close()
@@ -172,3 +179,70 @@ def plot_history(history: list[dict[str, Any]], run_dir: Path) -> None:
 
 def _finite(value: Any) -> float:
     return float(value) if isinstance(value, (int, float)) and math.isfinite(value) else float("nan")
+
+
+def plot_confusion(confusion: list[list[int]], labels: list, path: Path, title: str = "") -> None:
+    """Counts in each cell; rows are the true labels, columns the predicted ones."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [str(label) for label in labels]
+    size = max(3.0, 0.6 * len(names) + 2.0)
+    fig, ax = plt.subplots(figsize=(size, size * 0.85))
+    image = ax.imshow(confusion, cmap="Blues")
+    peak = max((v for row in confusion for v in row), default=0)
+    for i, row in enumerate(confusion):
+        for j, value in enumerate(row):
+            ax.text(j, i, str(value), ha="center", va="center", color="white" if value > peak / 2 else "black")
+    ax.set_xticks(range(len(names)), names)
+    ax.set_yticks(range(len(names)), names)
+    ax.set_xlabel("predicted label")
+    ax.set_ylabel("true label")
+    if title:
+        ax.set_title(title)
+    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _row(cells: list[Any]) -> str:
+    return "| " + " | ".join(str(c) for c in cells) + " |"
+
+
+def _scores(name: str, s: dict[str, Any]) -> str:
+    return _row([name, f"{s['precision']:.4f}", f"{s['recall']:.4f}", f"{s['f1']:.4f}", s["support"]])
+
+
+def report_markdown(summary: dict[str, Any], run_dir: Path, images: list[str]) -> str:
+    """The run at a glance: summary table, per-class scores on the test split, the plots."""
+    splits = [s for s in ("train", "val", "test") if isinstance(summary.get(s), dict)]
+    lines = [f"# Run report: {run_dir.name}", "",
+             f"Best checkpoint `{summary.get('best_checkpoint')}` (step {summary.get('best_step')} of "
+             f"{summary.get('global_step')}, {summary.get('epochs_completed')} epochs, stopped early: "
+             f"{'yes' if summary.get('stopped_early') else 'no'}); {summary.get('world_size')} rank(s), "
+             f"ZeRO stage {summary.get('zero_stage')}, {summary.get('precision')}, {summary.get('wall_seconds')} s.",
+             ""]
+    if summary.get("class_weights"):
+        weights = ", ".join(f"{label} {w:.4g}" for label, w in zip(summary["labels"], summary["class_weights"]))
+        lines += [f"Training loss weighted by class: {weights}.", ""]
+    lines += [_row(["split", "examples", "loss", "accuracy", "macro F1"]), "|---|---:|---:|---:|---:|"]
+    for split in splits:
+        r = summary[split]
+        macro_f1 = f"{r['macro']['f1']:.4f}" if "macro" in r else "-"
+        lines.append(_row([split, r["examples"], f"{r['loss']:.4f}", f"{r['accuracy']:.4f}", macro_f1]))
+    test = summary.get("test") or {}
+    if "per_class" in test:
+        lines += ["", "## Test split, per class", "",
+                  _row(["label", "precision", "recall", "F1", "support"]), "|---|---:|---:|---:|---:|"]
+        lines += [_scores(str(c["label"]), c) for c in test["per_class"]]
+        lines += [_scores("macro avg", test["macro"]), _scores("weighted avg", test["weighted"])]
+        names = [str(label) for label in summary["labels"]]
+        lines += ["", "Confusion matrix (rows: true label, columns: predicted label):", "",
+                  _row(["true \\ predicted", *names]), "|---|" + "---:|" * len(names)]
+        lines += [_row([name, *row]) for name, row in zip(names, test["confusion_matrix"])]
+    if images:
+        lines += ["", "## Plots", ""] + [f"![{name[:-4].replace('_', ' ')}]({name})" for name in images]
+    return "\n".join(lines) + "\n"

@@ -8,7 +8,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import random
 import shutil
 import sys
@@ -24,12 +23,15 @@ import torch.nn.functional as F
 from . import checkpoint
 from .config import Config, ConfigError, load_config, read_yaml, to_yaml
 from .data import DataError, DataBundle, load_data, make_collate, train_loader
-from .distributed import DistEnv, all_reduce_sum, broadcast_decision, broadcast_object, init_distributed, shutdown
+from .distributed import DistEnv, LaunchError, all_reduce_sum, broadcast_decision, broadcast_object, init_distributed, shutdown
 from .engine import build_engine, param_group_names, plan_batches
+from .preemption import PreemptionFlag
 from .model import GPTConfig, build_model, count_parameters, set_trainable
 from .report import Reporter, peak_memory_bytes
 from .evaluate import evaluate, forward
 from .export import export_checkpoint
+from .loss import class_weights, weight_tensor
+from .metrics import from_confusion
 from .weights import WeightsError, load_pretrained
 
 log = logging.getLogger("dist_finetune")
@@ -73,6 +75,7 @@ class TrainState:
     tokens_seen: int = 0
     best_step: int | None = None
     stopped_early: bool = False
+    preempted: bool = False
     train_seconds: float = 0.0
     stopper: dict[str, Any] = field(default_factory=dict)
     # Training sums (loss, correct, count) flushed at a checkpoint, not yet reported at an evaluation.
@@ -133,6 +136,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     p.add_argument("--overwrite", action="store_true", help="replace an existing run folder")
     p.add_argument("--debug", action="store_true", help="CPU + gloo even where CUDA exists")
+    p.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)  # older launchers
     return p.parse_args(argv)
 
 
@@ -159,17 +163,19 @@ def prepare_run_dir(cfg: Config, env: DistEnv, overwrite: bool) -> str | None:
 
 def _check_run_dir(cfg: Config, run_dir: Path, overwrite: bool) -> str | None:
     tag = checkpoint.find_resume_tag(cfg, run_dir)
+    saved = run_dir / "config.yaml"
+    diffs = checkpoint.result_changing_differences(read_yaml(saved), cfg) if saved.exists() else []
     if tag is not None:
-        saved = run_dir / "config.yaml"
-        diffs = checkpoint.result_changing_differences(read_yaml(saved), cfg) if saved.exists() else []
         if diffs:
             raise RunDirError(
                 f"resume: {run_dir} was trained with a different config; these keys change the result:\n  "
                 + "\n  ".join(diffs) + "\nUse the original values, or a new output_dir."
             )
         return tag
+    # resume=auto on a run that stopped before its first checkpoint: start it again from scratch.
+    restart = cfg.resume == "auto" and saved.exists() and not diffs
     if run_dir.exists() and any(run_dir.iterdir()):
-        if not overwrite:
+        if not (overwrite or restart):
             raise RunDirError(
                 f"output_dir {run_dir} already exists and is not empty; pass --overwrite to replace it, "
                 "resume=auto to continue it, or choose another output_dir"
@@ -198,12 +204,24 @@ def build_classifier(cfg: Config, data: DataBundle, reporter: Reporter):
 # ---------------------------------------------------------------- the loop
 
 
-def train(cfg: Config, env: DistEnv, overwrite: bool = False) -> dict[str, Any]:
+def train(cfg: Config, env: DistEnv, overwrite: bool = False) -> dict[str, Any] | None:
+    """The whole run; returns the summary, or None when a preemption signal stopped it early."""
     wall_start = time.perf_counter()
+    preemption = PreemptionFlag().install()
+    try:
+        return _train(cfg, env, overwrite, preemption, wall_start)
+    finally:
+        preemption.ignore_from_now()
+
+
+def _train(cfg: Config, env: DistEnv, overwrite: bool, preemption: PreemptionFlag,
+           wall_start: float) -> dict[str, Any] | None:
     run_dir = Path(cfg.output_dir)
     resume_tag = prepare_run_dir(cfg, env, overwrite)
     seed_everything(cfg.seed)
     data = load_data(cfg.data, GPTConfig.from_model_config(cfg.model).context_length)
+    loss_weight = weight_tensor(class_weights(cfg.loss.class_weights, data.train.labels, data.label_map.labels),
+                                env.device)
     plan = plan_batches(cfg, env.world_size)
     collate = make_collate(cfg.data.padding, data.max_length)
     loader = train_loader(data.train, plan.micro_batch_size, collate, env.rank, env.world_size, cfg.seed,
@@ -241,13 +259,19 @@ def train(cfg: Config, env: DistEnv, overwrite: bool = False) -> dict[str, Any]:
         f"steps={total_steps} trainable={trainable:,}/{total:,}"
     )
     state = run_loop(cfg, env, engine, data, loader, collate, plan, steps_per_epoch, total_steps,
-                     stopper, state, reporter)
+                     stopper, state, reporter, preemption, loss_weight=loss_weight)
+    if state.preempted:
+        reporter.event("preempted", step=state.global_step, epoch=state.epoch)
+        reporter.say(f"preempted (signal {preemption.received}) at step {state.global_step}: checkpoint "
+                     f"{checkpoint.tag_for(state.global_step)} saved; run again with resume=auto to continue")
+        return None
     return finish(cfg, env, engine, data, collate, state, reporter, precision, wall_start,
                   trainable, total, steps_per_epoch)
 
 
 def run_loop(cfg, env, engine, data, loader, collate, plan, steps_per_epoch, total_steps,
-             stopper: EarlyStopper, state: TrainState, reporter: Reporter) -> TrainState:
+             stopper: EarlyStopper, state: TrainState, reporter: Reporter,
+             preemption: PreemptionFlag, loss_weight: torch.Tensor | None = None) -> TrainState:
     micro_per_epoch = steps_per_epoch * plan.grad_accum_steps
     running, window = RunningTrain(), RunningTrain()  # since the last evaluation / the last log line
     last_eval_step = state.global_step if state.global_step else -1
@@ -294,7 +318,7 @@ def run_loop(cfg, env, engine, data, loader, collate, plan, steps_per_epoch, tot
             if sample_log is not None:
                 sample_log.write(i, state.global_step)
             logits, labels = forward(engine, batch, env)
-            loss = F.cross_entropy(logits, labels)
+            loss = F.cross_entropy(logits, labels, weight=loss_weight)
             engine.backward(loss)
             engine.step()
             tokens = int(batch["lengths"].sum())
@@ -329,6 +353,12 @@ def run_loop(cfg, env, engine, data, loader, collate, plan, steps_per_epoch, tot
                 break
             if decision == NEW_BEST or periodic:
                 save(decision == NEW_BEST)
+            if preemption.agreed(env):
+                if not (decision == NEW_BEST or periodic):
+                    save(False)
+                state.preempted = True
+                done = True
+                break
             tick = time.perf_counter()
         if done:
             break
@@ -352,10 +382,13 @@ def finish(cfg, env, engine, data, collate, state: TrainState, reporter: Reporte
         checkpoint.load(engine, run_dir, env, best_tag, weights_only=True)
     results = {split: evaluate(engine, getattr(data, split), cfg, env, collate)
                for split in ("train", "val", "test")}
+    labels = data.label_map.to_json()
     if env.is_main and cfg.checkpoint.export and best_tag is not None:
-        export_checkpoint(run_dir, best_tag, run_dir / "export", cfg.model, data.label_map.to_json())
+        export_checkpoint(run_dir, best_tag, run_dir / "export", cfg.model, labels,
+                          max_length=data.max_length, padding=cfg.data.padding)
     summary = {
-        **{split: {"accuracy": r["accuracy"], "loss": r["loss"], "examples": r["examples"]}
+        **{split: {"accuracy": r["accuracy"], "loss": r["loss"], "examples": r["examples"],
+                   **from_confusion(r["confusion_matrix"]).to_dict(labels)}
            for split, r in results.items()},
         "best_step": state.best_step,
         "global_step": state.global_step,
@@ -371,8 +404,10 @@ def finish(cfg, env, engine, data, collate, state: TrainState, reporter: Reporte
         "peak_memory_bytes": peak_memory_bytes(env.device),
         "trainable_parameters": trainable,
         "total_parameters": total,
-        "labels": data.label_map.to_json(),
+        "labels": labels,
         "best_checkpoint": best_tag,
+        "max_length": data.max_length,
+        "class_weights": class_weights(cfg.loss.class_weights, data.train.labels, labels),
     }
     reporter.finish(summary, plots=cfg.report.plots)
     reporter.say(
@@ -397,7 +432,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.print_config:
         print(to_yaml(cfg), end="")
         return 0
-    env = init_distributed(cfg.distributed.timeout_seconds, debug=args.debug or cfg.distributed.debug)
+    try:
+        env = init_distributed(cfg.distributed.timeout_seconds, debug=args.debug or cfg.distributed.debug)
+    except LaunchError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     try:
         train(cfg, env, overwrite=args.overwrite)
     except USER_ERRORS as exc:  # raised by every rank at the same point

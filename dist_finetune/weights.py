@@ -19,6 +19,7 @@ from torch import Tensor
 
 from dist_finetune.config import MODEL_PRESETS
 from dist_finetune.model import GPTClassifier, GPTConfig
+from dist_finetune.tokenizer import PAD_ID
 
 
 class WeightsError(ValueError):
@@ -29,6 +30,7 @@ WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 EXPORT_WEIGHTS = "model.safetensors"
 EXPORT_CONFIG = "model_config.json"
 EXPORT_LABELS = "labels.json"
+EXPORT_TOKENIZER = "gpt2"
 ALLOW_DOWNLOAD_ENV = "DIST_FINETUNE_ALLOW_DOWNLOAD"
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 _WRAPPER_KEYS = ("model_state_dict", "state_dict", "module")
@@ -458,28 +460,41 @@ def _atomic_write(path: Path, write) -> None:
     os.replace(tmp, path)
 
 
-def save_export(model: GPTClassifier, folder: Path, pooling: str, labels: list | dict) -> None:
-    """model.safetensors (fp32, canonical names) + model_config.json + labels.json (as given)."""
+def save_export(model: GPTClassifier, folder: Path, pooling: str, labels: list | dict,
+                max_length: int | None = None, padding: str = "fixed") -> None:
+    """model.safetensors (fp32, canonical names) + model_config.json + labels.json (as given).
+
+    model_config.json also references the tokenizer and how training truncated and padded the texts
+    (`max_length`, `padding`), so that predictions see the inputs the way training did.
+    """
     from safetensors.torch import save_file
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in model.state_dict().items()}
-    config = {"gpt": model.config.to_dict(), "num_classes": model.head.out_features, "pooling": pooling}
+    config = {"gpt": model.config.to_dict(), "num_classes": model.head.out_features, "pooling": pooling,
+              "tokenizer": EXPORT_TOKENIZER, "pad_id": PAD_ID, "max_length": max_length, "padding": padding}
     _atomic_write(folder / EXPORT_WEIGHTS, lambda p: save_file(state, str(p), metadata={"format": "pt"}))
     _atomic_write(folder / EXPORT_CONFIG, lambda p: p.write_text(json.dumps(config, indent=2) + "\n"))
     _atomic_write(folder / EXPORT_LABELS, lambda p: p.write_text(json.dumps(labels, indent=2) + "\n"))
 
 
-def load_export(folder: Path) -> tuple[GPTClassifier, Any]:
-    """The exported classifier (eval mode) and the parsed labels.json."""
-    folder = Path(folder)
+def _check_export_folder(folder: Path) -> None:
+    if not folder.is_dir():
+        raise WeightsError(f"export folder {folder} not found; point to a run's export folder (RUN_DIR/export) "
+                           "or write one with python -m dist_finetune.export")
     for name in (EXPORT_WEIGHTS, EXPORT_CONFIG, EXPORT_LABELS):
         if not (folder / name).is_file():
             raise WeightsError(
                 f"{folder}: not an exported model ({name} is missing); an export folder holds "
                 f"{EXPORT_WEIGHTS}, {EXPORT_CONFIG} and {EXPORT_LABELS}"
             )
+
+
+def load_export(folder: Path) -> tuple[GPTClassifier, Any]:
+    """The exported classifier (eval mode) and the parsed labels.json."""
+    folder = Path(folder)
+    _check_export_folder(folder)
     try:
         config = json.loads((folder / EXPORT_CONFIG).read_text(encoding="utf-8"))
         model = GPTClassifier(
@@ -493,3 +508,58 @@ def load_export(folder: Path) -> tuple[GPTClassifier, Any]:
     except RuntimeError as exc:
         raise WeightsError(f"{folder / EXPORT_WEIGHTS} does not match {EXPORT_CONFIG}: {exc}") from exc
     return model.eval(), labels
+
+
+@dataclass(frozen=True)
+class ExportInfo:
+    """An export's label list (class id order) and its input recipe."""
+
+    labels: list
+    tokenizer: str
+    pad_id: int
+    max_length: int
+    padding: str
+
+
+def read_export_info(folder: Path) -> ExportInfo:
+    """Exports written before the tokenizer keys existed: GPT-2 BPE, fixed padding, the model's context."""
+    folder = Path(folder)
+    _check_export_folder(folder)
+    try:
+        config = json.loads((folder / EXPORT_CONFIG).read_text(encoding="utf-8"))
+        raw = json.loads((folder / EXPORT_LABELS).read_text(encoding="utf-8"))
+        labels = [k for k, _ in sorted(raw.items(), key=lambda kv: kv[1])] if isinstance(raw, dict) else list(raw)
+        info = ExportInfo(labels, config.get("tokenizer", EXPORT_TOKENIZER), int(config.get("pad_id", PAD_ID)),
+                          int(config.get("max_length") or config["gpt"]["context_length"]),
+                          config.get("padding", "fixed"))
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+        raise WeightsError(f"{folder}: unreadable {EXPORT_CONFIG} or {EXPORT_LABELS} ({exc})") from exc
+    if info.tokenizer != EXPORT_TOKENIZER:
+        raise WeightsError(f"{folder / EXPORT_CONFIG}: tokenizer {info.tokenizer!r} is not supported; only "
+                           f"{EXPORT_TOKENIZER!r} (the GPT-2 BPE)")
+    return info
+
+
+def load_state_strict(model: GPTClassifier, sd: dict[str, Tensor], source: str, fix: str) -> None:
+    """Every tensor present with the model's shape, else one WeightsError naming the first difference."""
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    shapes = [k for k, shape in expected.items() if k in sd and tuple(sd[k].shape) != shape]
+    missing = [k for k in expected if k not in sd]
+    extra = [k for k in sd if k not in expected]
+    if not (shapes or missing or extra):
+        model.load_state_dict(sd, strict=True)
+        return
+    problems = []
+    if shapes:
+        more = f" ({len(shapes)} tensors differ)" if len(shapes) > 1 else ""
+        problems.append(f"{shapes[0]} has shape {tuple(sd[shapes[0]].shape)} in the checkpoint but "
+                        f"{expected[shapes[0]]} in the model{more}")
+    if missing:
+        problems.append(f"tensors missing from the checkpoint: {_listing(missing)}")
+    if extra:
+        problems.append(f"tensors the model has no place for: {_listing(extra)}")
+    try:
+        holds = f" The checkpoint holds {_describe(_arch_from_shapes(sd))}, the model {_describe(model.config.to_dict())}."
+    except WeightsError:
+        holds = ""
+    raise WeightsError(f"{source} does not fit the model: {'; '.join(problems)}.{holds} Fix: {fix}")

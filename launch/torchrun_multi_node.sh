@@ -10,7 +10,9 @@ set -euo pipefail
 CONFIG=$1; shift
 gpus=$(python -c 'import torch; print(torch.cuda.device_count())' 2>/dev/null || echo 0)
 NPROC=${NPROC:-$(( gpus > 0 ? gpus : 2 ))}
-trap '' USR1
+local_addr=()   # all nodes on one machine (testing): keep every rank on loopback
+[[ $MASTER_ADDR == 127.* || $MASTER_ADDR == localhost ]] && local_addr=(--local_addr=127.0.0.1)
+trap '' USR1    # the torchrun agent ignores USR1 (it would die of it); the ranks handle it
 exec python -m torch.distributed.run --nnodes="$NNODES" --node_rank="$NODE_RANK" --nproc_per_node="$NPROC" \
   --rdzv_id="${RDZV_ID:-dist_finetune}" --rdzv_backend=c10d --rdzv_endpoint="$MASTER_ADDR:$MASTER_PORT" \
-  -m dist_finetune.train --config "$CONFIG" "$@"
+  "${local_addr[@]}" -m dist_finetune.train --config "$CONFIG" "$@"

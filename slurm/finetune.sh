@@ -67,11 +67,13 @@ if (( tasks_per_node > 1 )); then
 else
   nproc=$gpus
   (( nproc > 0 )) || nproc=${DIST_FINETUNE_CPU_RANKS:-2}
+  local_addr=()   # a loopback master (one-node tests) keeps every rank on loopback too
+  [[ $MASTER_ADDR == 127.* || $MASTER_ADDR == localhost ]] && local_addr=(--local_addr=127.0.0.1)
   # The torchrun agent ignores USR1 (it would die of it); its workers handle it.
   srun --kill-on-bad-exit=1 --ntasks-per-node=1 bash -c 'trap "" USR1; exec "$@"' torchrun \
     python -m torch.distributed.run --nnodes="$SLURM_JOB_NUM_NODES" --nproc_per_node="$nproc" \
     --rdzv_id="$SLURM_JOB_ID" --rdzv_backend=c10d --rdzv_endpoint="$MASTER_ADDR:$MASTER_PORT" \
-    "${train_args[@]}" &
+    "${local_addr[@]}" "${train_args[@]}" &
 fi
 step=$!
 status=0

@@ -88,9 +88,36 @@ def train(tmp: Path, name: str, overrides: list[str] = (), nproc: int = 1, base:
     run_dir = tmp / name
     config = write_config(tmp / f"{name}.yaml", base)
     cmd = command(nproc, config, [f"output_dir={run_dir}", *overrides])
-    proc = subprocess.run(cmd, cwd=REPO, env=child_env(netguard_log), capture_output=True, text=True,
-                          timeout=timeout)
-    return Run(run_dir, proc)
+    return Run(run_dir, run_to_end(cmd, child_env(netguard_log), timeout))
+
+
+def run_to_end(cmd: list[str], env: dict[str, str], timeout: float) -> subprocess.CompletedProcess:
+    """subprocess.run, but a timeout kills the whole process tree (torchrun's workers run in their
+    own sessions and would outlive their agent) before failing the test."""
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        kill_tree(proc.pid)
+        out, err = proc.communicate()
+        raise AssertionError(f"{' '.join(cmd)} did not finish in {timeout} s\n{out[-3000:]}\n{err[-3000:]}")
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
+def kill_tree(pid: int) -> None:
+    import psutil
+
+    try:
+        root = psutil.Process(pid)
+        procs = [*root.children(recursive=True), root]
+    except psutil.NoSuchProcess:
+        return
+    for p in procs:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(procs, timeout=30)
 
 
 def start(tmp: Path, name: str, overrides: list[str] = (), nproc: int = 1,

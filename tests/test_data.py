@@ -177,7 +177,7 @@ def test_max_length_defaults_to_longest_train_example(tmp_path):
 def test_csv_custom_columns_and_int_labels(tmp_path):
     csv = "id,msg,y\n1,hello,2\n2,bye,10\n3,\"comma, inside\",2\n4,NA,10\n5,null,2\n"
     bundle = load_data(files_cfg(tmp_path, train=("t.csv", csv), val=("v.csv", csv), test=("s.csv", csv),
-                                 text_column="msg", label_column="y"), context_length=1024)
+                                 text_column="msg", label_column="y", balance="none"), context_length=1024)
     assert bundle.label_map.labels == (2, 10)  # integers sort numerically
     assert bundle.train.labels == [0, 1, 0, 1, 0]
     assert bundle.train.texts == ["hello", "bye", "comma, inside", "NA", "null"]  # no NA guessing

@@ -3,9 +3,7 @@ from __future__ import annotations
 
 import json
 import signal
-import subprocess
 import time
-from pathlib import Path
 
 import pytest
 import torch
@@ -122,8 +120,7 @@ def test_sharded_evaluation_is_exact(tmp_path, nproc, stage):
         out = tmp_path / f"eval{n}.json"
         script = str(runner.REPO / "tests" / "scripts" / "eval_shards.py")
         cmd = [*runner.launcher(n), script, str(config), str(out), "eval.batch_size=2", f"zero.stage={stage}"]
-        proc = subprocess.run(cmd, cwd=runner.REPO, env=runner.child_env(), capture_output=True, text=True,
-                              timeout=300)
+        proc = runner.run_to_end(cmd, runner.child_env(), timeout=300)
         assert proc.returncode == 0, proc.stderr[-4000:]
         results.append(json.loads(out.read_text()))
     one, many = results
