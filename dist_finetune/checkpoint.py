@@ -1,11 +1,15 @@
 """DeepSpeed checkpoints beside the old ones, an atomic `latest`/`best` pointer, resume, and export.
 
 Layout under `output_dir/checkpoints/`: one folder per tag (`step_000120`), written by every rank
-through DeepSpeed, plus `rng_rank{R}.pt` per rank; then, after a barrier, rank 0 replaces the text
-files `latest` and `best` atomically. A crash mid-save leaves the old pointer on a complete checkpoint.
+through DeepSpeed, plus `rng_rank{R}.pt` per rank; then, after a barrier, rank 0 writes the folder's
+`manifest.json` (every file with its size and SHA-256) and replaces the text files `latest` and `best`
+atomically. A crash mid-save leaves the old pointer on a complete checkpoint, and resume checks a
+checkpoint against its manifest before it trusts it.
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
 import random
@@ -68,7 +72,7 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 def save(engine, run_dir: Path, env: DistEnv, step: int, client_state: dict[str, Any],
-         is_best: bool, keep_last: int) -> str:
+         is_best: bool, keep_last: int, checksums: bool = True) -> str:
     """Every rank calls this. Returns the tag written."""
     tag = tag_for(step)
     root = checkpoint_dir(run_dir)
@@ -76,6 +80,7 @@ def save(engine, run_dir: Path, env: DistEnv, step: int, client_state: dict[str,
     torch.save(rng_state(), root / tag / f"rng_rank{env.rank}.pt")
     barrier(env)  # every rank's files are complete before any pointer moves
     if env.is_main:
+        write_manifest(root / tag, checksums)
         _write_pointer(run_dir, "latest", tag)
         if is_best:
             _write_pointer(run_dir, "best", tag)
@@ -110,18 +115,93 @@ def load(engine, run_dir: Path, env: DistEnv, tag: str, weights_only: bool = Fal
     return client_state or {}
 
 
+MANIFEST = "manifest.json"
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_manifest(folder: Path, checksums: bool = True) -> None:
+    """Written last, after every rank's files: its presence says the checkpoint is complete."""
+    files = {}
+    for path in sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST):
+        entry = {"size": path.stat().st_size}
+        if checksums:
+            entry["sha256"] = _sha256(path)
+        files[str(path.relative_to(folder))] = entry
+    tmp = folder / f".{MANIFEST}.tmp"
+    tmp.write_text(json.dumps({"files": files}, indent=1), encoding="utf-8")
+    os.replace(tmp, folder / MANIFEST)
+
+
+def verify(folder: Path) -> str | None:
+    """None when the checkpoint matches its manifest, else what is wrong with it."""
+    manifest = folder / MANIFEST
+    if not manifest.is_file():
+        return "no manifest.json (the save did not finish)"
+    try:
+        files = json.loads(manifest.read_text(encoding="utf-8"))["files"]
+    except (ValueError, KeyError) as exc:
+        return f"unreadable manifest.json ({exc})"
+    for name, entry in files.items():
+        path = folder / name
+        if not path.is_file():
+            return f"{name} is missing"
+        if path.stat().st_size != entry["size"]:
+            return f"{name} has {path.stat().st_size} bytes, the manifest says {entry['size']}"
+        if "sha256" in entry and _sha256(path) != entry["sha256"]:
+            return f"{name} does not match its checksum"
+    return None
+
+
+def latest_valid_tag(run_dir: Path, pointer: str = "latest") -> str | None:
+    """The pointer's checkpoint if it verifies, else the newest older one that does (with a warning)."""
+    root = checkpoint_dir(run_dir)
+    if not root.is_dir():
+        return None
+    first = read_pointer(run_dir, pointer)
+    tags = sorted((p.name for p in root.iterdir() if p.is_dir() and p.name.startswith("step_")), reverse=True)
+    if first is not None:
+        tags = [first] + [t for t in tags if t < first]
+    for tag in tags:
+        problem = verify(root / tag)
+        if problem is None:
+            return tag
+        log.warning("checkpoint %s is incomplete or corrupted (%s); skipping it", root / tag, problem)
+    return None
+
+
+def best_valid_tag(run_dir: Path) -> str | None:
+    """The best checkpoint, or the latest complete one (with a warning) if the best is damaged."""
+    best = read_pointer(run_dir, "best")
+    problem = verify(checkpoint_dir(run_dir) / best) if best else "no best checkpoint"
+    if problem is None:
+        return best
+    log.warning("best checkpoint %s unusable (%s); using the latest complete checkpoint", best, problem)
+    return latest_valid_tag(run_dir)
+
+
 def find_resume_tag(cfg: Config, run_dir: Path) -> str | None:
-    """`resume: auto` -> the latest complete checkpoint (or None); a path -> its tag."""
+    """`resume: auto` -> the latest complete checkpoint (or None); a path -> its tag, verified."""
     if cfg.resume == "none":
         return None
     if cfg.resume == "auto":
-        return read_pointer(run_dir, "latest")
+        return latest_valid_tag(run_dir)
     path = Path(cfg.resume)
     if not (path.is_dir() and path.parent.resolve() == checkpoint_dir(run_dir).resolve()):
         raise ConfigError(
             f"resume: {cfg.resume} is not a checkpoint folder of this run "
             f"({checkpoint_dir(run_dir)}/step_*); use resume=auto or one of those folders"
         )
+    problem = verify(path)
+    if problem is not None:
+        raise ConfigError(f"resume: checkpoint {path} is incomplete or corrupted ({problem}); "
+                          "use resume=auto to take the newest complete one")
     return path.name
 
 

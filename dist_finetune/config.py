@@ -97,6 +97,10 @@ class TrainConfig:
     # Stop after this many optimizer steps (None: run all epochs).
     max_steps: int | None = None
     log_every_steps: int = 10
+    # A non-finite loss on any rank: skip that micro-batch on every rank (counted), or save and stop.
+    on_nonfinite: str = _choices("skip", "stop", default="skip")
+    # More skipped micro-batches than this in one run stops it as `stop` would.
+    max_nonfinite_skips: int = 20
 
 
 def _class_weights(path: str, value: Any) -> str | tuple[float, ...]:
@@ -150,6 +154,8 @@ class CheckpointConfig:
     every_steps: int | None = None
     keep_last: int = 2
     export: bool = True
+    # SHA-256 of every checkpoint file in its manifest (sizes only when false: faster for huge models).
+    checksums: bool = True
 
 
 @dataclass(frozen=True)
@@ -356,6 +362,7 @@ def _validate(cfg: Config) -> None:
     _check(t.grad_clip >= 0, f"train.grad_clip: must be >= 0 (0 disables), got {t.grad_clip}")
     _check(t.max_steps is None or t.max_steps >= 1, f"train.max_steps: must be >= 1, got {t.max_steps}")
     _check(t.log_every_steps >= 1, f"train.log_every_steps: must be >= 1, got {t.log_every_steps}")
+    _check(t.max_nonfinite_skips >= 0, f"train.max_nonfinite_skips: must be >= 0, got {t.max_nonfinite_skips}")
     _check(cfg.eval.every_steps is None or cfg.eval.every_steps >= 1,
            f"eval.every_steps: must be >= 1, got {cfg.eval.every_steps}")
     _check(cfg.eval.max_batches is None or cfg.eval.max_batches >= 1,

@@ -144,6 +144,28 @@ def init_distributed(timeout_seconds: float = 1800.0, debug: bool = False) -> Di
     return DistEnv(rank, world_size, local_rank, device, backend, launcher)
 
 
+_activity = "start-up"
+
+
+def set_activity(text: str) -> None:
+    """What the ranks are doing now, named in the error when a collective fails."""
+    global _activity
+    _activity = text
+
+
+def collective_failure(exc: BaseException, env: DistEnv, timeout_seconds: float) -> str | None:
+    """A one-line explanation when `exc` is a failed collective (a peer died or hung), else None."""
+    text = str(exc)
+    markers = ("gloo", "nccl", "connection closed", "connection reset", "timed out", "timeout", "broken pipe")
+    if not (isinstance(exc, dist.DistError) or (isinstance(exc, RuntimeError)
+                                                 and any(m in text.lower() for m in markers))):
+        return None
+    first = next((line.strip() for line in text.splitlines() if line.strip()), type(exc).__name__)
+    return (f"rank {env.rank}/{env.world_size}: a collective failed during {_activity}: {first[:300]}. "
+            f"Another rank died or stalled longer than distributed.timeout_seconds ({timeout_seconds:g} s); "
+            "its own log says why.")
+
+
 def shutdown() -> None:
     """Leave together: a rank that tears down its group while a peer is still in a collective
     can abort the peer (seen with gloo)."""

@@ -13,7 +13,6 @@ Under torchrun, put `--` before the arguments (or spell `--run` as `--run-dir`):
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 from pathlib import Path

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import random
 import shutil
 import sys
@@ -23,8 +24,9 @@ import torch.nn.functional as F
 from . import checkpoint
 from .config import Config, ConfigError, load_config, read_yaml, to_yaml
 from .data import DataError, DataBundle, load_data, make_collate, train_loader
-from .distributed import DistEnv, LaunchError, all_reduce_sum, broadcast_decision, broadcast_object, init_distributed, shutdown
+from .distributed import DistEnv, LaunchError, collective_failure, set_activity, all_reduce_sum, broadcast_decision, broadcast_object, init_distributed, shutdown
 from .engine import build_engine, param_group_names, plan_batches
+from . import faults
 from .preemption import PreemptionFlag
 from .model import GPTConfig, build_model, count_parameters, set_trainable
 from .report import Reporter, peak_memory_bytes
@@ -38,6 +40,16 @@ log = logging.getLogger("dist_finetune")
 
 CONTINUE, NEW_BEST, STOP = 0, 1, 2
 USER_ERRORS = (ConfigError, DataError, WeightsError)
+
+
+class NonFiniteLoss(RuntimeError):
+    """The loss became NaN or infinite and the config says to stop."""
+
+
+def nonfinite_on_any_rank(loss: torch.Tensor, env: DistEnv) -> bool:
+    """Agreed by all-reduce, so every rank skips or stops on the same micro-batch."""
+    bad = 0.0 if bool(torch.isfinite(loss.detach())) else 1.0
+    return all_reduce_sum([bad], env)[0].item() > 0
 
 
 class RunDirError(ConfigError):
@@ -76,6 +88,8 @@ class TrainState:
     best_step: int | None = None
     stopped_early: bool = False
     preempted: bool = False
+    micro_steps: int = 0  # micro-batches fed to the engine (skipped non-finite ones not counted)
+    nonfinite_skipped: int = 0
     train_seconds: float = 0.0
     stopper: dict[str, Any] = field(default_factory=dict)
     # Training sums (loss, correct, count) flushed at a checkpoint, not yet reported at an evaluation.
@@ -280,6 +294,7 @@ def run_loop(cfg, env, engine, data, loader, collate, plan, steps_per_epoch, tot
 
     def eval_and_decide() -> int:
         nonlocal last_eval_step
+        set_activity(f"evaluation at step {state.global_step}")
         val = evaluate(engine, data.val, cfg, env, collate, cfg.eval.max_batches)
         state.absorb(running.flush(env))
         train_loss, train_acc = mean_loss_accuracy(state.pending)
@@ -299,12 +314,34 @@ def run_loop(cfg, env, engine, data, loader, collate, plan, steps_per_epoch, tot
         return decision
 
     def save(is_best: bool) -> None:
+        set_activity(f"checkpoint save at step {state.global_step}")
         state.absorb(running.flush(env))
         state.stopper = asdict(stopper)
         client = {"train_state": asdict(state), "world_size": env.world_size,
                   "param_group_names": param_group_names(engine.module)}
         checkpoint.save(engine, Path(cfg.output_dir), env, state.global_step, client, is_best,
-                        cfg.checkpoint.keep_last)
+                        cfg.checkpoint.keep_last, cfg.checkpoint.checksums)
+
+    def on_nonfinite(step: int, batch_index: int) -> None:
+        """Every rank calls this for the same micro-batch (the flag was all-reduced)."""
+        state.nonfinite_skipped += 1
+        stop = cfg.train.on_nonfinite == "stop" or state.nonfinite_skipped > cfg.train.max_nonfinite_skips
+        reporter.event("nonfinite", step=step, epoch=state.epoch, batch=batch_index,
+                       skipped_so_far=state.nonfinite_skipped, action="stop" if stop else "skip")
+        reporter.say(f"non-finite loss at step {step} (epoch {state.epoch + 1}, batch {batch_index}): "
+                     + ("stopping" if stop else f"micro-batch skipped ({state.nonfinite_skipped} so far)"))
+        if not stop:
+            return
+        at_boundary = state.micro_steps % plan.grad_accum_steps == 0
+        if at_boundary:
+            save(False)
+        last_good = checkpoint.tag_for(state.global_step) if at_boundary else \
+            checkpoint.read_pointer(Path(cfg.output_dir), "latest")
+        raise NonFiniteLoss(
+            f"non-finite loss at step {step} (epoch {state.epoch + 1}, batch {batch_index}; "
+            f"{state.nonfinite_skipped} non-finite micro-batches in this run); last good state: "
+            f"checkpoint {last_good}. Lower train.lr, check the data, or set train.on_nonfinite=skip"
+        )
 
     done = state.global_step >= total_steps or state.stopped_early
     while not done and state.epoch < cfg.train.epochs:
@@ -317,16 +354,25 @@ def run_loop(cfg, env, engine, data, loader, collate, plan, steps_per_epoch, tot
                 continue
             if sample_log is not None:
                 sample_log.write(i, state.global_step)
+            next_step = state.global_step + 1
+            faults.crash_or_stall(next_step, env.rank)
+            set_activity(f"training step {next_step}")
             logits, labels = forward(engine, batch, env)
             loss = F.cross_entropy(logits, labels, weight=loss_weight)
+            if faults.nan_loss(next_step, env.rank):
+                loss = loss * float("nan")
+            state.batches_in_epoch += 1
+            if nonfinite_on_any_rank(loss, env):
+                on_nonfinite(next_step, i)
+                continue
             engine.backward(loss)
             engine.step()
             tokens = int(batch["lengths"].sum())
             running.add(loss, logits, labels, tokens)
             window.add(loss, logits, labels, 0)
-            state.batches_in_epoch += 1
+            state.micro_steps += 1
             state.examples_seen += labels.numel() * env.world_size
-            if state.batches_in_epoch % plan.grad_accum_steps:
+            if state.micro_steps % plan.grad_accum_steps:
                 continue
             state.global_step += 1
             now = time.perf_counter()
@@ -376,7 +422,7 @@ def run_loop(cfg, env, engine, data, loader, collate, plan, steps_per_epoch, tot
 def finish(cfg, env, engine, data, collate, state: TrainState, reporter: Reporter, precision: str,
            wall_start: float, trainable: int, total: int, steps_per_epoch: int) -> dict[str, Any]:
     run_dir = Path(cfg.output_dir)
-    best_tag = checkpoint.read_pointer(run_dir, "best") if env.is_main else None
+    best_tag = checkpoint.best_valid_tag(run_dir) if env.is_main else None
     best_tag = broadcast_object(best_tag, env)
     if best_tag is not None:
         checkpoint.load(engine, run_dir, env, best_tag, weights_only=True)
@@ -443,6 +489,17 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error (rank {env.rank}): {exc}", file=sys.stderr)
         shutdown()
         return 2
+    except NonFiniteLoss as exc:  # every rank agreed on it
+        print(f"error (rank {env.rank}): {exc}", file=sys.stderr)
+        shutdown()
+        return 3
+    except Exception as exc:
+        message = collective_failure(exc, env, cfg.distributed.timeout_seconds)
+        if message is None:
+            raise
+        # The group is broken: leave at once, without the collectives a clean shutdown would need.
+        print(f"error: {message}", file=sys.stderr, flush=True)
+        os._exit(4)
     shutdown()
     return 0
 

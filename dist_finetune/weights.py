@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from dist_finetune.config import MODEL_PRESETS
-from dist_finetune.model import GPTClassifier, GPTConfig
+from dist_finetune.model import GPT, GPTClassifier, GPTConfig
 from dist_finetune.tokenizer import PAD_ID
 
 
@@ -449,6 +449,42 @@ def load_pretrained(model: GPTClassifier, spec: str, download: bool = False) -> 
         unexpected=[k for k in sd if k not in to_load],
         head_loaded=head_loaded,
     )
+
+
+def _untied_lm_head(raw: dict[str, Tensor]) -> str | None:
+    """The name of an LM head that differs from the token embedding: our LM head is tied, as in GPT-2."""
+    for head, emb in (("lm_head.weight", "transformer.wte.weight"), ("lm_head.weight", "wte.weight"),
+                      ("out_head.weight", "tok_emb.weight")):
+        if head in raw and emb in raw and raw[head].shape == raw[emb].shape and not torch.equal(raw[head], raw[emb]):
+            return head
+    return None
+
+
+def load_language_model(spec: str, download: bool = False, n_head: int | None = None) -> GPT:
+    """The GPT-2 backbone (eval mode) with its LM head tied to the token embedding (`GPT.lm_logits`).
+
+    The architecture comes from the tensor shapes; n_head from a config beside the weights
+    (config.json or our model_config.json), else `n_head`, else the matching GPT-2 preset.
+    A classifier head in the file is ignored.
+    """
+    source = resolve_weights(spec, download)
+    raw = read_state_dict(source)
+    try:
+        fmt = detect_format(raw)
+    except WeightsError as exc:
+        raise WeightsError(f"weights {source}: {exc}") from None
+    untied = _untied_lm_head(raw)
+    if untied is not None:
+        raise WeightsError(f"weights {source}: {untied} differs from the token embedding; GPT-2 ties the two and "
+                           "so does this tool's language-model head, so this model cannot be reproduced here")
+    sd = to_canonical(raw, fmt)
+    model = GPT(infer_gpt_config(sd, n_head=n_head, source=source))
+    backbone = {k.removeprefix("backbone."): t for k, t in sd.items() if k.startswith("backbone.")}
+    missing = [f"backbone.{k}" for k in model.state_dict() if k not in backbone]
+    if missing:
+        raise _missing_error(source, fmt, missing)
+    load_state_strict(model, backbone, f"weights {source}", "the file is incomplete or not a GPT-2 checkpoint")
+    return model.eval()
 
 
 # ---------------------------------------------------------------- export folder

@@ -353,7 +353,7 @@ def test_export_round_trip(tmp_path, ids):
     with torch.no_grad():
         model.head.bias.normal_()
     labels = ["ham", "spam", "other"]
-    save_export(model, tmp_path / "export", "mean", labels)
+    save_export(model, tmp_path / "export", "mean", labels, max_length=24, padding="longest")
 
     loaded, loaded_labels = load_export(tmp_path / "export")
     assert loaded_labels == labels and not loaded.training
@@ -364,7 +364,8 @@ def test_export_round_trip(tmp_path, ids):
     with safe_open(str(tmp_path / "export" / "model.safetensors"), "pt") as f:
         assert f.metadata() == {"format": "pt"}
     config = json.loads((tmp_path / "export" / "model_config.json").read_text())
-    assert config == {"gpt": model.config.to_dict(), "num_classes": 3, "pooling": "mean"}
+    assert config == {"gpt": model.config.to_dict(), "num_classes": 3, "pooling": "mean", "tokenizer": "gpt2",
+                      "pad_id": 50256, "max_length": 24, "padding": "longest"}
 
     fresh = classifier(num_classes=3, pooling="mean")
     report = load_pretrained(fresh, str(tmp_path / "export"))
