@@ -80,6 +80,7 @@ def save(engine, run_dir: Path, env: DistEnv, step: int, client_state: dict[str,
     torch.save(rng_state(), root / tag / f"rng_rank{env.rank}.pt")
     barrier(env)  # every rank's files are complete before any pointer moves
     if env.is_main:
+        (root / tag / RUN_STATE).write_text(json.dumps(client_state, indent=1), encoding="utf-8")
         write_manifest(root / tag, checksums)
         _write_pointer(run_dir, "latest", tag)
         if is_best:
@@ -116,6 +117,12 @@ def load(engine, run_dir: Path, env: DistEnv, tag: str, weights_only: bool = Fal
 
 
 MANIFEST = "manifest.json"
+RUN_STATE = "run_state.json"  # the loop's state and the world size, readable without DeepSpeed
+
+
+def saved_world_size(run_dir: Path, tag: str) -> int | None:
+    path = checkpoint_dir(run_dir) / tag / RUN_STATE
+    return json.loads(path.read_text(encoding="utf-8")).get("world_size") if path.is_file() else None
 
 
 def _sha256(path: Path) -> str:
@@ -203,6 +210,31 @@ def find_resume_tag(cfg: Config, run_dir: Path) -> str | None:
         raise ConfigError(f"resume: checkpoint {path} is incomplete or corrupted ({problem}); "
                           "use resume=auto to take the newest complete one")
     return path.name
+
+
+def estimate_checkpoint_bytes(cfg: Config) -> int:
+    """One checkpoint, roughly: every weight in fp32 plus fp32 master weights and two Adam moments
+    for the trainable ones (an over-estimate for bf16 and for LoRA-style runs)."""
+    arch = cfg.model.arch()
+    c, layers = arch["n_embd"], arch["n_layer"]
+    block = 12 * c * c + 13 * c
+    total = layers * block + (cfg.model.vocab_size + arch["context_length"]) * c
+    policy = cfg.model.trainable
+    trained_blocks = layers if policy == "all" else 0 if policy == "head" else \
+        1 if policy == "last_block" else int(policy.split("_")[1])
+    trainable = total if policy == "all" else trained_blocks * block + 2 * c
+    return 4 * total + 12 * trainable
+
+
+def check_free_space(cfg: Config, run_dir: Path) -> None:
+    need = estimate_checkpoint_bytes(cfg) * (cfg.checkpoint.keep_last + 1)
+    free = shutil.disk_usage(run_dir).free
+    if free < need:
+        raise ConfigError(
+            f"output_dir {run_dir}: about {need / 2**30:.1f} GiB are needed for {cfg.checkpoint.keep_last + 1} "
+            f"checkpoints (checkpoint.keep_last + the best) but only {free / 2**30:.1f} GiB are free; free some "
+            "space, lower checkpoint.keep_last, or choose another output_dir"
+        )
 
 
 def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:

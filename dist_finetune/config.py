@@ -66,6 +66,9 @@ class ModelConfig:
     # A folder, a file, a hub id such as `gpt2`, or `none` for random initialisation.
     weights: str = "none"
     download: bool = False
+    # auto: load a classifier head from model.weights when it has one (it must fit the classes);
+    # new: always start a fresh head.
+    head: str = _choices("auto", "new", default="auto")
     pooling: str = _choices("last", "last_token", "mean", default="last")
     # all | last_block | last_N_blocks | head
     trainable: str = "last_block"

@@ -63,6 +63,9 @@ def plan_batches(cfg: Config, world_size: int) -> BatchPlan:
 
 def resolve_precision(requested: str, device: torch.device) -> str:
     """bf16 where the device has it, else fp16 on CUDA, else fp32 (said once)."""
+    if requested == "fp16" and device.type != "cuda":
+        raise ConfigError("precision: fp16 needs a CUDA GPU (DeepSpeed's fp16 loss scaling is GPU-only); "
+                          "use precision=bf16 or precision=fp32 on a CPU")
     if requested != "bf16" or device.type != "cuda" or torch.cuda.is_bf16_supported():
         return requested
     log.warning("precision: this GPU has no bf16; using fp16 with dynamic loss scaling instead")

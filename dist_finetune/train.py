@@ -166,16 +166,18 @@ def prepare_run_dir(cfg: Config, env: DistEnv, overwrite: bool) -> str | None:
     outcome: tuple[str, str | None] = ("ok", None)
     if env.is_main:
         try:
-            outcome = ("ok", _check_run_dir(cfg, run_dir, overwrite))
+            outcome = ("ok", _check_run_dir(cfg, run_dir, overwrite, env.world_size))
         except ConfigError as exc:
             outcome = ("error", str(exc))
+        except OSError as exc:
+            outcome = ("error", f"output_dir {run_dir} cannot be used: {exc}; choose another output_dir")
     outcome = broadcast_object(outcome, env)
     if outcome[0] == "error":
         raise RunDirError(outcome[1])
     return outcome[1]
 
 
-def _check_run_dir(cfg: Config, run_dir: Path, overwrite: bool) -> str | None:
+def _check_run_dir(cfg: Config, run_dir: Path, overwrite: bool, world_size: int) -> str | None:
     tag = checkpoint.find_resume_tag(cfg, run_dir)
     saved = run_dir / "config.yaml"
     diffs = checkpoint.result_changing_differences(read_yaml(saved), cfg) if saved.exists() else []
@@ -184,6 +186,15 @@ def _check_run_dir(cfg: Config, run_dir: Path, overwrite: bool) -> str | None:
             raise RunDirError(
                 f"resume: {run_dir} was trained with a different config; these keys change the result:\n  "
                 + "\n  ".join(diffs) + "\nUse the original values, or a new output_dir."
+            )
+        saved_world = checkpoint.saved_world_size(run_dir, tag)
+        if saved_world is not None and saved_world != world_size:
+            raise RunDirError(
+                f"resume: checkpoint {run_dir}/checkpoints/{tag} was written by {saved_world} ranks and this "
+                f"launch has {world_size}; its optimizer state is sharded for {saved_world} ranks. Either "
+                f"relaunch with {saved_world} ranks, or continue from its weights with a fresh optimizer: "
+                f"python -m dist_finetune.export --run {run_dir} --checkpoint latest --out WEIGHTS, then train "
+                "in a new output_dir with model.weights=WEIGHTS"
             )
         return tag
     # resume=auto on a run that stopped before its first checkpoint: start it again from scratch.
@@ -198,10 +209,11 @@ def _check_run_dir(cfg: Config, run_dir: Path, overwrite: bool) -> str | None:
     run_dir.mkdir(parents=True, exist_ok=True)
     probe = run_dir / ".write_probe"
     try:
-        probe.write_text("ok")
+        probe.write_bytes(b"\0" * 65536)
         probe.unlink()
     except OSError as exc:
         raise RunDirError(f"output_dir {run_dir} is not writable: {exc}") from None
+    checkpoint.check_free_space(cfg, run_dir)
     (run_dir / "config.yaml").write_text(to_yaml(cfg), encoding="utf-8")
     return None
 
@@ -209,7 +221,8 @@ def _check_run_dir(cfg: Config, run_dir: Path, overwrite: bool) -> str | None:
 def build_classifier(cfg: Config, data: DataBundle, reporter: Reporter):
     model = build_model(cfg.model, len(data.label_map))
     if cfg.model.weights.lower() != "none":
-        report = load_pretrained(model, cfg.model.weights, download=cfg.model.download)
+        report = load_pretrained(model, cfg.model.weights, download=cfg.model.download,
+                                 head_policy=cfg.model.head)
         reporter.say(f"weights: loaded {len(report.loaded)} tensors ({report.format}) from {report.source}")
     set_trainable(model, cfg.model.trainable)
     return model
@@ -258,11 +271,6 @@ def _train(cfg: Config, env: DistEnv, overwrite: bool, preemption: PreemptionFla
     state = TrainState()
     if resume_tag is not None:
         client = checkpoint.load(engine, run_dir, env, resume_tag)
-        if client.get("world_size") != env.world_size:
-            raise ConfigError(
-                f"resume: checkpoint {resume_tag} was written by {client.get('world_size')} ranks, this run has "
-                f"{env.world_size}; relaunch with the same number of ranks or start a new output_dir"
-            )
         state = TrainState(**client["train_state"])
         stopper = EarlyStopper(**state.stopper)
         reporter.truncate_after(state.global_step)

@@ -408,7 +408,7 @@ def _check_n_head(source: Path, model: GPTClassifier) -> None:
         )
 
 
-def load_pretrained(model: GPTClassifier, spec: str, download: bool = False) -> LoadReport:
+def load_pretrained(model: GPTClassifier, spec: str, download: bool = False, head_policy: str = "auto") -> LoadReport:
     """Backbone strictly (every tensor present, every shape equal); the head only when one fits."""
     source = resolve_weights(spec, download)
     raw = read_state_dict(source)
@@ -433,8 +433,13 @@ def load_pretrained(model: GPTClassifier, spec: str, download: bool = False) -> 
     _check_n_head(source, model)
 
     to_load = {k: t for k, t in sd.items() if k.startswith("backbone.")}
-    head = {k: sd[k] for k in ("head.weight", "head.bias") if k in sd}
+    head = {k: sd[k] for k in ("head.weight", "head.bias") if k in sd} if head_policy == "auto" else {}
     head_loaded = "head.weight" in head and all(tuple(t.shape) == expected[k] for k, t in head.items())
+    if "head.weight" in head and not head_loaded:
+        raise WeightsError(
+            f"{source}: its classifier head has {head['head.weight'].shape[0]} classes but the data has "
+            f"{expected['head.weight'][0]}; set model.head=new to train a fresh head on this backbone"
+        )
     if head_loaded:
         to_load.update(head)
     with torch.no_grad():

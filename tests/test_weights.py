@@ -373,7 +373,9 @@ def test_export_round_trip(tmp_path, ids):
     with torch.no_grad():
         assert torch.equal(fresh(ids, lengths), model(ids, lengths))
 
-    other = load_pretrained(classifier(num_classes=2), str(tmp_path / "export"))
+    with pytest.raises(WeightsError, match=r"head has 3 classes but the data has 2; set model.head=new"):
+        load_pretrained(classifier(num_classes=2), str(tmp_path / "export"))
+    other = load_pretrained(classifier(num_classes=2), str(tmp_path / "export"), head_policy="new")
     assert not other.head_loaded and set(other.unexpected) == {"head.weight", "head.bias"}
 
 
