@@ -110,6 +110,10 @@ class Reporter:
         else:
             print(message, flush=True)
 
+    def warn(self, message: str) -> None:
+        if self.enabled:
+            print(f"warning: {message}", file=sys.stderr, flush=True)
+
     def eval_point(self, row: dict[str, Any]) -> None:
         if not self.enabled:
             return

@@ -263,6 +263,9 @@ def _train(cfg: Config, env: DistEnv, overwrite: bool, preemption: PreemptionFla
     if cfg.train.max_steps is not None:
         total_steps = min(total_steps, cfg.train.max_steps)
     reporter = Reporter(run_dir, env.is_main, cfg.report.tensorboard, cfg.report.progress_bar, total_steps)
+    if any(data.truncated.values()):
+        counts = ", ".join(f"{n} of {len(getattr(data, split))} {split}" for split, n in data.truncated.items() if n)
+        reporter.warn(f"texts longer than data.max_length={data.max_length} tokens were truncated: {counts}")
     model = build_classifier(cfg, data, reporter)
     trainable, total = count_parameters(model)
     engine, precision = build_engine(model, cfg, env, plan, total_steps)

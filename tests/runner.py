@@ -83,12 +83,12 @@ def command(nproc: int, config: Path, overrides: list[str]) -> list[str]:
 
 
 def train(tmp: Path, name: str, overrides: list[str] = (), nproc: int = 1, base: dict | None = None,
-          timeout: float = 300, netguard_log: Path | None = None) -> Run:
+          timeout: float = 300, netguard_log: Path | None = None, env: dict[str, str] | None = None) -> Run:
     """Run a whole training to the end; a run that hangs fails the test at `timeout`."""
     run_dir = tmp / name
     config = write_config(tmp / f"{name}.yaml", base)
     cmd = command(nproc, config, [f"output_dir={run_dir}", *overrides])
-    return Run(run_dir, run_to_end(cmd, child_env(netguard_log), timeout))
+    return Run(run_dir, run_to_end(cmd, {**child_env(netguard_log), **(env or {})}, timeout))
 
 
 def run_to_end(cmd: list[str], env: dict[str, str], timeout: float) -> subprocess.CompletedProcess:
