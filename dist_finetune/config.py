@@ -49,7 +49,8 @@ class DataConfig:
     num_workers: int = 0
     # undersample: every label of the training split down to the rarest label's count (the bundled SMS
     # set: the chapter's balanced split; user files: the train split only). none: keep every row.
-    balance: str = _choices("undersample", "none", default="undersample")
+    # auto: undersample the bundled set (the chapter's split), keep every row of user files.
+    balance: str = _choices("auto", "undersample", "none", default="auto")
 
 
 @dataclass(frozen=True)

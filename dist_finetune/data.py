@@ -462,7 +462,7 @@ def _load_tables(cfg: DataConfig) -> dict[str, _Table]:
     if all(f is None for f in files.values()):
         return {
             split: _bundled_table(split, frame)
-            for split, frame in bundled_sms_splits(balance=cfg.balance).items()
+            for split, frame in bundled_sms_splits(balance="none" if cfg.balance == "none" else "undersample").items()
         }
     missing = [f"data.{split}_file" for split, f in files.items() if f is None]
     if missing:

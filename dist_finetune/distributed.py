@@ -134,14 +134,24 @@ def init_distributed(timeout_seconds: float = 1800.0, debug: bool = False) -> Di
     _export(launch)
     rank, world_size, local_rank, launcher = launch.rank, launch.world_size, launch.local_rank, launch.launcher
     device, backend = _pick_device(local_rank, debug)
+    timeout = datetime.timedelta(seconds=timeout_seconds)
     if not dist.is_initialized():
-        dist.init_process_group(
-            backend=backend,
-            rank=rank,
-            world_size=world_size,
-            timeout=datetime.timedelta(seconds=timeout_seconds),
-        )
+        dist.init_process_group(backend=backend, rank=rank, world_size=world_size, timeout=timeout,
+                                store=_restart_store(world_size, timeout))
     return DistEnv(rank, world_size, local_rank, device, backend, launcher)
+
+
+def _restart_store(world_size: int, timeout: datetime.timedelta) -> dist.Store | None:
+    """Under torchrun, the agent's store, with keys scoped to this restart attempt.
+
+    Without the scope, workers restarted by `torchrun --max-restarts` find the previous attempt's
+    gloo addresses in the store and fail to connect (seen with torch 2.13)."""
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size,
+                          is_master=False, timeout=timeout)
+    return dist.PrefixStore(f"dist_finetune/attempt_{attempt}", store)
 
 
 _activity = "start-up"

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import math
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,9 +23,8 @@ import torch
 import torch.nn.functional as F
 
 from .config import Config, ConfigError, replace
-from .data import SPLITS, DataError, eval_loader, load_data, load_eval_file, make_collate
+from .data import SPLITS, ClassificationDataset, DataError, eval_loader, load_data, load_eval_file, make_collate
 from .distributed import DistEnv, LaunchError, all_reduce_sum, init_distributed, shutdown
-from .engine import resolve_precision
 from .metrics import format_table, from_confusion
 from .model import GPTConfig
 from .report import plot_confusion, write_json
@@ -109,7 +109,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def prepare(args: argparse.Namespace) -> dict[str, Any]:
+@dataclass
+class EvalJob:
+    cfg: Config
+    model: torch.nn.Module
+    dataset: ClassificationDataset
+    truncated: int
+    name: str  # the split, or the file's stem
+    labels: list
+    max_length: int
+    precision: str
+    checkpoint: Path
+
+
+def prepare(args: argparse.Namespace) -> EvalJob:
     """Everything that reads files and can fail on the user's input; runs before any process group."""
     run_dir = args.run
     cfg = load_run_config(run_dir)
@@ -125,40 +138,47 @@ def prepare(args: argparse.Namespace) -> dict[str, Any]:
     else:
         split = args.split or "test"
         bundle = load_data(cfg.data, GPTConfig.from_model_config(cfg.model).context_length)
-        facts = run_facts(run_dir, cfg)
+        facts = run_facts(run_dir, cfg, bundle)
         check_same_labels(run_dir, facts.labels, bundle.label_map)
         dataset, truncated = getattr(bundle, split), bundle.truncated[split]
         name, max_length, labels = split, bundle.max_length, bundle.label_map
     model = load_checkpoint_model(cfg, len(labels), ckpt_run, tag, run_dir)
-    return dict(cfg=cfg, model=model, dataset=dataset, truncated=truncated, name=name, labels=labels.to_json(),
-                max_length=max_length, precision=facts.precision, checkpoint=ckpt_run / "checkpoints" / tag)
+    return EvalJob(cfg, model, dataset, truncated, name, labels.to_json(), max_length, facts.precision,
+                   ckpt_run / "checkpoints" / tag)
 
 
-def run(args: argparse.Namespace, job: dict[str, Any], env: DistEnv) -> dict[str, Any]:
-    cfg = job["cfg"]
-    precision = resolve_precision(job["precision"], env.device)
-    # DeepSpeed runs a bf16/fp16 model in that precision: the same here, so summary.json's numbers reproduce.
-    model = job["model"].to(env.device, DTYPES[precision])
-    collate = make_collate(cfg.data.padding, job["max_length"])
-    result = evaluate(model, job["dataset"], cfg, env, collate, num_classes=len(job["labels"]))
-    result["labels"] = job["labels"]
-    result["per_class"] = [{"label": label, **s} for label, s in zip(job["labels"], result["per_class"])]
+def eval_precision(trained: str, device: torch.device) -> str:
+    """The run's precision, as DeepSpeed evaluated it, so summary.json's numbers reproduce; but no fp16
+    on a CPU, and fp16 on a GPU without bf16 (as training falls back)."""
+    if trained == "fp16" and device.type != "cuda":
+        return "fp32"
+    if trained == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        return "fp16"
+    return trained
+
+
+def run(args: argparse.Namespace, job: EvalJob, env: DistEnv) -> dict[str, Any]:
+    precision = eval_precision(job.precision, env.device)
+    model = job.model.to(env.device, DTYPES[precision])
+    collate = make_collate(job.cfg.data.padding, job.max_length)
+    result = evaluate(model, job.dataset, job.cfg, env, collate, num_classes=len(job.labels))
+    result["per_class"] = [{"label": label, **s} for label, s in zip(job.labels, result["per_class"])]
     return {
-        "run": str(args.run), "checkpoint": str(job["checkpoint"]),
-        "split": None if args.data is not None else job["name"], "data": None if args.data is None else str(args.data),
-        **result,
-        "truncated": job["truncated"], "max_length": job["max_length"], "precision": precision,
+        "run": str(args.run), "checkpoint": str(job.checkpoint),
+        "split": None if args.data is not None else job.name, "data": None if args.data is None else str(args.data),
+        "labels": job.labels, **result,
+        "truncated": job.truncated, "max_length": job.max_length, "precision": precision,
         "world_size": env.world_size,
     }
 
 
-def write_outputs(args: argparse.Namespace, report: dict[str, Any], name: str) -> Path:
+def write_outputs(args: argparse.Namespace, report: dict[str, Any], name: str) -> tuple[Path, Path]:
     out = args.out or args.run / "eval" / f"{name}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     write_json(out, report)
-    plot_confusion(report["confusion_matrix"], report["labels"], out.parent / f"confusion_{name}.png",
-                   title=f"{name} ({report['examples']} examples)")
-    return out
+    png = out.parent / f"confusion_{name}.png"
+    plot_confusion(report["confusion_matrix"], report["labels"], png, title=f"{name} ({report['examples']} examples)")
+    return out, png
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -168,22 +188,21 @@ def main(argv: list[str] | None = None) -> int:
     except USER_ERRORS as exc:  # the same on every rank: they read the same files
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    cfg = job["cfg"]
     try:
-        env = init_distributed(cfg.distributed.timeout_seconds, debug=args.debug or cfg.distributed.debug)
+        env = init_distributed(job.cfg.distributed.timeout_seconds, debug=args.debug or job.cfg.distributed.debug)
     except LaunchError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     report = run(args, job, env)
     if env.is_main:
-        out = write_outputs(args, report, job["name"])
-        what = f"split {job['name']}" if args.data is None else f"file {args.data}"
-        print(f"{args.run}: checkpoint {Path(report['checkpoint']).name}, {what}, {env.world_size} rank(s)")
+        out, png = write_outputs(args, report, job.name)
+        what = f"split {job.name}" if args.data is None else f"file {args.data}"
+        print(f"{args.run}: checkpoint {job.checkpoint.name}, {what}, {env.world_size} rank(s)")
         print(format_table(report, report["labels"]))
-        if job["truncated"]:
-            print(f"note: {job['truncated']} text(s) longer than max_length={job['max_length']} tokens were "
+        if job.truncated:
+            print(f"note: {job.truncated} text(s) longer than max_length={job.max_length} tokens were "
                   "truncated, as in training", file=sys.stderr)
-        print(f"wrote {out} and {out.parent / ('confusion_' + job['name'] + '.png')}")
+        print(f"wrote {out} and {png}")
     shutdown()
     return 0
 

@@ -69,6 +69,7 @@ def generate(model: GPT, token_ids: Sequence[int], max_new_tokens: int, temperat
 class Outcome:
     prompt_tokens: int
     new_tokens: list[int]
+    context_length: int
     reason: str  # "max_new_tokens" | "endoftext" | "context"
 
 
@@ -105,8 +106,8 @@ def check_args(args: argparse.Namespace) -> None:
         raise GenerateError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
     if not args.prompt:
         raise GenerateError('the prompt is empty: give the text to continue, e.g. "Every effort moves"')
-    if args.temperature < 0:
-        raise GenerateError(f"--temperature must be >= 0 (0 = greedy), got {args.temperature}")
+    if not 0 <= args.temperature < float("inf"):
+        raise GenerateError(f"--temperature must be a number >= 0 (0 = greedy), got {args.temperature}")
     if args.temperature == 0 and (args.top_k is not None or args.seed is not None):
         raise GenerateError("--top-k and --seed apply to sampling only: add --temperature T (> 0), e.g. 1.0")
     if args.top_k is not None and args.top_k < 1:
@@ -129,7 +130,7 @@ def run(args: argparse.Namespace) -> Outcome:
         generator = torch.Generator().manual_seed(seed)
         print(f"sampling: temperature {args.temperature}, top-k {args.top_k or 'all'}, seed {seed}", file=sys.stderr)
     new = generate(model, prompt, args.max_new_tokens, args.temperature, args.top_k, generator)
-    return Outcome(len(prompt), new, stop_reason(len(prompt), len(new), args.max_new_tokens, context))
+    return Outcome(len(prompt), new, context, stop_reason(len(prompt), len(new), args.max_new_tokens, context))
 
 
 def report(outcome: Outcome) -> str | None:
@@ -137,7 +138,7 @@ def report(outcome: Outcome) -> str | None:
         return f"stopped at <|endoftext|> after {len(outcome.new_tokens)} new token(s)"
     if outcome.reason == "context":
         return (f"stopped at the context limit: prompt {outcome.prompt_tokens} + {len(outcome.new_tokens)} new "
-                "tokens fill the model's context")
+                f"tokens fill the model's context of {outcome.context_length} tokens")
     return None
 
 

@@ -70,7 +70,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="auto (default): CUDA when available, else CPU")
     args = p.parse_args(argv)
     if bool(args.texts) == bool(args.input):
-        p.error("give texts as arguments, or --input FILE, not both")
+        p.error("give texts as arguments or --input FILE (exactly one of the two)")
     if args.output is not None and args.input is None:
         p.error("--output needs --input")
     if args.batch_size < 1:
@@ -99,7 +99,7 @@ def with_predictions(frame: pd.DataFrame, result: Predictions) -> pd.DataFrame:
 
 def write_table(frame: pd.DataFrame, path: Path, fmt: str) -> None:
     if fmt == "jsonl":
-        frame.to_json(path, orient="records", lines=True, force_ascii=False)
+        frame.to_json(path, orient="records", lines=True, force_ascii=False, double_precision=15)
     else:
         frame.to_csv(path, sep="," if fmt == "csv" else "\t", index=False)
 

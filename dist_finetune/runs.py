@@ -11,7 +11,7 @@ from typing import Any
 
 from .checkpoint import checkpoint_dir, consolidated_state_dict, read_pointer
 from .config import Config, load_config
-from .data import LabelMap, load_data
+from .data import DataBundle, LabelMap, load_data
 from .model import GPTClassifier, GPTConfig, build_model
 from .weights import EXPORT_CONFIG, EXPORT_LABELS, load_state_strict
 
@@ -101,11 +101,12 @@ def recorded_facts(run_dir: Path) -> tuple[list | None, int | None, str | None]:
     return labels, max_length, summary.get("precision")
 
 
-def run_facts(run_dir: Path, cfg: Config) -> RunFacts:
-    """From the run's records; a run that recorded nothing (stopped early) re-reads its training data."""
+def run_facts(run_dir: Path, cfg: Config, bundle: DataBundle | None = None) -> RunFacts:
+    """From the run's records; a run that recorded nothing (stopped early) re-reads its training data
+    (or takes `bundle`, the run's data already loaded)."""
     labels, max_length, precision = recorded_facts(run_dir)
     if labels is None or max_length is None:
-        bundle = load_data(cfg.data, GPTConfig.from_model_config(cfg.model).context_length)
+        bundle = bundle or load_data(cfg.data, GPTConfig.from_model_config(cfg.model).context_length)
         labels = labels or bundle.label_map.to_json()
         max_length = max_length or bundle.max_length
     return RunFacts(LabelMap.from_json(labels), int(max_length), precision or cfg.precision)

@@ -346,9 +346,14 @@ def test_ensure_cuda_arch_list_without_a_value(monkeypatch: pytest.MonkeyPatch) 
     assert os.environ.get("TORCH_CUDA_ARCH_LIST") == expected
 
 
-@pytest.mark.parametrize("precision", ["bf16", "fp16", "fp32"])
+@pytest.mark.parametrize("precision", ["bf16", "fp32"])
 def test_precision_is_kept_on_cpu(precision: str) -> None:
     assert resolve_precision(precision, CPU) == precision
+
+
+def test_fp16_on_cpu_is_refused_with_the_alternatives() -> None:
+    with pytest.raises(ConfigError, match="fp16 needs a CUDA GPU.*precision=bf16 or precision=fp32"):
+        resolve_precision("fp16", CPU)
 
 
 # ---------------------------------------------------------------- a real engine on a one-rank gloo group

@@ -142,8 +142,12 @@ def test_killed_rank_restarts_resumes_and_matches(tmp_path, reference):
 
     config = runner.write_config(tmp_path / "c.yaml")
     run_dir = tmp_path / "run"
-    cmd = runner.command(2, config, [f"output_dir={run_dir}", *SHORT, "resume=auto"])
-    cmd.insert(cmd.index("--nnodes=1"), "--max-restarts=1")
+    # c10d rendezvous: each restart is a new round with a fresh store (a static one replays stale keys).
+    port = runner.free_port()
+    cmd = [runner.sys.executable, "-m", "torch.distributed.run", "--max-restarts=1", "--nnodes=1",
+           "--nproc_per_node=2", "--rdzv_backend=c10d", f"--rdzv_endpoint=127.0.0.1:{port}",
+           "--local_addr=127.0.0.1", "-m", "dist_finetune.train", "--config", str(config),
+           f"output_dir={run_dir}", *SHORT, "resume=auto"]
     proc = subprocess.Popen(cmd, cwd=runner.REPO, env=runner.child_env(), stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
     try:
@@ -221,7 +225,7 @@ def test_dead_peer_becomes_a_clear_error_within_the_timeout(tmp_path):
 def test_resume_with_another_world_size_is_refused_with_the_way_out(tmp_path, before, after):
     first = runner.train(tmp_path, "run", nproc=before, overrides=["train.max_steps=2"])
     assert first.ok, first.output()
-    again = runner.train(tmp_path, "run", nproc=after, overrides=["train.max_steps=4", "resume=auto"])
+    again = runner.train(tmp_path, "run", nproc=after, overrides=["train.max_steps=2", "resume=auto"])
     assert not again.ok
     assert f"written by {before} ranks and this launch has {after}" in again.proc.stderr
     assert "python -m dist_finetune.export" in again.proc.stderr and "model.weights=" in again.proc.stderr

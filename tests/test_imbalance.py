@@ -30,9 +30,9 @@ def test_class_weights_config_values():
 
 
 def test_balance_config_values():
-    assert load_config(None, []).data.balance == "undersample"
+    assert load_config(None, []).data.balance == "auto"
     assert load_config(None, ["data.balance=none"]).data.balance == "none"
-    with pytest.raises(ConfigError, match="data.balance.*undersample | none"):
+    with pytest.raises(ConfigError, match="data.balance.*auto | undersample | none"):
         load_config(None, ["data.balance=oversample"])
 
 
@@ -66,13 +66,15 @@ def test_undersample_indices_keep_order_and_the_rarest_count():
 def test_undersampling_touches_the_training_file_only(tmp_path):
     rows = "text,label\n" + "".join(f"hello number {i},ham\n" for i in range(6)) + "win cash,spam\nfree prize,spam\n"
     files = {s: str(write(tmp_path / f"{s}.csv", rows)) for s in ("train", "val", "test")}
-    cfg = DataConfig(train_file=files["train"], val_file=files["val"], test_file=files["test"])
+    cfg = DataConfig(train_file=files["train"], val_file=files["val"], test_file=files["test"],
+                     balance="undersample")
     bundle = load_data(cfg, context_length=128)
     assert Counter(bundle.train.labels) == {0: 2, 1: 2}
     assert len(bundle.val) == len(bundle.test) == 8
     assert all(bundle.train.token_ids[i] == encode(t) for i, t in enumerate(bundle.train.texts))
-    full = load_data(DataConfig(**{**cfg.__dict__, "balance": "none"}), context_length=128)
-    assert len(full.train) == 8
+    for keep_all in ("none", "auto"):  # auto: a user's file is used whole
+        full = load_data(DataConfig(**{**cfg.__dict__, "balance": keep_all}), context_length=128)
+        assert len(full.train) == 8
 
 
 def test_bundled_full_collection_is_imbalanced():
