@@ -229,7 +229,8 @@ def test_resume_with_another_world_size_is_refused_with_the_way_out(tmp_path, be
     assert not again.ok
     assert f"written by {before} ranks and this launch has {after}" in again.proc.stderr
     assert "python -m dist_finetune.export" in again.proc.stderr and "model.weights=" in again.proc.stderr
-    assert "Traceback" not in again.proc.stderr
+    # torchrun's agent prints its own traceback when a worker exits non-zero; ours must not
+    assert f'File "{runner.REPO / "dist_finetune"}' not in again.proc.stderr
 
 
 @pytest.mark.slow
