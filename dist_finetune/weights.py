@@ -408,14 +408,19 @@ def _check_n_head(source: Path, model: GPTClassifier) -> None:
         )
 
 
-def load_pretrained(model: GPTClassifier, spec: str, download: bool = False, head_policy: str = "auto") -> LoadReport:
-    """Backbone strictly (every tensor present, every shape equal); the head only when one fits."""
+def _read_weights(spec: str, download: bool) -> tuple[Path, dict[str, Tensor], str]:
+    """(where the weights are, their raw tensors, their format)."""
     source = resolve_weights(spec, download)
     raw = read_state_dict(source)
     try:
-        fmt = detect_format(raw)
+        return source, raw, detect_format(raw)
     except WeightsError as exc:
         raise WeightsError(f"weights {source}: {exc}") from None
+
+
+def load_pretrained(model: GPTClassifier, spec: str, download: bool = False, head_policy: str = "auto") -> LoadReport:
+    """Backbone strictly (every tensor present, every shape equal); the head only when one fits."""
+    source, raw, fmt = _read_weights(spec, download)
     sd = to_canonical(raw, fmt)
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
 
@@ -472,12 +477,7 @@ def load_language_model(spec: str, download: bool = False, n_head: int | None = 
     (config.json or our model_config.json), else `n_head`, else the matching GPT-2 preset.
     A classifier head in the file is ignored.
     """
-    source = resolve_weights(spec, download)
-    raw = read_state_dict(source)
-    try:
-        fmt = detect_format(raw)
-    except WeightsError as exc:
-        raise WeightsError(f"weights {source}: {exc}") from None
+    source, raw, fmt = _read_weights(spec, download)
     untied = _untied_lm_head(raw)
     if untied is not None:
         raise WeightsError(f"weights {source}: {untied} differs from the token embedding; GPT-2 ties the two and "
@@ -502,11 +502,12 @@ def _atomic_write(path: Path, write) -> None:
 
 
 def save_export(model: GPTClassifier, folder: Path, pooling: str, labels: list | dict,
-                max_length: int | None = None, padding: str = "fixed") -> None:
+                max_length: int | None = None, padding: str = "fixed", lora: dict | None = None) -> None:
     """model.safetensors (fp32, canonical names) + model_config.json + labels.json (as given).
 
     model_config.json also references the tokenizer and how training truncated and padded the texts
-    (`max_length`, `padding`), so that predictions see the inputs the way training did.
+    (`max_length`, `padding`), so that predictions see the inputs the way training did. `lora` (the
+    `lora` config section) is given for a model that keeps its adapters: `load_export` rebuilds them.
     """
     from safetensors.torch import save_file
 
@@ -515,6 +516,8 @@ def save_export(model: GPTClassifier, folder: Path, pooling: str, labels: list |
     state = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in model.state_dict().items()}
     config = {"gpt": model.config.to_dict(), "num_classes": model.head.out_features, "pooling": pooling,
               "tokenizer": EXPORT_TOKENIZER, "pad_id": PAD_ID, "max_length": max_length, "padding": padding}
+    if lora is not None:
+        config["lora"] = lora
     _atomic_write(folder / EXPORT_WEIGHTS, lambda p: save_file(state, str(p), metadata={"format": "pt"}))
     _atomic_write(folder / EXPORT_CONFIG, lambda p: p.write_text(json.dumps(config, indent=2) + "\n"))
     _atomic_write(folder / EXPORT_LABELS, lambda p: p.write_text(json.dumps(labels, indent=2) + "\n"))
@@ -542,6 +545,11 @@ def load_export(folder: Path) -> tuple[GPTClassifier, Any]:
             GPTConfig.from_dict(config["gpt"]), int(config["num_classes"]), config.get("pooling", "last")
         )
         labels = json.loads((folder / EXPORT_LABELS).read_text(encoding="utf-8"))
+        if config.get("lora"):  # exported with lora.export=separate
+            from dist_finetune.config import from_dict
+            from dist_finetune.lora import apply_lora
+
+            apply_lora(model, from_dict({"lora": config["lora"]}).lora)
     except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
         raise WeightsError(f"{folder}: unreadable {EXPORT_CONFIG} or {EXPORT_LABELS} ({exc})") from exc
     try:
