@@ -220,7 +220,7 @@ def estimate_checkpoint_bytes(cfg: Config) -> int:
     block = 12 * c * c + 13 * c
     total = layers * block + (cfg.model.vocab_size + arch["context_length"]) * c
     policy = cfg.model.trainable
-    trained_blocks = layers if policy == "all" else 0 if policy == "head" else \
+    trained_blocks = layers if policy == "all" else 0 if policy in ("head", "last_layer", "lora") else \
         1 if policy == "last_block" else int(policy.split("_")[1])
     trainable = total if policy == "all" else trained_blocks * block + 2 * c
     return 4 * total + 12 * trainable

@@ -32,7 +32,8 @@ MODEL_PRESETS: dict[str, dict[str, int]] = {
     "gpt2-large": dict(n_layer=36, n_head=20, n_embd=1280, context_length=1024),
     "gpt2-xl": dict(n_layer=48, n_head=25, n_embd=1600, context_length=1024),
 }
-TRAINABLE_PATTERN = re.compile(r"^(all|last_block|head|last_(\d+)_blocks)$")
+TRAINABLE_PATTERN = re.compile(r"^(all|last_block|head|last_layer|lora|last_(\d+)_blocks)$")
+LORA_TARGETS = ("attn", "mlp", "head")
 
 
 @dataclass(frozen=True)
@@ -45,7 +46,10 @@ class DataConfig:
     label_column: str = "label"
     # None: the longest training example, capped at the model's context length.
     max_length: int | None = None
-    padding: str = _choices("fixed", "longest", default="fixed")
+    # fixed: every batch to max_length (null: the longest training example; the context length for
+    # "the full context"); longest: to the longest example of each batch; none: no padding at all,
+    # one example per micro-batch (needs train.micro_batch_size=1; eval also runs one example at a time).
+    padding: str = _choices("fixed", "longest", "none", default="fixed")
     num_workers: int = 0
     # undersample: every label of the training split down to the rarest label's count (the bundled SMS
     # set: the chapter's balanced split; user files: the train split only). none: keep every row.
@@ -70,9 +74,13 @@ class ModelConfig:
     # auto: load a classifier head from model.weights when it has one (it must fit the classes);
     # new: always start a fresh head.
     head: str = _choices("auto", "new", default="auto")
-    pooling: str = _choices("last", "last_token", "mean", default="last")
-    # all | last_block | last_N_blocks | head
+    # last: the last position (padding included, as in the chapter); last_token: the last non-padding
+    # token; first: position 0; mean: the mean over the real tokens.
+    pooling: str = _choices("last", "last_token", "first", "mean", default="last")
+    # all | last_block | last_N_blocks | head | last_layer (= head) | lora (adapters + head; see `lora`)
     trainable: str = "last_block"
+    # false: every token attends to every real (non-padding) token of its text.
+    causal_mask: bool = True
 
     def arch(self) -> dict[str, int]:
         """n_layer/n_head/n_embd/context_length, from the preset or the custom keys."""
@@ -80,6 +88,29 @@ class ModelConfig:
         if self.name == "custom":
             return {k: getattr(self, k) for k in keys}
         return dict(MODEL_PRESETS[self.name])
+
+
+def _lora_targets(path: str, value: Any) -> tuple[str, ...]:
+    items = [value] if isinstance(value, str) else value
+    if isinstance(items, (list, tuple)) and items and all(v in LORA_TARGETS for v in items):
+        return tuple(dict.fromkeys(items))
+    raise ConfigError(f"{path}: {value!r} is not allowed; choose a non-empty list of: {' | '.join(LORA_TARGETS)} "
+                      "(e.g. [attn, mlp])")
+
+
+@dataclass(frozen=True)
+class LoraConfig:
+    """Used when model.trainable=lora: low-rank adapters on frozen linear layers."""
+
+    rank: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    # attn: qkv + attention output projection; mlp: fc + proj; head: the classifier head (its base
+    # weights then stay frozen too; without `head` the head trains fully).
+    targets: tuple[str, ...] = field(default=("attn",), metadata={"coerce": _lora_targets})
+    # merge: the export holds plain weights (W + alpha/rank x B A), loadable without LoRA;
+    # separate: the export keeps base weights and adapters apart (load_export rebuilds them).
+    export: str = _choices("merge", "separate", default="merge")
 
 
 @dataclass(frozen=True)
@@ -194,6 +225,7 @@ class Config:
     resume: str = "none"
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
@@ -317,7 +349,7 @@ def _validate(cfg: Config) -> None:
     m, t = cfg.model, cfg.train
     _check(TRAINABLE_PATTERN.match(m.trainable) is not None,
            f"model.trainable: {m.trainable!r} is not allowed; choose one of: "
-           "all | last_block | last_N_blocks (e.g. last_2_blocks) | head")
+           "all | last_block | last_N_blocks (e.g. last_2_blocks) | head | last_layer | lora")
     arch_keys = ("n_layer", "n_head", "n_embd", "context_length")
     if m.name == "custom":
         missing = [f"model.{k}" for k in arch_keys if getattr(m, k) is None]
@@ -351,6 +383,15 @@ def _validate(cfg: Config) -> None:
         _check(1 <= d.max_length <= arch["context_length"],
                f"data.max_length: {d.max_length} must be between 1 and the model's context length "
                f"({arch['context_length']})")
+    if d.padding == "none":
+        _check(t.micro_batch_size == 1 and cfg.eval.batch_size in (None, 1),
+               f"data.padding=none trains and evaluates one example per micro-batch: set "
+               f"train.micro_batch_size=1 (got {t.micro_batch_size}) and leave eval.batch_size unset or 1 "
+               "(use train.grad_accum_steps for a larger batch)")
+    lo = cfg.lora
+    _check(lo.rank >= 1, f"lora.rank: must be >= 1, got {lo.rank}")
+    _check(lo.alpha > 0, f"lora.alpha: must be > 0, got {lo.alpha}")
+    _check(0.0 <= lo.dropout < 1.0, f"lora.dropout: must be in [0, 1), got {lo.dropout}")
     _check(d.num_workers >= 0, f"data.num_workers: must be >= 0, got {d.num_workers}")
 
     _check(t.epochs >= 1, f"train.epochs: must be >= 1, got {t.epochs}")

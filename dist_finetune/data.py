@@ -598,6 +598,8 @@ class PadCollate:
         lengths = [len(ids) for ids, _ in batch]
         if min(lengths) < 1 or max(lengths) > self.max_length:
             raise ValueError(f"sequence lengths must be between 1 and max_length={self.max_length}, got {lengths}")
+        if self.padding == "none" and min(lengths) != max(lengths):
+            raise ValueError(f"padding 'none' needs batches of one example (or of equal lengths), got {lengths}")
         width = self.max_length if self.padding == "fixed" else max(lengths)
         input_ids = torch.full((len(batch), width), self.pad_id, dtype=torch.long)
         for row, (ids, _) in enumerate(batch):
@@ -610,8 +612,8 @@ class PadCollate:
 
 
 def make_collate(padding: str, max_length: int, pad_id: int = PAD_ID) -> Callable:
-    if padding not in ("fixed", "longest"):
-        raise ValueError(f"padding must be 'fixed' or 'longest', got {padding!r}")
+    if padding not in ("fixed", "longest", "none"):
+        raise ValueError(f"padding must be 'fixed', 'longest' or 'none', got {padding!r}")
     if max_length < 1:
         raise ValueError(f"max_length must be >= 1, got {max_length}")
     return PadCollate(padding, max_length, pad_id)

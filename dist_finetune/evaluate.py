@@ -44,6 +44,8 @@ def evaluate(model, dataset, cfg: Config, env: DistEnv, collate, max_batches: in
     Returns loss, accuracy, examples, macro / weighted / per-class scores and the confusion matrix.
     """
     batch_size = cfg.eval.batch_size or 2 * cfg.train.micro_batch_size
+    if cfg.data.padding == "none":  # no padding: one example per forward
+        batch_size = 1
     loader = eval_loader(dataset, batch_size, collate, env.rank, env.world_size)
     steps = math.ceil(math.ceil(len(dataset) / env.world_size) / batch_size)
     if max_batches is not None:

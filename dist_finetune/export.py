@@ -11,9 +11,10 @@ import sys
 from pathlib import Path
 
 from .checkpoint import checkpoint_dir, consolidated_state_dict
-from .config import ConfigError, ModelConfig
+from .config import ConfigError, LoraConfig, ModelConfig, to_dict
 from .data import DataError
-from .model import build_model
+from .lora import has_lora, merge_lora
+from .model import GPTClassifier, build_model
 from .runs import RunError, load_checkpoint_model, load_run_config, resolve_checkpoint, run_facts
 from .weights import WeightsError, save_export
 
@@ -21,12 +22,23 @@ USER_ERRORS = (ConfigError, DataError, WeightsError, RunError)
 
 
 def export_checkpoint(run_dir: Path, tag: str, out_dir: Path, model_cfg: ModelConfig, labels: list,
-                      max_length: int | None = None, padding: str = "fixed") -> None:
+                      max_length: int | None = None, padding: str = "fixed", lora: LoraConfig | None = None) -> None:
     """Reads the checkpoint's files alone (call it on one rank); writes `out_dir`."""
     state_dict = consolidated_state_dict(run_dir, tag)
-    model = build_model(model_cfg, len(labels))
+    model = build_model(model_cfg, len(labels), lora or LoraConfig())
     model.load_state_dict(state_dict, strict=True)
-    save_export(model, out_dir, model_cfg.pooling, labels, max_length=max_length, padding=padding)
+    save_model(model, out_dir, model_cfg.pooling, labels, max_length, padding, lora)
+
+
+def save_model(model: GPTClassifier, out_dir: Path, pooling: str, labels: list, max_length: int | None,
+               padding: str, lora: LoraConfig | None) -> None:
+    """LoRA adapters are merged into plain weights unless lora.export=separate."""
+    lora = lora or LoraConfig()
+    keep = has_lora(model) and lora.export == "separate"
+    if has_lora(model) and not keep:
+        model = merge_lora(model)
+    save_export(model, out_dir, pooling, labels, max_length=max_length, padding=padding,
+                lora=to_dict(lora) if keep else None)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -44,8 +56,8 @@ def export_run(run_dir: Path, checkpoint: str, out_dir: Path) -> Path:
     ckpt_run, tag = resolve_checkpoint(run_dir, checkpoint)
     facts = run_facts(run_dir, cfg)
     model = load_checkpoint_model(cfg, len(facts.labels), ckpt_run, tag, run_dir)
-    save_export(model, out_dir, cfg.model.pooling, facts.labels.to_json(), max_length=facts.max_length,
-                padding=cfg.data.padding)
+    save_model(model, out_dir, cfg.model.pooling, facts.labels.to_json(), facts.max_length, cfg.data.padding,
+               cfg.lora)
     return checkpoint_dir(ckpt_run) / tag
 
 

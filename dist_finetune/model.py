@@ -18,9 +18,9 @@ import torch.nn.functional as F
 from dist_finetune.config import TRAINABLE_PATTERN
 
 if TYPE_CHECKING:
-    from dist_finetune.config import ModelConfig
+    from dist_finetune.config import LoraConfig, ModelConfig
 
-POOLINGS = ("last", "last_token", "mean")
+POOLINGS = ("last", "last_token", "first", "mean")
 
 
 @dataclass(frozen=True)
@@ -32,6 +32,8 @@ class GPTConfig:
     n_head: int = 12
     dropout: float = 0.0
     qkv_bias: bool = True
+    # False: bidirectional attention over the real tokens (padding masked out by `lengths`).
+    causal: bool = True
 
     @classmethod
     def from_model_config(cls, mc: ModelConfig) -> GPTConfig:
@@ -44,6 +46,7 @@ class GPTConfig:
             n_head=arch["n_head"],
             dropout=mc.dropout,
             qkv_bias=mc.qkv_bias,
+            causal=mc.causal_mask,
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -70,12 +73,14 @@ class CausalSelfAttention(nn.Module):
         self.proj = nn.Linear(config.n_embd, config.n_embd)
         self.resid_drop = nn.Dropout(config.dropout)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, key_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """`key_mask` (B, 1, 1, T) bool, True for real tokens: bidirectional attention; None: causal."""
         B, T, C = x.shape
         q, k, v = self.qkv(x).split(self.n_embd, dim=2)
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
         y = F.scaled_dot_product_attention(
-            q, k, v, dropout_p=self.dropout if self.training else 0.0, is_causal=True
+            q, k, v, attn_mask=key_mask, dropout_p=self.dropout if self.training else 0.0,
+            is_causal=key_mask is None,
         )
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         return self.resid_drop(self.proj(y))
@@ -100,8 +105,8 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.n_embd)
         self.mlp = MLP(config)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x))
+    def forward(self, x: torch.Tensor, key_mask: torch.Tensor | None = None) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), key_mask)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -117,16 +122,21 @@ class GPT(nn.Module):
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layer))
         self.ln_f = nn.LayerNorm(config.n_embd)
 
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        T = input_ids.size(1)
+    def forward(self, input_ids: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
+        """`lengths` matters only without the causal mask: padding is then masked out as a key."""
+        B, T = input_ids.shape
         if T > self.config.context_length:
             raise ValueError(
                 f"sequence length {T} exceeds the model's context length {self.config.context_length}"
             )
         pos = torch.arange(T, device=input_ids.device)
         x = self.drop(self.wte(input_ids) + self.wpe(pos))
+        key_mask = None
+        if not self.config.causal:
+            real = lengths.to(input_ids.device) if lengths is not None else torch.full((B,), T, device=pos.device)
+            key_mask = (pos[None, :] < real[:, None])[:, None, None, :]
         for block in self.blocks:
-            x = block(x)
+            x = block(x, key_mask)
         return self.ln_f(x)
 
     def lm_logits(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -158,12 +168,14 @@ class GPTClassifier(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
         """`lengths` (right padding) marks the real tokens; None means every position is real."""
-        hidden = self.backbone(input_ids)
+        hidden = self.backbone(input_ids, lengths)
         return self.head(pool(hidden, lengths, self.pooling))
 
 
 def pool(hidden: torch.Tensor, lengths: torch.Tensor | None, pooling: str) -> torch.Tensor:
     B, T, _ = hidden.shape
+    if pooling == "first":
+        return hidden[:, 0, :]
     if pooling == "last" or (lengths is None and pooling == "last_token"):
         return hidden[:, -1, :]
     if lengths is None:
@@ -192,11 +204,11 @@ def trainable_prefixes(policy: str, n_layer: int) -> tuple[str, ...]:
     m = TRAINABLE_PATTERN.match(policy)
     if m is None:
         raise ValueError(
-            f"trainable policy {policy!r}: choose all | last_block | last_N_blocks | head"
+            f"trainable policy {policy!r}: choose all | last_block | last_N_blocks | head | last_layer | lora"
         )
     if policy == "all":
         return ("",)
-    if policy == "head":
+    if policy in ("head", "last_layer", "lora"):  # lora: plus the adapters (see set_trainable)
         return ("head.",)
     n = 1 if policy == "last_block" else int(m.group(2))
     if not 1 <= n <= n_layer:
@@ -205,7 +217,17 @@ def trainable_prefixes(policy: str, n_layer: int) -> tuple[str, ...]:
     return blocks + ("backbone.ln_f.", "head.")
 
 
-def set_trainable(model: GPTClassifier, policy: str) -> None:
+def set_trainable(model: GPTClassifier, policy: str, lora: LoraConfig | None = None) -> None:
+    """Freezes all but the policy's parameters; `lora` first wraps its targets with adapters."""
+    if policy == "lora":
+        from dist_finetune.config import LoraConfig
+        from dist_finetune.lora import apply_lora, is_lora_trainable
+
+        lora = lora or LoraConfig()
+        apply_lora(model, lora)
+        for name, p in model.named_parameters():
+            p.requires_grad_(is_lora_trainable(name, tuple(lora.targets)))
+        return
     prefixes = trainable_prefixes(policy, model.config.n_layer)
     for name, p in model.named_parameters():
         p.requires_grad_(name.startswith(prefixes))
@@ -217,6 +239,14 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
     return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
 
 
-def build_model(mc: ModelConfig, num_classes: int) -> GPTClassifier:
-    """The architecture with GPT-2's random init; weights.load_pretrained loads weights."""
-    return GPTClassifier(GPTConfig.from_model_config(mc), num_classes, pooling=mc.pooling)
+def build_model(mc: ModelConfig, num_classes: int, lora: LoraConfig | None = None) -> GPTClassifier:
+    """The architecture with GPT-2's random init; weights.load_pretrained loads weights.
+
+    With `lora` and model.trainable=lora, the adapters are in place too (to read a LoRA checkpoint).
+    """
+    model = GPTClassifier(GPTConfig.from_model_config(mc), num_classes, pooling=mc.pooling)
+    if lora is not None and mc.trainable == "lora":
+        from dist_finetune.lora import apply_lora
+
+        apply_lora(model, lora)
+    return model

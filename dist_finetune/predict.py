@@ -45,6 +45,8 @@ def predict(model: torch.nn.Module, info: ExportInfo, texts: list[str], batch_si
             raise DataError(f"text {row}: it is empty (zero tokens); give a non-empty text")
     truncated = sum(len(ids) > info.max_length for ids in tokens)
     collate = make_collate(info.padding, info.max_length, info.pad_id)
+    if info.padding == "none":  # trained without padding: predict one text at a time
+        batch_size = 1
     model = model.to(device).eval()
     probabilities: list[list[float]] = []
     with torch.no_grad():

@@ -71,7 +71,7 @@ def load_checkpoint_model(cfg: Config, num_classes: int, ckpt_run: Path, tag: st
             f"checkpoint {folder} cannot be read ({type(exc).__name__}: {detail}); it may be incomplete: "
             "pass another --checkpoint"
         ) from None
-    model = build_model(cfg.model, num_classes)
+    model = build_model(cfg.model, num_classes, cfg.lora)
     load_state_strict(
         model, state_dict, str(folder),
         fix=f"the model is built from {run_dir / 'config.yaml'}: pass --run the run folder that wrote this checkpoint",

@@ -224,7 +224,7 @@ def build_classifier(cfg: Config, data: DataBundle, reporter: Reporter):
         report = load_pretrained(model, cfg.model.weights, download=cfg.model.download,
                                  head_policy=cfg.model.head)
         reporter.say(f"weights: loaded {len(report.loaded)} tensors ({report.format}) from {report.source}")
-    set_trainable(model, cfg.model.trainable)
+    set_trainable(model, cfg.model.trainable, cfg.lora)
     return model
 
 
@@ -329,6 +329,7 @@ def run_loop(cfg, env, engine, data, loader, collate, plan, steps_per_epoch, tot
         state.absorb(running.flush(env))
         state.stopper = asdict(stopper)
         client = {"train_state": asdict(state), "world_size": env.world_size,
+                  "labels": data.label_map.to_json(), "max_length": data.max_length,
                   "param_group_names": param_group_names(engine.module)}
         checkpoint.save(engine, Path(cfg.output_dir), env, state.global_step, client, is_best,
                         cfg.checkpoint.keep_last, cfg.checkpoint.checksums)
@@ -442,7 +443,7 @@ def finish(cfg, env, engine, data, collate, state: TrainState, reporter: Reporte
     labels = data.label_map.to_json()
     if env.is_main and cfg.checkpoint.export and best_tag is not None:
         export_checkpoint(run_dir, best_tag, run_dir / "export", cfg.model, labels,
-                          max_length=data.max_length, padding=cfg.data.padding)
+                          max_length=data.max_length, padding=cfg.data.padding, lora=cfg.lora)
     summary = {
         **{split: {"accuracy": r["accuracy"], "loss": r["loss"], "examples": r["examples"],
                    **from_confusion(r["confusion_matrix"]).to_dict(labels)}

@@ -229,8 +229,8 @@ def test_unknown_section_under_a_section() -> None:
 @pytest.mark.parametrize(
     ("override", "message"),
     [
-        ("data.padding=left", "data.padding: 'left' is not allowed; choose one of: fixed | longest"),
-        ("model.pooling=max", "model.pooling: 'max' is not allowed; choose one of: last | last_token | mean"),
+        ("data.padding=left", "data.padding: 'left' is not allowed; choose one of: fixed | longest | none"),
+        ("model.pooling=max", "model.pooling: 'max' is not allowed; choose one of: last | last_token | first | mean"),
         ("zero.stage=4", "zero.stage: 4 is not allowed; choose one of: 0 | 1 | 2 | 3"),
         ("precision=fp8", "precision: 'fp8' is not allowed; choose one of: bf16 | fp16 | fp32"),
         ("train.schedule=step", "train.schedule: 'step' is not allowed; choose one of: constant | linear | cosine"),
@@ -246,7 +246,7 @@ def test_bad_choice_lists_the_allowed_values(override: str, message: str) -> Non
 def test_bad_trainable_policy(policy: str) -> None:
     assert override_error(f"model.trainable={policy}") == (
         f"model.trainable: {policy!r} is not allowed; choose one of: "
-        "all | last_block | last_N_blocks (e.g. last_2_blocks) | head"
+        "all | last_block | last_N_blocks (e.g. last_2_blocks) | head | last_layer | lora"
     )
 
 

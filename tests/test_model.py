@@ -98,8 +98,8 @@ def test_bf16_forward():
 
 
 def test_unknown_pooling_is_refused():
-    with pytest.raises(ValueError, match="pooling 'first'"):
-        tiny(pooling="first")
+    with pytest.raises(ValueError, match="pooling 'middle'"):
+        tiny(pooling="middle")
 
 
 # ---------------------------------------------------------------- pooling

@@ -65,6 +65,9 @@ def test_quickstart_writes_every_report(quickstart):
     assert (d / "checkpoints" / "latest").is_file() and (d / "checkpoints" / "best").is_file()
     best = (d / "checkpoints" / "best").read_text().strip()
     assert best == f"step_{quickstart.summary()['best_step']:07d}"
+    run_state = json.loads((d / "checkpoints" / best / "run_state.json").read_text())
+    assert run_state["labels"] == ["ham", "spam"] and run_state["world_size"] == 1
+    assert (d / "checkpoints" / best / "manifest.json").is_file()
 
 
 @pytest.mark.slow

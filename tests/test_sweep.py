@@ -1,0 +1,48 @@
+"""The sweep command: one row per setting, a broken setting fails alone."""
+from __future__ import annotations
+
+import csv
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+import runner
+from dist_finetune.sweep import GridError, parse_grid
+
+
+def test_grid_forms_and_errors():
+    assert [s.name for s in parse_grid({"a": ["train.lr=1e-3"], "b": None})] == ["a", "b"]
+    assert parse_grid([{"name": "x", "overrides": ["seed=1"]}])[0].overrides == ("seed=1",)
+    for bad in ([], [{"name": "a/b"}], [{"name": "a"}, {"name": "a"}], [{"nam": "a"}], "x", {"a": "seed=1"}):
+        with pytest.raises(GridError):
+            parse_grid(bad)
+
+
+@pytest.mark.slow
+def test_sweep_of_three_settings_and_a_broken_one(tmp_path):
+    base = runner.write_config(tmp_path / "base.yaml", {
+        **runner.TINY, "train": {**runner.TINY["train"], "max_steps": 3}, "eval": {"max_batches": 2}})
+    grid = [{"name": "full", "overrides": []},
+            {"name": "head_only", "overrides": ["model.trainable=last_layer"]},
+            {"name": "lora", "overrides": ["model.trainable=lora", "model.pooling=first"]},
+            {"name": "broken", "overrides": ["model.pooling=middle"]}]
+    (tmp_path / "grid.yaml").write_text(yaml.safe_dump(grid))
+    out = tmp_path / "sweep"
+    proc = subprocess.run([sys.executable, "-m", "dist_finetune.sweep", "--base", str(base), "--grid",
+                           str(tmp_path / "grid.yaml"), "--out", str(out)],
+                          cwd=runner.REPO, env=runner.child_env(),
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 1, proc.stdout + proc.stderr  # one setting failed
+    rows = list(csv.DictReader((out / "comparison.csv").open()))
+    assert [r["setting"] for r in rows] == ["full", "head_only", "lora", "broken"]
+    assert [r["status"] for r in rows] == ["ok", "ok", "ok", "failed"]
+    assert "model.pooling" in rows[3]["error"]
+    assert int(rows[1]["trainable_parameters"]) == 64 * 2 + 2
+    assert int(rows[2]["trainable_parameters"]) < int(rows[0]["trainable_parameters"])
+    for r in rows[:3]:
+        assert 0 <= float(r["test_acc"]) <= 1 and float(r["samples_per_second"]) > 0
+    table = (out / "comparison.md").read_text()
+    assert table.count("| ok |") == 3 and "| failed |" in table and table in proc.stdout
+    assert (out / "broken.log").is_file() and (out / "lora" / "summary.json").is_file()
