@@ -2,12 +2,14 @@
 from __future__ import annotations
 
 import datetime
+import logging
 import os
 import re
 import socket
 import subprocess
 import sys
 from dataclasses import dataclass
+from typing import NoReturn
 
 import torch
 import torch.distributed as dist
@@ -174,6 +176,21 @@ def collective_failure(exc: BaseException, env: DistEnv, timeout_seconds: float)
     return (f"rank {env.rank}/{env.world_size}: a collective failed during {_activity}: {first[:300]}. "
             f"Another rank died or stalled longer than distributed.timeout_seconds ({timeout_seconds:g} s); "
             "its own log says why.")
+
+
+def leave(code: int) -> NoReturn:
+    """End a rank's process once its group is shut down, skipping the interpreter's teardown.
+
+    Static destructors of the communication libraries sometimes abort a rank that already finished
+    ("terminate called without an active exception", seen under mpiexec), turning a complete run
+    into a failed job. Nothing is left to clean up by then: flush, finalize MPI if it was used, exit."""
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    mpi = sys.modules.get("mpi4py.MPI")
+    if mpi is not None and mpi.Is_initialized() and not mpi.Is_finalized():
+        mpi.Finalize()
+    os._exit(code)
 
 
 def shutdown() -> None:

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from .config import Config, ConfigError, replace
 from .data import SPLITS, ClassificationDataset, DataError, eval_loader, load_data, load_eval_file, make_collate
-from .distributed import DistEnv, LaunchError, all_reduce_sum, init_distributed, shutdown
+from .distributed import leave, DistEnv, LaunchError, all_reduce_sum, init_distributed, shutdown
 from .metrics import format_table, from_confusion
 from .model import GPTConfig
 from .report import plot_confusion, write_json
@@ -210,4 +210,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    leave(main())

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from . import checkpoint
 from .config import Config, ConfigError, load_config, read_yaml, to_yaml
 from .data import DataError, DataBundle, load_data, make_collate, train_loader
-from .distributed import DistEnv, LaunchError, collective_failure, set_activity, all_reduce_sum, broadcast_decision, broadcast_object, init_distributed, shutdown
+from .distributed import DistEnv, LaunchError, leave, collective_failure, set_activity, all_reduce_sum, broadcast_decision, broadcast_object, init_distributed, shutdown
 from .engine import build_engine, param_group_names, plan_batches
 from . import faults
 from .preemption import PreemptionFlag
@@ -517,4 +517,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    leave(main())
