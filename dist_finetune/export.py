@@ -10,24 +10,22 @@ import argparse
 import sys
 from pathlib import Path
 
-from .checkpoint import checkpoint_dir, consolidated_state_dict
-from .config import ConfigError, LoraConfig, ModelConfig, to_dict
+from .checkpoint import checkpoint_dir
+from .config import Config, ConfigError, LoraConfig, to_dict
 from .data import DataError
 from .lora import has_lora, merge_lora
-from .model import GPTClassifier, build_model
+from .model import GPTClassifier
 from .runs import RunError, load_checkpoint_model, load_run_config, resolve_checkpoint, run_facts
 from .weights import WeightsError, save_export
 
 USER_ERRORS = (ConfigError, DataError, WeightsError, RunError)
 
 
-def export_checkpoint(run_dir: Path, tag: str, out_dir: Path, model_cfg: ModelConfig, labels: list,
-                      max_length: int | None = None, padding: str = "fixed", lora: LoraConfig | None = None) -> None:
+def export_checkpoint(cfg: Config, run_dir: Path, tag: str, out_dir: Path, labels: list,
+                      max_length: int | None) -> None:
     """Reads the checkpoint's files alone (call it on one rank); writes `out_dir`."""
-    state_dict = consolidated_state_dict(run_dir, tag)
-    model = build_model(model_cfg, len(labels), lora or LoraConfig())
-    model.load_state_dict(state_dict, strict=True)
-    save_model(model, out_dir, model_cfg.pooling, labels, max_length, padding, lora)
+    model = load_checkpoint_model(cfg, len(labels), run_dir, tag, run_dir)
+    save_model(model, out_dir, cfg.model.pooling, labels, max_length, cfg.data.padding, cfg.lora)
 
 
 def save_model(model: GPTClassifier, out_dir: Path, pooling: str, labels: list, max_length: int | None,

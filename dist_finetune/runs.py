@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .checkpoint import checkpoint_dir, consolidated_state_dict, read_pointer
+from .checkpoint import checkpoint_dir, consolidated_state_dict, read_pointer, verify
 from .config import Config, load_config
 from .data import DataBundle, LabelMap, load_data
 from .model import GPTClassifier, GPTConfig, build_model
@@ -48,7 +48,7 @@ def resolve_checkpoint(run_dir: Path, spec: str) -> tuple[Path, str]:
                 f"{run_dir} has no '{spec}' checkpoint ({checkpoint_dir(run_dir) / spec} is missing or points "
                 "to no folder); pass --checkpoint latest, best or a checkpoints/step_* folder of the run"
             )
-        return run_dir, tag
+        return run_dir, _verified(run_dir, tag)
     path = Path(spec)
     if not path.is_dir():
         raise RunError(f"--checkpoint {spec}: no such folder; use best, latest or a RUN/checkpoints/step_NNNNNNN folder")
@@ -57,7 +57,15 @@ def resolve_checkpoint(run_dir: Path, spec: str) -> tuple[Path, str]:
             f"--checkpoint {spec}: not a DeepSpeed checkpoint folder (expected RUN/checkpoints/step_NNNNNNN "
             "holding *model_states.pt); use best, latest or such a folder"
         )
-    return path.parent.parent, path.name
+    return path.parent.parent, _verified(path.parent.parent, path.name)
+
+
+def _verified(run_dir: Path, tag: str) -> str:
+    problem = verify(checkpoint_dir(run_dir) / tag)
+    if problem is not None:
+        raise RunError(f"checkpoint {checkpoint_dir(run_dir) / tag} is incomplete or corrupted ({problem}); "
+                       "pass another --checkpoint")
+    return tag
 
 
 def load_checkpoint_model(cfg: Config, num_classes: int, ckpt_run: Path, tag: str, run_dir: Path) -> GPTClassifier:

@@ -442,8 +442,7 @@ def finish(cfg, env, engine, data, collate, state: TrainState, reporter: Reporte
                for split in ("train", "val", "test")}
     labels = data.label_map.to_json()
     if env.is_main and cfg.checkpoint.export and best_tag is not None:
-        export_checkpoint(run_dir, best_tag, run_dir / "export", cfg.model, labels,
-                          max_length=data.max_length, padding=cfg.data.padding, lora=cfg.lora)
+        export_checkpoint(cfg, run_dir, best_tag, run_dir / "export", labels, data.max_length)
     summary = {
         **{split: {"accuracy": r["accuracy"], "loss": r["loss"], "examples": r["examples"],
                    **from_confusion(r["confusion_matrix"]).to_dict(labels)}
