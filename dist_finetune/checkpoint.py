@@ -26,8 +26,13 @@ from .distributed import DistEnv, barrier
 log = logging.getLogger(__name__)
 
 # Keys that may differ between a run and its resumption: they do not change the result.
-RESUME_FREE_KEYS = ("output_dir", "resume", "report.", "distributed.", "data.num_workers",
-                    "train.log_every_steps", "checkpoint.")
+# Keys that change speed or bookkeeping, not what the run computes: a resume may change them.
+RESUME_FREE_KEYS = ("output_dir", "resume", "report.", "distributed.", "data.num_workers", "data.pin_memory",
+                    "train.log_every_steps", "train.compile", "train.compile_mode", "train.nonfinite_check",
+                    "train.sync_every_steps",
+                    "model.fused_qkv", "model.attention_backend", "zero.overlap_comm",
+                    "zero.reduce_bucket_size", "zero.allgather_bucket_size", "zero.contiguous_gradients",
+                    "checkpoint.")
 
 
 def tag_for(step: int) -> str:
@@ -249,7 +254,8 @@ def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def result_changing_differences(saved: dict[str, Any], cfg: Config) -> list[str]:
-    old, new = _flatten(saved), _flatten(to_dict(cfg))
+    # A key the saved config predates counts as its default.
+    old, new = {**_flatten(to_dict(Config())), **_flatten(saved)}, _flatten(to_dict(cfg))
     keys = sorted(set(old) | set(new))
     free = lambda k: any(k == f or (f.endswith(".") and k.startswith(f)) for f in RESUME_FREE_KEYS)
     return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in keys if not free(k) and old.get(k) != new.get(k)]

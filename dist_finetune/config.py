@@ -55,6 +55,11 @@ class DataConfig:
     # set: the chapter's balanced split; user files: the train split only). none: keep every row.
     # auto: undersample the bundled set (the chapter's split), keep every row of user files.
     balance: str = _choices("auto", "undersample", "none", default="auto")
+    # Training batches of similar lengths (with padding=longest: far fewer padded tokens). Seeded and
+    # sharded by rank like the plain sampler; the order of the batches is still shuffled.
+    group_by_length: bool = False
+    # Page-locked host batches and non-blocking copies to the GPU (ignored on a CPU).
+    pin_memory: bool = True
 
 
 @dataclass(frozen=True)
@@ -81,6 +86,11 @@ class ModelConfig:
     trainable: str = "last_block"
     # false: every token attends to every real (non-padding) token of its text.
     causal_mask: bool = True
+    # One matmul for Q, K and V (false: three, from slices of the same weight; the weights are the same).
+    fused_qkv: bool = True
+    # The fused attention kernel F.scaled_dot_product_attention may use; auto: PyTorch picks
+    # (flash or memory-efficient on a GPU: causal attention over right padding needs no mask).
+    attention_backend: str = _choices("auto", "flash", "efficient", "cudnn", "math", default="auto")
 
     def arch(self) -> dict[str, int]:
         """n_layer/n_head/n_embd/context_length, from the preset or the custom keys."""
@@ -136,6 +146,22 @@ class TrainConfig:
     on_nonfinite: str = _choices("skip", "stop", default="skip")
     # More skipped micro-batches than this in one run stops it as `stop` would.
     max_nonfinite_skips: int = 20
+    # micro_batch: every micro-batch's loss is checked (and agreed across ranks) before its backward:
+    # a host synchronisation per micro-batch. deferred: checked on the device and read with the logged
+    # losses (every log_every_steps, evaluation and checkpoint); a non-finite loss then stops the run
+    # before any checkpoint holds its update (skipping is only possible with micro_batch).
+    nonfinite_check: str = _choices("micro_batch", "deferred", default="micro_batch")
+    # Every N optimizer steps the ranks agree on a preemption signal (and, with deferred checks, on
+    # non-finite losses): one host synchronisation each time.
+    sync_every_steps: int = 1
+    # auto: torch's fused AdamW on a GPU (no build step), torch's foreach AdamW on a CPU,
+    # DeepSpeed's CPU Adam with zero.offload_optimizer. deepspeed_fused: DeepSpeed's FusedAdam
+    # (compiled on first use).
+    optimizer: str = _choices("auto", "torch_fused", "torch_foreach", "deepspeed_fused", default="auto")
+    # torch.compile the model inside the DeepSpeed engine (the first steps pay the compilation).
+    compile: bool = False
+    compile_mode: str = _choices("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs",
+                                 default="default")
 
 
 def _class_weights(path: str, value: Any) -> str | tuple[float, ...]:
@@ -198,6 +224,10 @@ class ZeroConfig:
     stage: int = _choices(0, 1, 2, 3, default=0)  # type: ignore[arg-type]
     offload_optimizer: bool = False
     overlap_comm: bool = False
+    contiguous_gradients: bool = True
+    # Elements per gradient-reduction / parameter-gather bucket (None: DeepSpeed's default, 5e8).
+    reduce_bucket_size: int | None = None
+    allgather_bucket_size: int | None = None
 
 
 @dataclass(frozen=True)
@@ -220,7 +250,9 @@ class ReportConfig:
 class Config:
     output_dir: str = "runs/default"
     seed: int = 123
-    precision: str = _choices("bf16", "fp16", "fp32", default="bf16")
+    # bf16: DeepSpeed's bf16 (bf16 weights, fp32 master copy in the optimizer); bf16_autocast: fp32
+    # weights, forward under torch.autocast(bf16) (DeepSpeed's torch_autocast); fp16: loss-scaled fp16.
+    precision: str = _choices("bf16", "bf16_autocast", "fp16", "fp32", default="bf16")
     # none | auto | a checkpoint folder
     resume: str = "none"
     data: DataConfig = field(default_factory=DataConfig)
@@ -407,6 +439,13 @@ def _validate(cfg: Config) -> None:
     _check(t.grad_clip >= 0, f"train.grad_clip: must be >= 0 (0 disables), got {t.grad_clip}")
     _check(t.max_steps is None or t.max_steps >= 1, f"train.max_steps: must be >= 1, got {t.max_steps}")
     _check(t.log_every_steps >= 1, f"train.log_every_steps: must be >= 1, got {t.log_every_steps}")
+    _check(t.nonfinite_check == "micro_batch" or t.on_nonfinite == "stop",
+           "train.nonfinite_check=deferred finds a non-finite loss after its update, so it cannot skip that "
+           "micro-batch: set train.on_nonfinite=stop, or train.nonfinite_check=micro_batch to skip")
+    _check(t.sync_every_steps >= 1, f"train.sync_every_steps: must be >= 1, got {t.sync_every_steps}")
+    for key in ("reduce_bucket_size", "allgather_bucket_size"):
+        size = getattr(cfg.zero, key)
+        _check(size is None or size >= 1, f"zero.{key}: must be >= 1 (elements), got {size}")
     _check(t.max_nonfinite_skips >= 0, f"train.max_nonfinite_skips: must be >= 0, got {t.max_nonfinite_skips}")
     _check(cfg.eval.every_steps is None or cfg.eval.every_steps >= 1,
            f"eval.every_steps: must be >= 1, got {cfg.eval.every_steps}")

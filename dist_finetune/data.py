@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
+from torch.utils.data import Dataset
 
 from .config import DataConfig
 from .tokenizer import PAD_ID, encode_batch
@@ -617,63 +617,3 @@ def make_collate(padding: str, max_length: int, pad_id: int = PAD_ID) -> Callabl
     if max_length < 1:
         raise ValueError(f"max_length must be >= 1, got {max_length}")
     return PadCollate(padding, max_length, pad_id)
-
-
-class ShardedEvalSampler(Sampler[int]):
-    """Contiguous shards, sizes differing by at most one, no padding duplicates.
-
-    Contiguous (not strided) so that per-rank outputs concatenated in rank order are in dataset order.
-    """
-
-    def __init__(self, dataset_len: int, rank: int, world_size: int) -> None:
-        super().__init__()
-        if world_size < 1 or not 0 <= rank < world_size or dataset_len < 0:
-            raise ValueError(
-                f"need 0 <= rank < world_size and dataset_len >= 0, got rank={rank}, "
-                f"world_size={world_size}, dataset_len={dataset_len}"
-            )
-        base, extra = divmod(dataset_len, world_size)
-        self.start = rank * base + min(rank, extra)
-        self.stop = self.start + base + (1 if rank < extra else 0)
-
-    def __iter__(self):
-        return iter(range(self.start, self.stop))
-
-    def __len__(self) -> int:
-        return self.stop - self.start
-
-
-def train_loader(
-    ds: Dataset,
-    batch_size: int,
-    collate: Callable,
-    rank: int,
-    world_size: int,
-    seed: int,
-    num_workers: int = 0,
-) -> DataLoader:
-    per_rank = len(ds) // world_size
-    if per_rank < batch_size:
-        raise DataError(
-            f"the training split has {len(ds)} examples: over {world_size} process(es) that is {per_rank} "
-            f"each, less than one micro-batch of {batch_size}. Lower train.micro_batch_size, use fewer "
-            "processes, or add training data."
-        )
-    sampler = DistributedSampler(ds, num_replicas=world_size, rank=rank, shuffle=True, seed=seed, drop_last=True)
-    return DataLoader(
-        ds, batch_size=batch_size, sampler=sampler, collate_fn=collate, num_workers=num_workers, drop_last=True
-    )
-
-
-def eval_loader(
-    ds: Dataset,
-    batch_size: int,
-    collate: Callable,
-    rank: int,
-    world_size: int,
-    num_workers: int = 0,
-) -> DataLoader:
-    sampler = ShardedEvalSampler(len(ds), rank, world_size)
-    return DataLoader(
-        ds, batch_size=batch_size, sampler=sampler, collate_fn=collate, num_workers=num_workers, drop_last=False
-    )

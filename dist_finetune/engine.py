@@ -23,6 +23,7 @@ OWNED_KEYS = {
     "gradient_clipping": "train.grad_clip",
     "bf16": "precision",
     "fp16": "precision",
+    "torch_autocast": "precision",
     "optimizer": "train.lr / train.weight_decay / train.betas",
     "scheduler": "train.schedule / train.warmup_steps",
 }
@@ -66,8 +67,11 @@ def resolve_precision(requested: str, device: torch.device) -> str:
     if requested == "fp16" and device.type != "cuda":
         raise ConfigError("precision: fp16 needs a CUDA GPU (DeepSpeed's fp16 loss scaling is GPU-only); "
                           "use precision=bf16 or precision=fp32 on a CPU")
-    if requested != "bf16" or device.type != "cuda" or torch.cuda.is_bf16_supported():
+    if requested not in ("bf16", "bf16_autocast") or device.type != "cuda" or torch.cuda.is_bf16_supported():
         return requested
+    if requested == "bf16_autocast":
+        log.warning("precision: this GPU has no bf16; using fp32 instead of bf16 autocast")
+        return "fp32"
     log.warning("precision: this GPU has no bf16; using fp16 with dynamic loss scaling instead")
     return "fp16"
 
@@ -81,9 +85,13 @@ def ensure_cuda_arch_list() -> None:
 
 
 def deepspeed_config(cfg: Config, plan: BatchPlan, precision: str) -> dict[str, Any]:
-    zero: dict[str, Any] = {"stage": cfg.zero.stage}
-    if cfg.zero.stage > 0:
-        zero.update(overlap_comm=cfg.zero.overlap_comm, contiguous_gradients=True)
+    z = cfg.zero
+    zero: dict[str, Any] = {"stage": z.stage}
+    if z.stage > 0:
+        zero.update(overlap_comm=z.overlap_comm, contiguous_gradients=z.contiguous_gradients)
+        for key in ("reduce_bucket_size", "allgather_bucket_size"):
+            if getattr(z, key) is not None:
+                zero[key] = getattr(z, key)
     if cfg.zero.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
     ds: dict[str, Any] = {
@@ -98,6 +106,8 @@ def deepspeed_config(cfg: Config, plan: BatchPlan, precision: str) -> dict[str, 
     }
     if precision == "bf16":
         ds["bf16"] = {"enabled": True}
+    elif precision == "bf16_autocast":
+        ds["torch_autocast"] = {"enabled": True, "dtype": "bfloat16"}
     elif precision == "fp16":
         ds["fp16"] = {"enabled": True, "loss_scale": 0, "initial_scale_power": 16}
     return _merge_expert(ds, cfg.deepspeed)
@@ -151,19 +161,36 @@ def param_group_names(model: nn.Module) -> list[list[str]]:
     return [[n for n, _ in group] for group in _split_trainable(model) if group]
 
 
+def optimizer_kind(cfg: Config, device: torch.device) -> str:
+    """train.optimizer resolved for the device: torch_fused | torch_foreach | deepspeed_fused | deepspeed_cpu."""
+    requested = cfg.train.optimizer
+    if cfg.zero.offload_optimizer:
+        if requested not in ("auto", "torch_foreach"):
+            raise ConfigError(f"train.optimizer={requested} cannot run with zero.offload_optimizer=true (the "
+                              "optimizer then runs on the CPU): set train.optimizer=auto")
+        return "deepspeed_cpu"
+    if requested == "auto":
+        return "torch_fused" if device.type == "cuda" else "torch_foreach"
+    if requested == "deepspeed_fused" and device.type != "cuda":
+        raise ConfigError("train.optimizer=deepspeed_fused needs a CUDA GPU; use train.optimizer=auto on a CPU")
+    return requested
+
+
 def make_optimizer(model: nn.Module, cfg: Config, device: torch.device) -> torch.optim.Optimizer:
     groups = param_groups(model, cfg.train.weight_decay)
     t = cfg.train
-    if device.type == "cuda" and not cfg.zero.offload_optimizer:
+    kind = optimizer_kind(cfg, device)
+    if kind == "deepspeed_fused":
         ensure_cuda_arch_list()
         from deepspeed.ops.adam import FusedAdam
 
         return FusedAdam(groups, lr=t.lr, betas=t.betas, eps=t.eps, adam_w_mode=True)
-    if cfg.zero.offload_optimizer:
+    if kind == "deepspeed_cpu":
         from deepspeed.ops.adam import DeepSpeedCPUAdam
 
         return DeepSpeedCPUAdam(groups, lr=t.lr, betas=t.betas, eps=t.eps, adamw_mode=True)
-    return torch.optim.AdamW(groups, lr=t.lr, betas=t.betas, eps=t.eps)
+    fused = kind == "torch_fused"
+    return torch.optim.AdamW(groups, lr=t.lr, betas=t.betas, eps=t.eps, fused=fused, foreach=not fused)
 
 
 def lr_multiplier(step: int, cfg: Config, total_steps: int) -> float:
@@ -202,4 +229,6 @@ def build_engine(model: nn.Module, cfg: Config, env: DistEnv, plan: BatchPlan, t
         config=ds_config,
         dist_init_required=False,
     )
+    if cfg.train.compile:
+        engine.compile(compile_kwargs={"mode": cfg.train.compile_mode})
     return engine, precision

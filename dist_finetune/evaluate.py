@@ -23,7 +23,8 @@ import torch
 import torch.nn.functional as F
 
 from .config import Config, ConfigError, replace
-from .data import SPLITS, ClassificationDataset, DataError, eval_loader, load_data, load_eval_file, make_collate
+from .data import SPLITS, ClassificationDataset, DataError, load_data, load_eval_file, make_collate
+from .loaders import eval_loader
 from .distributed import leave, DistEnv, LaunchError, all_reduce_sum, init_distributed, shutdown
 from .metrics import format_table, from_confusion
 from .model import GPTConfig
@@ -46,16 +47,19 @@ def evaluate(model, dataset, cfg: Config, env: DistEnv, collate, max_batches: in
     batch_size = cfg.eval.batch_size or 2 * cfg.train.micro_batch_size
     if cfg.data.padding == "none":  # no padding: one example per forward
         batch_size = 1
-    loader = eval_loader(dataset, batch_size, collate, env.rank, env.world_size)
+    loader = eval_loader(dataset, batch_size, collate, env.rank, env.world_size,
+                         pin_memory=cfg.data.pin_memory and env.device.type == "cuda")
     steps = math.ceil(math.ceil(len(dataset) / env.world_size) / batch_size)
     if max_batches is not None:
         steps = min(steps, max_batches)
     module = getattr(model, "module", model)  # a DeepSpeed engine's own `training` flag is not kept
     was_training = module.training
     model.eval()
-    loss_sum, confusion = 0.0, None
+    sums = None  # [loss sum, confusion matrix cells], on the device: no host synchronisation per batch
     batches = iter(loader)
-    with torch.no_grad():
+    # ZeRO-3 gathers parameters inside the forward; those must not become inference tensors.
+    grad_off = torch.no_grad if cfg.zero.stage == 3 else torch.inference_mode
+    with grad_off():
         for _ in range(steps):
             batch = next(batches, None)
             real = batch is not None
@@ -64,16 +68,15 @@ def evaluate(model, dataset, cfg: Config, env: DistEnv, collate, max_batches: in
                          "labels": torch.zeros(1, dtype=torch.long)}
             logits, labels = forward(model, batch, env)
             n = num_classes or logits.shape[-1]
-            if confusion is None:
-                confusion = torch.zeros(n * n, dtype=torch.float64)
+            if sums is None:
+                sums = torch.zeros(1 + n * n, dtype=torch.float64, device=logits.device)
             if real:
-                loss_sum += float(F.cross_entropy(logits, labels, reduction="sum"))
-                cells = labels * n + logits.argmax(-1)
-                confusion += torch.bincount(cells, minlength=n * n).cpu().double()
+                sums[0] += F.cross_entropy(logits, labels, reduction="sum").double()
+                sums[1:] += torch.bincount(labels * n + logits.argmax(-1), minlength=n * n).double()
     model.train(was_training)
-    if confusion is None:  # no forwards at all (an empty split): the same on every rank
-        confusion = torch.zeros((num_classes or 0) ** 2, dtype=torch.float64)
-    totals = all_reduce_sum(torch.cat([torch.tensor([loss_sum], dtype=torch.float64), confusion]), env)
+    if sums is None:  # no forwards at all (an empty split): the same on every rank
+        sums = torch.zeros(1 + (num_classes or 0) ** 2, dtype=torch.float64)
+    totals = all_reduce_sum(sums, env)
     n = math.isqrt(totals.numel() - 1)
     metrics = from_confusion(totals[1:].view(n, n).tolist())
     return {"loss": float(totals[0]) / max(metrics.examples, 1), **metrics.to_dict()}
@@ -154,16 +157,18 @@ def eval_precision(trained: str, device: torch.device) -> str:
     on a CPU, and fp16 on a GPU without bf16 (as training falls back)."""
     if trained == "fp16" and device.type != "cuda":
         return "fp32"
-    if trained == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        return "fp16"
+    if trained in ("bf16", "bf16_autocast") and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        return "fp16" if trained == "bf16" else "fp32"
     return trained
 
 
 def run(args: argparse.Namespace, job: EvalJob, env: DistEnv) -> dict[str, Any]:
     precision = eval_precision(job.precision, env.device)
-    model = job.model.to(env.device, DTYPES[precision])
+    autocast = precision == "bf16_autocast"  # fp32 weights, bf16 matmuls: as the engine trained it
+    model = job.model.to(env.device, torch.float32 if autocast else DTYPES[precision])
     collate = make_collate(job.cfg.data.padding, job.max_length)
-    result = evaluate(model, job.dataset, job.cfg, env, collate, num_classes=len(job.labels))
+    with torch.autocast(env.device.type, torch.bfloat16, enabled=autocast):
+        result = evaluate(model, job.dataset, job.cfg, env, collate, num_classes=len(job.labels))
     result["per_class"] = [{"label": label, **s} for label, s in zip(job.labels, result["per_class"])]
     return {
         "run": str(args.run), "checkpoint": str(job.checkpoint),

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from dist_finetune.config import TRAINABLE_PATTERN
 
@@ -21,6 +22,8 @@ if TYPE_CHECKING:
     from dist_finetune.config import LoraConfig, ModelConfig
 
 POOLINGS = ("last", "last_token", "first", "mean")
+SDPA_BACKENDS = {"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
+                 "cudnn": SDPBackend.CUDNN_ATTENTION, "math": SDPBackend.MATH}
 
 
 @dataclass(frozen=True)
@@ -72,18 +75,32 @@ class CausalSelfAttention(nn.Module):
         self.qkv = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.qkv_bias)
         self.proj = nn.Linear(config.n_embd, config.n_embd)
         self.resid_drop = nn.Dropout(config.dropout)
+        # Runtime kernel choices (see configure_kernels); they never change the weights.
+        self.fused_qkv = True
+        self.backend: SDPBackend | None = None
 
     def forward(self, x: torch.Tensor, key_mask: torch.Tensor | None = None) -> torch.Tensor:
         """`key_mask` (B, 1, 1, T) bool, True for real tokens: bidirectional attention; None: causal."""
         B, T, C = x.shape
-        q, k, v = self.qkv(x).split(self.n_embd, dim=2)
+        if self.fused_qkv:
+            q, k, v = self.qkv(x).split(self.n_embd, dim=2)
+        else:  # three projections from the same weight: only for measuring what fusing saves
+            biases = self.qkv.bias.chunk(3) if self.qkv.bias is not None else (None,) * 3
+            q, k, v = (F.linear(x, w, b) for w, b in zip(self.qkv.weight.chunk(3), biases))
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
-        y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=key_mask, dropout_p=self.dropout if self.training else 0.0,
-            is_causal=key_mask is None,
-        )
+        y = self._attend(q, k, v, key_mask)
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         return self.resid_drop(self.proj(y))
+
+    def _attend(self, q, k, v, key_mask: torch.Tensor | None) -> torch.Tensor:
+        # Causal attention over right padding needs no mask: real tokens never attend to the padding
+        # after them, so is_causal=True lets SDPA pick the flash / memory-efficient kernels.
+        kwargs = dict(attn_mask=key_mask, dropout_p=self.dropout if self.training else 0.0,
+                      is_causal=key_mask is None)
+        if self.backend is None:
+            return F.scaled_dot_product_attention(q, k, v, **kwargs)
+        with sdpa_kernel(self.backend):
+            return F.scaled_dot_product_attention(q, k, v, **kwargs)
 
 
 class MLP(nn.Module):
@@ -231,6 +248,15 @@ def set_trainable(model: GPTClassifier, policy: str, lora: LoraConfig | None = N
     prefixes = trainable_prefixes(policy, model.config.n_layer)
     for name, p in model.named_parameters():
         p.requires_grad_(name.startswith(prefixes))
+
+
+def configure_kernels(model: nn.Module, fused_qkv: bool = True, attention_backend: str = "auto") -> None:
+    """Kernel choices for every attention layer: fused or separate Q/K/V matmuls, the SDPA backend."""
+    backend = None if attention_backend == "auto" else SDPA_BACKENDS[attention_backend]
+    for module in model.modules():
+        if isinstance(module, CausalSelfAttention):
+            module.fused_qkv = fused_qkv or not isinstance(module.qkv, nn.Linear)
+            module.backend = backend
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:

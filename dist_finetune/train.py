@@ -23,12 +23,13 @@ import torch.nn.functional as F
 
 from . import checkpoint
 from .config import Config, ConfigError, load_config, read_yaml, to_yaml
-from .data import DataError, DataBundle, load_data, make_collate, train_loader
+from .data import DataError, DataBundle, load_data, make_collate
+from .loaders import train_loader
 from .distributed import DistEnv, LaunchError, leave, collective_failure, set_activity, all_reduce_sum, broadcast_decision, broadcast_object, init_distributed, shutdown
 from .engine import build_engine, param_group_names, plan_batches
 from . import faults
 from .preemption import PreemptionFlag
-from .model import GPTConfig, build_model, count_parameters, set_trainable
+from .model import GPTConfig, build_model, configure_kernels, count_parameters, set_trainable
 from .report import Reporter, peak_memory_bytes
 from .evaluate import evaluate, forward
 from .export import export_checkpoint
@@ -100,23 +101,34 @@ class TrainState:
         self.pending = [a + b for a, b in zip(self.pending, totals[:3])]
 
 
-@dataclass
+def batch_sums(loss: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor, tokens: int) -> torch.Tensor:
+    """[loss x examples, correct, examples, real tokens, non-finite losses] of one micro-batch, on the
+    device (nothing is read back: no host synchronisation). A non-finite loss counts only as such."""
+    finite = torch.isfinite(loss.detach()).double()
+    n = labels.numel()
+    loss_sum = torch.nan_to_num(loss.detach().double() * n, nan=0.0, posinf=0.0, neginf=0.0) * finite
+    correct = (logits.detach().argmax(-1) == labels).sum().double() * finite
+    return torch.stack([loss_sum, correct, finite * n, finite * tokens, 1.0 - finite])
+
+
 class RunningTrain:
-    """Training loss sum, correct predictions, examples and real tokens on this rank since the last flush."""
+    """`batch_sums` added up on this rank since the last flush, kept on the device."""
 
-    sums: list[float] = field(default_factory=lambda: [0.0, 0.0, 0.0, 0.0])
+    def __init__(self, device: torch.device) -> None:
+        self.sums = torch.zeros(5, dtype=torch.float64, device=device)
 
-    def add(self, loss: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor, tokens: int) -> None:
-        n = labels.numel()
-        correct = float((logits.argmax(-1) == labels).sum())
-        for i, value in enumerate((float(loss.detach()) * n, correct, n, tokens)):
-            self.sums[i] += value
+    def add(self, sums: torch.Tensor) -> None:
+        self.sums += sums
 
     def flush(self, env: DistEnv) -> list[float]:
         """The sums over all ranks since the last flush; every rank calls it at the same point."""
         totals = all_reduce_sum(self.sums, env).tolist()
-        self.sums = [0.0, 0.0, 0.0, 0.0]
+        self.sums.zero_()
         return totals
+
+    def nonfinite(self, env: DistEnv) -> float:
+        """Non-finite losses on all ranks since the last flush, without flushing."""
+        return all_reduce_sum(self.sums[4:], env)[0].item()
 
 
 def mean_loss_accuracy(totals: list[float]) -> tuple[float, float]:
@@ -218,13 +230,17 @@ def _check_run_dir(cfg: Config, run_dir: Path, overwrite: bool, world_size: int)
     return None
 
 
-def build_classifier(cfg: Config, data: DataBundle, reporter: Reporter):
+def build_classifier(cfg: Config, data: DataBundle, reporter: Reporter, device: torch.device):
+    backend = cfg.model.attention_backend
+    if device.type != "cuda" and backend not in ("auto", "math"):
+        raise ConfigError(f"model.attention_backend={backend} needs a CUDA GPU; use auto or math on a CPU")
     model = build_model(cfg.model, len(data.label_map))
     if cfg.model.weights.lower() != "none":
         report = load_pretrained(model, cfg.model.weights, download=cfg.model.download,
                                  head_policy=cfg.model.head)
         reporter.say(f"weights: loaded {len(report.loaded)} tensors ({report.format}) from {report.source}")
     set_trainable(model, cfg.model.trainable, cfg.lora)
+    configure_kernels(model, cfg.model.fused_qkv, backend)
     return model
 
 
@@ -252,7 +268,8 @@ def _train(cfg: Config, env: DistEnv, overwrite: bool, preemption: PreemptionFla
     plan = plan_batches(cfg, env.world_size)
     collate = make_collate(cfg.data.padding, data.max_length)
     loader = train_loader(data.train, plan.micro_batch_size, collate, env.rank, env.world_size, cfg.seed,
-                          cfg.data.num_workers)
+                          cfg.data.num_workers, cfg.data.group_by_length,
+                          pin_memory=cfg.data.pin_memory and env.device.type == "cuda")
     steps_per_epoch = len(loader) // plan.grad_accum_steps
     if steps_per_epoch == 0:
         raise ConfigError(
@@ -266,7 +283,7 @@ def _train(cfg: Config, env: DistEnv, overwrite: bool, preemption: PreemptionFla
     if any(data.truncated.values()):
         counts = ", ".join(f"{n} of {len(getattr(data, split))} {split}" for split, n in data.truncated.items() if n)
         reporter.warn(f"texts longer than data.max_length={data.max_length} tokens were truncated: {counts}")
-    model = build_classifier(cfg, data, reporter)
+    model = build_classifier(cfg, data, reporter, env.device)
     trainable, total = count_parameters(model)
     engine, precision = build_engine(model, cfg, env, plan, total_steps)
     es = cfg.early_stopping
@@ -298,7 +315,9 @@ def run_loop(cfg, env, engine, data, loader, collate, plan, steps_per_epoch, tot
              stopper: EarlyStopper, state: TrainState, reporter: Reporter,
              preemption: PreemptionFlag, loss_weight: torch.Tensor | None = None) -> TrainState:
     micro_per_epoch = steps_per_epoch * plan.grad_accum_steps
-    running, window = RunningTrain(), RunningTrain()  # since the last evaluation / the last log line
+    running, window = RunningTrain(env.device), RunningTrain(env.device)  # since the last evaluation / log line
+    deferred = cfg.train.nonfinite_check == "deferred"
+    checked_step = state.global_step  # deferred checks: every update up to this step had a finite loss
     last_eval_step = state.global_step if state.global_step else -1
     tick = time.perf_counter()
     engine.train()
@@ -307,7 +326,7 @@ def run_loop(cfg, env, engine, data, loader, collate, plan, steps_per_epoch, tot
         nonlocal last_eval_step
         set_activity(f"evaluation at step {state.global_step}")
         val = evaluate(engine, data.val, cfg, env, collate, cfg.eval.max_batches)
-        state.absorb(running.flush(env))
+        state.absorb(checked(running.flush(env)))
         train_loss, train_acc = mean_loss_accuracy(state.pending)
         state.pending = [0.0, 0.0, 0.0]
         metric = val["loss"] if cfg.early_stopping.metric == "val_loss" else val["accuracy"]
@@ -326,13 +345,34 @@ def run_loop(cfg, env, engine, data, loader, collate, plan, steps_per_epoch, tot
 
     def save(is_best: bool) -> None:
         set_activity(f"checkpoint save at step {state.global_step}")
-        state.absorb(running.flush(env))
+        state.absorb(checked(running.flush(env)))
         state.stopper = asdict(stopper)
         client = {"train_state": asdict(state), "world_size": env.world_size,
                   "labels": data.label_map.to_json(), "max_length": data.max_length,
                   "param_group_names": param_group_names(engine.module)}
         checkpoint.save(engine, Path(cfg.output_dir), env, state.global_step, client, is_best,
                         cfg.checkpoint.keep_last, cfg.checkpoint.checksums)
+
+    def checked(totals: list[float]) -> list[float]:
+        """Deferred checks: stop, before anything is saved, when a flushed window held a non-finite loss."""
+        nonlocal checked_step
+        if totals[4] > 0:
+            stop_deferred(totals[4])
+        checked_step = state.global_step
+        return totals
+
+    def stop_deferred(count: float) -> None:
+        """Every rank gets here at the same point (the count was all-reduced)."""
+        state.nonfinite_skipped += int(count)
+        first, last = checked_step + 1, state.global_step + (state.micro_steps % plan.grad_accum_steps > 0)
+        reporter.event("nonfinite", step=last, epoch=state.epoch, count=int(count), action="stop",
+                       check="deferred")
+        raise NonFiniteLoss(
+            f"{int(count)} non-finite loss(es) between steps {first} and {last} (train.nonfinite_check="
+            f"deferred: found after the update); last good state: checkpoint "
+            f"{checkpoint.read_pointer(Path(cfg.output_dir), 'latest')}. Lower train.lr, check the data, or "
+            "use train.nonfinite_check=micro_batch with train.on_nonfinite=skip to skip such micro-batches"
+        )
 
     def on_nonfinite(step: int, batch_index: int) -> None:
         """Every rank calls this for the same micro-batch (the flag was all-reduced)."""
@@ -374,14 +414,14 @@ def run_loop(cfg, env, engine, data, loader, collate, plan, steps_per_epoch, tot
             if faults.nan_loss(next_step, env.rank):
                 loss = loss * float("nan")
             state.batches_in_epoch += 1
-            if nonfinite_on_any_rank(loss, env):
+            if not deferred and nonfinite_on_any_rank(loss, env):
                 on_nonfinite(next_step, i)
                 continue
             engine.backward(loss)
             engine.step()
-            tokens = int(batch["lengths"].sum())
-            running.add(loss, logits, labels, tokens)
-            window.add(loss, logits, labels, 0)
+            sums = batch_sums(loss, logits, labels, int(batch["lengths"].sum()))
+            running.add(sums)
+            window.add(sums)
             state.micro_steps += 1
             state.examples_seen += labels.numel() * env.world_size
             if state.micro_steps % plan.grad_accum_steps:
@@ -390,8 +430,15 @@ def run_loop(cfg, env, engine, data, loader, collate, plan, steps_per_epoch, tot
             now = time.perf_counter()
             state.train_seconds += now - tick
             tick = now
+            sync_point = state.global_step % cfg.train.sync_every_steps == 0
+            if deferred and sync_point:
+                if (bad := running.nonfinite(env)) > 0:
+                    stop_deferred(bad)
             if state.global_step % cfg.train.log_every_steps == 0:
-                loss_avg, acc_avg = mean_loss_accuracy(window.flush(env))
+                totals = window.flush(env)
+                if totals[4] > 0:  # only with deferred checks: the others never add a non-finite loss
+                    stop_deferred(totals[4])
+                loss_avg, acc_avg = mean_loss_accuracy(totals)
                 lr = engine.get_lr()[0]
                 speed = state.examples_seen / max(state.train_seconds, 1e-9)
                 reporter.step(state.global_step, f"epoch {state.epoch + 1} loss {loss_avg:.4f} lr {lr:.2e}")
@@ -411,7 +458,7 @@ def run_loop(cfg, env, engine, data, loader, collate, plan, steps_per_epoch, tot
                 break
             if decision == NEW_BEST or periodic:
                 save(decision == NEW_BEST)
-            if preemption.agreed(env):
+            if sync_point and preemption.agreed(env):
                 if not (decision == NEW_BEST or periodic):
                     save(False)
                 state.preempted = True

@@ -198,7 +198,7 @@ def test_large_int_keeps_every_digit() -> None:
 def test_unknown_nested_key_names_the_path_and_the_nearest_key() -> None:
     message = override_error("train.lrr=1e-4")
     assert message.startswith("unknown config key 'train.lrr'. Did you mean 'train.lr'?")
-    assert "Valid keys here: betas, epochs," in message
+    assert "Valid keys here: betas, compile, compile_mode, epochs," in message
 
 
 def test_unknown_top_level_key() -> None:
@@ -232,7 +232,7 @@ def test_unknown_section_under_a_section() -> None:
         ("data.padding=left", "data.padding: 'left' is not allowed; choose one of: fixed | longest | none"),
         ("model.pooling=max", "model.pooling: 'max' is not allowed; choose one of: last | last_token | first | mean"),
         ("zero.stage=4", "zero.stage: 4 is not allowed; choose one of: 0 | 1 | 2 | 3"),
-        ("precision=fp8", "precision: 'fp8' is not allowed; choose one of: bf16 | fp16 | fp32"),
+        ("precision=fp8", "precision: 'fp8' is not allowed; choose one of: bf16 | bf16_autocast | fp16 | fp32"),
         ("train.schedule=step", "train.schedule: 'step' is not allowed; choose one of: constant | linear | cosine"),
         ("model.name=gpt3", "model.name: 'gpt3' is not allowed; choose one of: custom | gpt2 | gpt2-medium | "
                             "gpt2-large | gpt2-xl"),

@@ -15,13 +15,10 @@ from dist_finetune.data import (
     ClassificationDataset,
     DataError,
     LabelMap,
-    ShardedEvalSampler,
     bundled_sms_splits,
-    eval_loader,
     load_data,
     make_collate,
     read_table,
-    train_loader,
 )
 from dist_finetune.tokenizer import EOT_ID, PAD_ID, encode
 
@@ -310,61 +307,3 @@ def test_partial_file_config_is_an_error(tmp_path):
     cfg = DataConfig(train_file=str(write(tmp_path, "t.csv", GOOD_CSV)))
     with pytest.raises(DataError, match="data.val_file, data.test_file"):
         load_data(cfg, context_length=1024)
-
-
-# ---------------------------------------------------------------- sharding
-
-
-@pytest.mark.parametrize("world_size", [2, 3])
-def test_train_shards_disjoint_and_cover(world_size):
-    ds = tiny_dataset(23)
-    collate = make_collate("longest", 4)
-    loaders = [train_loader(ds, 2, collate, rank, world_size, seed=5) for rank in range(world_size)]
-    for epoch in (0, 1):
-        shards = []
-        for loader in loaders:
-            loader.sampler.set_epoch(epoch)
-            shards.append(list(loader.sampler))
-        flat = [i for shard in shards for i in shard]
-        assert len(flat) == len(set(flat)) == (23 // world_size) * world_size
-        assert set(flat) <= set(range(23))
-        for loader, shard in zip(loaders, shards):
-            seen = [ids[0] - 1 for batch in loader for ids in batch["input_ids"].tolist()]
-            assert seen == shard[: len(shard) // 2 * 2]  # DataLoader drop_last trims the partial batch
-            assert len(loader) == len(shard) // 2
-    sampler = loaders[0].sampler
-    sampler.set_epoch(0)
-    epoch0 = list(sampler)
-    sampler.set_epoch(1)
-    assert list(sampler) != epoch0  # set_epoch reshuffles
-
-
-def test_train_loader_needs_one_batch_per_rank():
-    with pytest.raises(DataError, match="micro_batch_size"):
-        train_loader(tiny_dataset(5), 4, make_collate("longest", 4), rank=0, world_size=2, seed=1)
-
-
-@pytest.mark.parametrize("world_size", [1, 2, 3])
-@pytest.mark.parametrize("n", [0, 1, 2, 7, 149])
-def test_eval_sampler_visits_each_index_once(world_size, n):
-    samplers = [ShardedEvalSampler(n, rank, world_size) for rank in range(world_size)]
-    visited = [i for sampler in samplers for i in sampler]
-    assert visited == list(range(n))  # contiguous shards, in rank order
-    sizes = [len(sampler) for sampler in samplers]
-    assert sum(sizes) == n and max(sizes) - min(sizes) <= 1
-
-
-@pytest.mark.parametrize("world_size", [1, 2, 3])
-def test_eval_loader_covers_dataset(world_size):
-    ds = tiny_dataset(7)
-    collate = make_collate("fixed", 4)
-    labels = []
-    for rank in range(world_size):
-        for batch in eval_loader(ds, 2, collate, rank, world_size):
-            labels += batch["labels"].tolist()
-    assert labels == ds.labels
-
-
-def test_eval_sampler_rejects_bad_rank():
-    with pytest.raises(ValueError):
-        ShardedEvalSampler(5, rank=2, world_size=2)

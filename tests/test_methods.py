@@ -6,7 +6,8 @@ import torch
 
 import runner
 from dist_finetune.config import ConfigError, from_dict, load_config
-from dist_finetune.data import make_collate, train_loader, ClassificationDataset
+from dist_finetune.data import make_collate, ClassificationDataset
+from dist_finetune.loaders import train_loader
 from dist_finetune.model import build_model, set_trainable
 
 ARCH = {"name": "custom", "n_layer": 2, "n_head": 4, "n_embd": 64, "context_length": 32}
