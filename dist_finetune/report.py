@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import math
 import resource
 import sys
@@ -27,6 +28,16 @@ def peak_memory_bytes(device: torch.device) -> int:
         return int(torch.cuda.max_memory_allocated(device))
     # ru_maxrss is KiB on Linux: the peak resident set of this process.
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+
+
+def process_age_seconds() -> float | None:
+    """Seconds since this process started (Linux /proc): start-up before main() counts too."""
+    try:
+        fields = Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()
+        uptime = float(Path("/proc/uptime").read_text().split()[0])
+        return round(uptime - int(fields[19]) / os.sysconf("SC_CLK_TCK"), 3)
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 def write_json(path: Path, data: Any) -> None:

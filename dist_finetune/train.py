@@ -30,7 +30,7 @@ from .engine import build_engine, param_group_names, plan_batches
 from . import faults
 from .preemption import PreemptionFlag
 from .model import GPTConfig, build_model, configure_kernels, count_parameters, set_trainable
-from .report import Reporter, peak_memory_bytes
+from .report import Reporter, peak_memory_bytes, process_age_seconds
 from .evaluate import evaluate, forward
 from .export import export_checkpoint
 from .loss import class_weights, weight_tensor
@@ -92,6 +92,8 @@ class TrainState:
     micro_steps: int = 0  # micro-batches fed to the engine (skipped non-finite ones not counted)
     nonfinite_skipped: int = 0
     train_seconds: float = 0.0
+    eval_seconds: float = 0.0  # evaluations inside the loop
+    checkpoint_seconds: float = 0.0
     stopper: dict[str, Any] = field(default_factory=dict)
     # Training sums (loss, correct, count) flushed at a checkpoint, not yet reported at an evaluation.
     pending: list[float] = field(default_factory=lambda: [0.0, 0.0, 0.0])
@@ -250,19 +252,22 @@ def build_classifier(cfg: Config, data: DataBundle, reporter: Reporter, device: 
 def train(cfg: Config, env: DistEnv, overwrite: bool = False) -> dict[str, Any] | None:
     """The whole run; returns the summary, or None when a preemption signal stopped it early."""
     wall_start = time.perf_counter()
+    phases = {"startup_seconds": process_age_seconds()}  # process start -> here: imports, launcher, init
     preemption = PreemptionFlag().install()
     try:
-        return _train(cfg, env, overwrite, preemption, wall_start)
+        return _train(cfg, env, overwrite, preemption, wall_start, phases)
     finally:
         preemption.ignore_from_now()
 
 
 def _train(cfg: Config, env: DistEnv, overwrite: bool, preemption: PreemptionFlag,
-           wall_start: float) -> dict[str, Any] | None:
+           wall_start: float, phases: dict[str, float | None]) -> dict[str, Any] | None:
     run_dir = Path(cfg.output_dir)
     resume_tag = prepare_run_dir(cfg, env, overwrite)
     seed_everything(cfg.seed)
+    lap = time.perf_counter()
     data = load_data(cfg.data, GPTConfig.from_model_config(cfg.model).context_length)
+    phases["data_seconds"] = time.perf_counter() - lap
     loss_weight = weight_tensor(class_weights(cfg.loss.class_weights, data.train.labels, data.label_map.labels),
                                 env.device)
     plan = plan_batches(cfg, env.world_size)
@@ -283,9 +288,13 @@ def _train(cfg: Config, env: DistEnv, overwrite: bool, preemption: PreemptionFla
     if any(data.truncated.values()):
         counts = ", ".join(f"{n} of {len(getattr(data, split))} {split}" for split, n in data.truncated.items() if n)
         reporter.warn(f"texts longer than data.max_length={data.max_length} tokens were truncated: {counts}")
+    lap = time.perf_counter()
     model = build_classifier(cfg, data, reporter, env.device)
     trainable, total = count_parameters(model)
+    phases["model_seconds"] = time.perf_counter() - lap
+    lap = time.perf_counter()
     engine, precision = build_engine(model, cfg, env, plan, total_steps)
+    phases["engine_init_seconds"] = time.perf_counter() - lap
     es = cfg.early_stopping
     stopper = EarlyStopper(es.resolved_mode(), es.patience, es.min_delta, es.enabled)
     state = TrainState()
@@ -307,7 +316,7 @@ def _train(cfg: Config, env: DistEnv, overwrite: bool, preemption: PreemptionFla
         reporter.say(f"preempted (signal {preemption.received}) at step {state.global_step}: checkpoint "
                      f"{checkpoint.tag_for(state.global_step)} saved; run again with resume=auto to continue")
         return None
-    return finish(cfg, env, engine, data, collate, state, reporter, precision, wall_start,
+    return finish(cfg, env, engine, data, collate, state, reporter, precision, wall_start, phases,
                   trainable, total, steps_per_epoch)
 
 
@@ -325,8 +334,10 @@ def run_loop(cfg, env, engine, data, loader, collate, plan, steps_per_epoch, tot
     def eval_and_decide() -> int:
         nonlocal last_eval_step
         set_activity(f"evaluation at step {state.global_step}")
+        lap = time.perf_counter()
         val = evaluate(engine, data.val, cfg, env, collate, cfg.eval.max_batches)
         state.absorb(checked(running.flush(env)))
+        state.eval_seconds += time.perf_counter() - lap
         train_loss, train_acc = mean_loss_accuracy(state.pending)
         state.pending = [0.0, 0.0, 0.0]
         metric = val["loss"] if cfg.early_stopping.metric == "val_loss" else val["accuracy"]
@@ -350,8 +361,10 @@ def run_loop(cfg, env, engine, data, loader, collate, plan, steps_per_epoch, tot
         client = {"train_state": asdict(state), "world_size": env.world_size,
                   "labels": data.label_map.to_json(), "max_length": data.max_length,
                   "param_group_names": param_group_names(engine.module)}
+        lap = time.perf_counter()
         checkpoint.save(engine, Path(cfg.output_dir), env, state.global_step, client, is_best,
                         cfg.checkpoint.keep_last, cfg.checkpoint.checksums)
+        state.checkpoint_seconds += time.perf_counter() - lap
 
     def checked(totals: list[float]) -> list[float]:
         """Deferred checks: stop, before anything is saved, when a flushed window held a non-finite loss."""
@@ -479,17 +492,22 @@ def run_loop(cfg, env, engine, data, loader, collate, plan, steps_per_epoch, tot
 
 
 def finish(cfg, env, engine, data, collate, state: TrainState, reporter: Reporter, precision: str,
-           wall_start: float, trainable: int, total: int, steps_per_epoch: int) -> dict[str, Any]:
+           wall_start: float, phases: dict[str, float | None], trainable: int, total: int,
+           steps_per_epoch: int) -> dict[str, Any]:
     run_dir = Path(cfg.output_dir)
+    lap = time.perf_counter()
     best_tag = checkpoint.best_valid_tag(run_dir) if env.is_main else None
     best_tag = broadcast_object(best_tag, env)
     if best_tag is not None:
         checkpoint.load(engine, run_dir, env, best_tag, weights_only=True)
     results = {split: evaluate(engine, getattr(data, split), cfg, env, collate)
                for split in ("train", "val", "test")}
+    phases["final_eval_seconds"] = time.perf_counter() - lap
     labels = data.label_map.to_json()
+    lap = time.perf_counter()
     if env.is_main and cfg.checkpoint.export and best_tag is not None:
         export_checkpoint(cfg, run_dir, best_tag, run_dir / "export", labels, data.max_length)
+    phases["export_seconds"] = time.perf_counter() - lap
     summary = {
         **{split: {"accuracy": r["accuracy"], "loss": r["loss"], "examples": r["examples"],
                    **from_confusion(r["confusion_matrix"]).to_dict(labels)}
@@ -506,6 +524,9 @@ def finish(cfg, env, engine, data, collate, state: TrainState, reporter: Reporte
         "samples_per_second": state.examples_seen / max(state.train_seconds, 1e-9),
         "tokens_per_second": state.tokens_seen / max(state.train_seconds, 1e-9),
         "peak_memory_bytes": peak_memory_bytes(env.device),
+        # Where the wall time went (this launch; a resumed run's loop figures include earlier launches).
+        "timings": _round({**phases, "loop_train_seconds": state.train_seconds, "loop_eval_seconds":
+                           state.eval_seconds, "checkpoint_seconds": state.checkpoint_seconds}),
         "trainable_parameters": trainable,
         "total_parameters": total,
         "labels": labels,
@@ -519,6 +540,10 @@ def finish(cfg, env, engine, data, collate, state: TrainState, reporter: Reporte
         f"best step {state.best_step}, {summary['wall_seconds']:.1f} s -> {run_dir}"
     )
     return summary
+
+
+def _round(timings: dict[str, float | None]) -> dict[str, float | None]:
+    return {k: None if v is None else round(v, 3) for k, v in timings.items()}
 
 
 def _whole(x: float) -> float | int:

@@ -49,6 +49,39 @@ def test_two_ranks_train_disjoint_shards_and_stop_together(tmp_path):
     assert decisions == ["new_best", "stop"]
 
 
+FAST_PATH = ["data.padding=longest", "data.group_by_length=true", "train.nonfinite_check=deferred",
+             "train.on_nonfinite=stop", "train.sync_every_steps=3", "train.log_every_steps=4",
+             "precision=bf16_autocast", "eval.batch_size=64", "report.sample_log=true"]
+
+
+def test_two_ranks_on_the_fast_path_group_lengths_and_agree(tmp_path):
+    """Length-grouped shards, device-side sums, deferred checks every 3 steps, bf16 autocast: 2 ranks."""
+    run = runner.train(tmp_path, "fast", nproc=2, overrides=[*FAST_PATH, "train.max_steps=20"])
+    assert run.ok, run.output()
+    summary = run.summary()
+    assert summary["global_step"] == 20 and summary["precision"] == "bf16_autocast"
+    assert summary["test"]["examples"] == 300 and summary["train"]["examples"] == 1045
+    assert {"startup_seconds", "data_seconds", "engine_init_seconds", "loop_train_seconds",
+            "final_eval_seconds"} <= set(summary["timings"])
+    losses = step_losses(run)
+    assert len(losses) == 5 and all(map(lambda x: x == x, losses))  # logged every 4 steps, finite
+    logs = [[json.loads(x) for x in (run.dir / "samples" / f"rank{r}.jsonl").read_text().splitlines()]
+            for r in range(2)]
+    seen = [[i for b in log for i in b["indices"]] for log in logs]
+    assert len(seen[0]) == len(seen[1]) == 20 * 8 and not set(seen[0]) & set(seen[1])
+    from dist_finetune.config import load_config
+    from dist_finetune.data import load_data
+    data = load_data(load_config(run.dir / "config.yaml").data, 128)
+    length = [len(ids) for ids in data.train.token_ids]
+    # The two ranks' micro-batches of one step come from one length-sorted global batch: their spread of
+    # lengths is far below that of 16 examples drawn at random.
+    spread = lambda idx: max(length[i] for i in idx) - min(length[i] for i in idx)
+    grouped = sum(spread(a["indices"] + b["indices"]) for a, b in zip(logs[0], logs[1])) / 20
+    g = torch.Generator().manual_seed(0)
+    shuffled = sum(spread(torch.randperm(len(length), generator=g)[:16].tolist()) for _ in range(200)) / 200
+    assert grouped < 0.3 * shuffled, (grouped, shuffled)
+
+
 def test_data_parallel_and_accumulation_are_equivalent(tmp_path):
     ranks = runner.train(tmp_path, "r2m4", nproc=2, overrides=[*FOUR_STEPS, "train.micro_batch_size=4"])
     accum = runner.train(tmp_path, "r1m4a2", overrides=[*FOUR_STEPS, "train.micro_batch_size=4",

@@ -21,6 +21,7 @@ from dist_finetune.engine import (
     ensure_cuda_arch_list,
     lr_multiplier,
     make_optimizer,
+    optimizer_kind,
     param_group_names,
     param_groups,
     plan_batches,
@@ -430,3 +431,79 @@ def train_fixed_batch(engine: Any, steps: int) -> list[float]:
         engine.step()
         losses.append(float(loss.detach()))
     return losses
+
+
+# ---------------------------------------------------------------- performance switches
+
+
+def test_bf16_autocast_is_deepspeeds_torch_autocast_with_fp32_weights() -> None:
+    ds = deepspeed_config(config("precision=bf16_autocast"), PLAN, "bf16_autocast")
+    assert ds["torch_autocast"] == {"enabled": True, "dtype": "bfloat16"}
+    assert "bf16" not in ds and "fp16" not in ds
+
+
+def test_zero_bucket_sizes_reach_deepspeed_only_when_set() -> None:
+    zero = deepspeed_config(config("zero.stage=2", "zero.reduce_bucket_size=200000000",
+                                   "zero.contiguous_gradients=false"), PLAN, "bf16")["zero_optimization"]
+    assert zero["reduce_bucket_size"] == 200_000_000 and zero["contiguous_gradients"] is False
+    assert "allgather_bucket_size" not in zero
+
+
+@pytest.mark.parametrize(("overrides", "device", "kind"), [
+    ((), "cpu", "torch_foreach"),
+    ((), "cuda", "torch_fused"),
+    (("train.optimizer=deepspeed_fused",), "cuda", "deepspeed_fused"),
+    (("train.optimizer=torch_fused",), "cpu", "torch_fused"),
+    (("zero.stage=2", "zero.offload_optimizer=true"), "cuda", "deepspeed_cpu"),
+])
+def test_optimizer_kind(overrides: tuple[str, ...], device: str, kind: str) -> None:
+    assert optimizer_kind(config(*overrides), torch.device(device)) == kind
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    (("train.optimizer=deepspeed_fused",), "needs a CUDA GPU"),
+    (("zero.stage=2", "zero.offload_optimizer=true", "train.optimizer=torch_fused"), "set train.optimizer=auto"),
+])
+def test_impossible_optimizer_is_refused(overrides: tuple[str, ...], message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        optimizer_kind(config(*overrides), CPU)
+
+
+def test_torch_fused_adamw_on_cpu_is_fused() -> None:
+    opt = make_optimizer(tiny_model("all"), config("train.optimizer=torch_fused"), CPU)
+    assert isinstance(opt, torch.optim.AdamW) and opt.defaults["fused"] is True
+
+
+def test_bf16_autocast_engine_keeps_fp32_weights_and_tracks_fp32(dist_env: DistEnv) -> None:
+    losses = {}
+    for precision in ("fp32", "bf16_autocast"):
+        cfg = replace_precision(engine_config(), precision)
+        engine, resolved = build_engine(tiny_model("last_block", seed=1), cfg, dist_env,
+                                        plan_batches(cfg, 1), total_steps=10)
+        assert resolved == precision
+        assert all(p.dtype == torch.float32 for p in engine.module.parameters())
+        losses[precision] = train_fixed_batch(engine, steps=4)
+    assert losses["bf16_autocast"][-1] < 0.8 * losses["bf16_autocast"][0]
+    for a, b in zip(losses["fp32"], losses["bf16_autocast"]):
+        assert abs(a - b) < 0.05 * a
+
+
+def replace_precision(cfg: Config, precision: str) -> Config:
+    from dist_finetune.config import replace
+
+    return replace(cfg, [f"precision={precision}"])
+
+
+@pytest.mark.slow
+def test_compiled_engine_matches_eager(dist_env: DistEnv) -> None:
+    """torch.compile inside the DeepSpeed engine (inductor on this CPU: ~30 s to compile)."""
+    from dist_finetune.config import replace
+
+    runs = {}
+    for compiled in (False, True):
+        cfg = replace(engine_config(), [f"train.compile={str(compiled).lower()}"])
+        engine, _ = build_engine(tiny_model("last_block", seed=1), cfg, dist_env, plan_batches(cfg, 1), 10)
+        assert engine.is_compiled is compiled
+        runs[compiled] = train_fixed_batch(engine, steps=3)
+    for a, b in zip(runs[False], runs[True]):
+        assert b == pytest.approx(a, rel=1e-4)

@@ -246,3 +246,15 @@ def test_soak_keeps_disk_use_bounded(tmp_path):
     saves = sum(1 for line in (run.dir / "metrics.jsonl").read_text().splitlines()
                 if json.loads(line)["event"] == "eval")
     assert saves >= 15
+
+
+@pytest.mark.slow
+def test_deferred_nonfinite_check_stops_before_saving_the_bad_update(tmp_path):
+    run = runner.train(tmp_path, "run", nproc=2, env={"DIST_FINETUNE_FAULTS": "nan_loss@step=3,rank=1"},
+                       overrides=["train.max_steps=12", "train.on_nonfinite=stop", "train.nonfinite_check=deferred",
+                                  "train.sync_every_steps=4", "train.log_every_steps=5", "checkpoint.every_steps=2"])
+    assert not run.ok
+    assert "between steps 3 and 4" in run.proc.stderr and "train.nonfinite_check=micro_batch" in run.proc.stderr
+    assert checkpoint.read_pointer(run.dir, "latest") == "step_0000002"
+    assert not (run.dir / "checkpoints" / "step_0000004").exists()
+    assert [e["action"] for e in run.events("nonfinite")] == ["stop"]

@@ -9,6 +9,7 @@ from transformers import GPT2Config, GPT2LMHeadModel
 
 from dist_finetune.config import ModelConfig
 from dist_finetune.model import (
+    configure_kernels,
     POOLINGS,
     GPTClassifier,
     GPTConfig,
@@ -244,3 +245,28 @@ def test_build_model_uses_the_config_and_gpt2_init():
     assert block.mlp.proj.weight.std().item() == pytest.approx(residual_std, rel=0.1)
     assert torch.all(block.mlp.fc.bias == 0) and torch.all(model.head.bias == 0)
     assert torch.all(block.ln_1.weight == 1)
+
+
+# ---------------------------------------------------------------- kernel choices
+
+
+def test_unfused_qkv_and_math_attention_compute_the_same_logits():
+    model = tiny(pooling="last_token", seed=3).eval()
+    ids = torch.randint(0, 50257, (3, 20), generator=torch.Generator().manual_seed(1))
+    lengths = torch.tensor([20, 7, 12])
+    expected = model(ids, lengths)
+    for fused, backend in ((False, "auto"), (True, "math"), (False, "math")):
+        configure_kernels(model, fused_qkv=fused, attention_backend=backend)
+        torch.testing.assert_close(model(ids, lengths), expected, atol=1e-5, rtol=0)
+    assert set(model.state_dict()) == set(tiny().state_dict())  # the weights are untouched
+
+
+def test_lora_attention_stays_fused():
+    from dist_finetune.config import LoraConfig
+    from dist_finetune.lora import apply_lora
+
+    model = tiny()
+    apply_lora(model, LoraConfig(targets=("attn",)))
+    configure_kernels(model, fused_qkv=False)
+    assert all(block.attn.fused_qkv for block in model.backbone.blocks)
+    model(torch.randint(0, 50257, (2, 5)))

@@ -16,7 +16,7 @@ from dist_finetune.weights import load_export
 SUMMARY_KEYS = {
     "train", "val", "test", "best_step", "global_step", "epochs_completed", "stopped_early", "world_size",
     "zero_stage", "precision", "wall_seconds", "train_seconds", "samples_per_second", "tokens_per_second",
-    "peak_memory_bytes",
+    "peak_memory_bytes", "timings",
 }
 
 
