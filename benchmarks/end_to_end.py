@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "benchmarks"))
+sys.path[:0] = [str(REPO), str(REPO / "benchmarks")]
 
 TINY_MODEL = ["model.name=custom", "model.n_layer=2", "model.n_head=2", "model.n_embd=64",
               "model.context_length=128", "model.weights=none"]

@@ -237,10 +237,17 @@ class DistributedConfig:
     debug: bool = False
 
 
+def _on_off(path: str, value: Any) -> str:
+    """YAML reads a bare on / off as true / false: take those as meant."""
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    return _coerce(path, str, value)
+
+
 @dataclass(frozen=True)
 class ReportConfig:
     tensorboard: bool = False
-    progress_bar: str = _choices("auto", "on", "off", default="auto")
+    progress_bar: str = field(default="auto", metadata={"choices": ("auto", "on", "off"), "coerce": _on_off})
     plots: bool = True
     # Every rank writes the dataset indices of each training batch to samples/rank{R}.jsonl.
     sample_log: bool = False

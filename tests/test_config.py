@@ -424,3 +424,10 @@ def test_configs_are_shipped() -> None:
 def test_every_shipped_config_loads(path: Path) -> None:
     cfg = load_config(path)
     assert from_dict(to_dict(cfg)) == cfg
+
+
+def test_bare_on_off_from_yaml_is_taken_as_meant(tmp_path: Path) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text("report:\n  progress_bar: off\n", encoding="utf-8")
+    assert load_config(path).report.progress_bar == "off"
+    assert load_config(None, ["report.progress_bar=on"]).report.progress_bar == "on"
