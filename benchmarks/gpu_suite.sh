@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Every GPU check in one go, results as JSON and text under $OUT (about 6-7 minutes on one H100/H200):
+# Every GPU check in one go, results as JSON and text under $OUT (about 6-7 minutes on one H100/H200; at most 9.5):
 #   1. the gpu-marked tests (bf16 against fp32, compiled against eager, fused attention kernels);
 #   2. benchmarks/throughput.py --matrix gpu (step time, tokens/s, MFU, memory; GPT-2 124M and 1.5B);
 #   3. benchmarks/end_to_end.py --matrix gpu (whole SMS runs, process start to summary.json, with the
@@ -37,9 +37,9 @@ step() {  # step NAME SECONDS COMMAND...: run with a time limit, keep its output
 cat "$OUT/machine.txt"
 
 if [ "$MATRIX" = gpu ]; then
-  step gpu_tests 150 $PY -m pytest -q -m gpu tests/test_gpu.py -p no:cacheprovider
+  step gpu_tests 120 $PY -m pytest -q -m gpu tests/test_gpu.py -p no:cacheprovider
 else
   step gpu_tests 600 env DIST_FINETUNE_TEST_DEVICE=cpu $PY -m pytest -q -m gpu tests/test_gpu.py -p no:cacheprovider
 fi
-step throughput 300 $PY benchmarks/throughput.py --matrix "$MATRIX" --json "$OUT/throughput.json"
-step end_to_end 240 $PY benchmarks/end_to_end.py --matrix "$MATRIX" --json "$OUT/end_to_end.json"
+step throughput 270 $PY benchmarks/throughput.py --matrix "$MATRIX" --json "$OUT/throughput.json"
+step end_to_end 180 $PY benchmarks/end_to_end.py --matrix "$MATRIX" --json "$OUT/end_to_end.json"
