@@ -8,7 +8,9 @@
 #   OUT=results bash benchmarks/gpu_suite.sh              # on the GPU machine
 #   OUT=/tmp/r MATRIX=tiny bash benchmarks/gpu_suite.sh   # the same script on a CPU, tiny model, seconds
 #
-# Where DeepSpeed is not installed, wheels in .whl/ (../shared/gpu/make-wheels.sh) are installed first.
+# Where DeepSpeed or pytest is not installed, the wheels in .whl/ are installed first (an offline GPU
+# machine): build them where there is a network with DeepSpeed's make-wheels script plus
+#   python3 -m pip download -q --no-deps -d .whl pytest pluggy iniconfig
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-gpu-results}
@@ -16,7 +18,7 @@ MATRIX=${MATRIX:-gpu}
 mkdir -p "$OUT"
 PY=${PYTHON:-python3}
 
-if ! $PY -c "import deepspeed" 2>/dev/null && ls .whl/*.whl >/dev/null 2>&1; then
+if ! $PY -c "import deepspeed, pytest" 2>/dev/null && ls .whl/*.whl >/dev/null 2>&1; then
   $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl
   export PYTHONPATH=/tmp/site:$PWD
 fi
@@ -36,7 +38,9 @@ step() {  # step NAME SECONDS COMMAND...: run with a time limit, keep its output
   >"$OUT/machine.txt" 2>&1
 cat "$OUT/machine.txt"
 
-if [ "$MATRIX" = gpu ]; then
+if ! $PY -c "import pytest" 2>/dev/null; then
+  echo "gpu_tests: skipped, pytest is not installed (see the header)" | tee -a "$OUT/steps.txt"
+elif [ "$MATRIX" = gpu ]; then
   step gpu_tests 120 $PY -m pytest -q -m gpu tests/test_gpu.py -p no:cacheprovider
 else
   step gpu_tests 600 env DIST_FINETUNE_TEST_DEVICE=cpu $PY -m pytest -q -m gpu tests/test_gpu.py -p no:cacheprovider
