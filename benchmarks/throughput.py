@@ -72,7 +72,7 @@ from dist_finetune.report import peak_memory_bytes
 HERE = str(Path(__file__).resolve().parent)  # plain_loop.py sits next to this file
 if HERE not in sys.path:
     sys.path.insert(0, HERE)
-from plain_loop import make_optimizer, make_step  # noqa: E402
+from plain_loop import make_optimizer, make_step, sync  # noqa: E402
 
 NUM_CLASSES = 2
 DISTINCT_BATCHES = 16
@@ -316,11 +316,6 @@ class Timing:
     warmup_seconds: float
     seconds: float
     losses: list[float]
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def release(device: torch.device) -> None:
