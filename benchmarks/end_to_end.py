@@ -98,7 +98,7 @@ def run_plain(run: Run) -> dict[str, Any]:
     from dist_finetune.config import load_config
     from plain_loop import train_epochs
 
-    cfg = load_config(None, [*run.overrides, f"model.trainable={run.trainable}", "data.padding=fixed"])
+    cfg = load_config(None, [*run.overrides, f"model.trainable={run.trainable}"])  # it pads to the longest text
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     result = train_epochs(cfg, run.epochs, device)
     return {"name": run.name, "config": None, "overrides": run.overrides, **asdict(result),

@@ -42,11 +42,16 @@ class PlainResult:
     epochs: int
 
 
-def build_plain_model(cfg: Config, num_classes: int, device: torch.device,
-                      load_weights: bool = True) -> GPTClassifier:
-    """Seeded with cfg.seed; model.weights loaded when set (the chapter starts from GPT-2's weights)."""
+def build_plain_model(cfg: Config, num_classes: int, device: torch.device, load_weights: bool = True,
+                      init_on_device: bool = False) -> GPTClassifier:
+    """Seeded with cfg.seed; model.weights loaded when set (the chapter starts from GPT-2's weights).
+
+    Initialised on the CPU, as the framework does (the same seed, the same weights), unless
+    `init_on_device` (fast for gpt2-xl; the device's generator then gives other weights).
+    """
     torch.manual_seed(cfg.seed)
-    model = build_model(cfg.model, num_classes)
+    with device if init_on_device else contextlib.nullcontext():
+        model = build_model(cfg.model, num_classes)
     if load_weights and cfg.model.weights.lower() != "none":
         from dist_finetune.weights import load_pretrained
 

@@ -66,13 +66,13 @@ from dist_finetune.data import ClassificationDataset, DataBundle, load_data, mak
 from dist_finetune.distributed import DistEnv, init_distributed, shutdown
 from dist_finetune.engine import build_engine, optimizer_kind, plan_batches
 from dist_finetune.loaders import train_loader
-from dist_finetune.model import GPTClassifier, build_model, configure_kernels, count_parameters, set_trainable
+from dist_finetune.model import GPTClassifier, count_parameters
 from dist_finetune.report import peak_memory_bytes
 
 HERE = str(Path(__file__).resolve().parent)  # plain_loop.py sits next to this file
 if HERE not in sys.path:
     sys.path.insert(0, HERE)
-from plain_loop import make_optimizer, make_step, sync  # noqa: E402
+from plain_loop import build_plain_model, make_optimizer, make_step, sync, to_device  # noqa: E402
 
 NUM_CLASSES = 2
 DISTINCT_BATCHES = 16
@@ -305,7 +305,7 @@ def make_batches(data: DataBundle, setting: Setting, seed: int,
                               seed, group_by_length=True)
     host = list(itertools.islice(loader, DISTINCT_BATCHES))
     stats = [BatchStats(int(b["lengths"].sum()), *b["input_ids"].shape) for b in host]
-    return [{k: v.to(device) for k, v in b.items()} for b in host], stats
+    return [to_device(b, device) for b in host], stats
 
 
 # ---------------------------------------------------------------- timing
@@ -387,16 +387,6 @@ class Result:
     ratio_step_time_vs_twin: float | None = None
 
 
-def fresh_model(cfg: Config, device: torch.device) -> GPTClassifier:
-    """Initialised on the device (fast for gpt2-xl); the same seed gives twins the same weights."""
-    torch.manual_seed(cfg.seed)
-    with device:
-        model = build_model(cfg.model, NUM_CLASSES)
-    set_trainable(model, cfg.model.trainable)
-    configure_kernels(model, cfg.model.fused_qkv, cfg.model.attention_backend)
-    return model
-
-
 def describe_model(cfg: Config) -> str:
     arch = cfg.model.arch()
     return f"{cfg.model.name} ({arch['n_layer']} layers x {arch['n_embd']})"
@@ -407,7 +397,8 @@ def run_setting(matrix: Matrix, setting: Setting, env: DistEnv, data: DataBundle
     cfg = setting_config(matrix, setting)
     release(env.device)
     batches, stats = make_batches(data, setting, cfg.seed, env.device)
-    model = fresh_model(cfg, env.device)
+    # On the device (fast for gpt2-xl); a setting and its twin share the seed, so the same weights.
+    model = build_plain_model(cfg, NUM_CLASSES, env.device, init_on_device=True)
     flops = FlopCounter.of(model)
     trainable, total = count_parameters(model)
     engine = None

@@ -366,12 +366,16 @@ def run_loop(cfg, env, engine, data, loader, collate, plan, steps_per_epoch, tot
                         cfg.checkpoint.keep_last, cfg.checkpoint.checksums)
         state.checkpoint_seconds += time.perf_counter() - lap
 
-    def checked(totals: list[float]) -> list[float]:
-        """Deferred checks: stop, before anything is saved, when a flushed window held a non-finite loss."""
+    def verify(nonfinite: float) -> None:
+        """Deferred checks: every rank gets the same all-reduced count, before anything is saved.
+        A clean count covers every update so far (an earlier non-finite loss would have stopped the run)."""
         nonlocal checked_step
-        if totals[4] > 0:
-            stop_deferred(totals[4])
+        if nonfinite > 0:
+            stop_deferred(nonfinite)
         checked_step = state.global_step
+
+    def checked(totals: list[float]) -> list[float]:
+        verify(totals[4])
         return totals
 
     def stop_deferred(count: float) -> None:
@@ -445,13 +449,10 @@ def run_loop(cfg, env, engine, data, loader, collate, plan, steps_per_epoch, tot
             tick = now
             sync_point = state.global_step % cfg.train.sync_every_steps == 0
             if deferred and sync_point:
-                if (bad := running.nonfinite(env)) > 0:
-                    stop_deferred(bad)
+                verify(running.nonfinite(env))
             if state.global_step % cfg.train.log_every_steps == 0:
-                totals = window.flush(env)
-                if totals[4] > 0:  # only with deferred checks: the others never add a non-finite loss
-                    stop_deferred(totals[4])
-                loss_avg, acc_avg = mean_loss_accuracy(totals)
+                # Only deferred checks let a non-finite loss into the sums.
+                loss_avg, acc_avg = mean_loss_accuracy(checked(window.flush(env)))
                 lr = engine.get_lr()[0]
                 speed = state.examples_seen / max(state.train_seconds, 1e-9)
                 reporter.step(state.global_step, f"epoch {state.epoch + 1} loss {loss_avg:.4f} lr {lr:.2e}")
