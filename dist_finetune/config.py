@@ -16,9 +16,10 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from .errors import UserError
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A user error in the run configuration; the message names the key and the fix."""
 
 

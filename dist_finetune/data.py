@@ -23,6 +23,7 @@ from torch.utils.data import Dataset
 
 from .config import DataConfig
 from .tokenizer import PAD_ID, encode_batch
+from .errors import UserError
 
 SPLITS = ("train", "val", "test")
 BUNDLED_SMS_PATH = Path(__file__).resolve().parent / "datasets" / "sms_spam_collection" / "SMSSpamCollection"
@@ -41,7 +42,7 @@ _BAD_BYTE_MARK = "\U0010fffe"  # a Unicode noncharacter: stands in for undecodab
 BALANCE_SEED = 123  # data.balance=undersample on user files: which rows of the larger labels are kept
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """A user error in the data; the message names the file, the row and column, and the fix."""
 
 

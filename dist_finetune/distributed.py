@@ -13,6 +13,7 @@ from typing import NoReturn
 
 import torch
 import torch.distributed as dist
+from .errors import UserError
 
 
 @dataclass(frozen=True)
@@ -39,7 +40,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-class LaunchError(RuntimeError):
+class LaunchError(UserError, RuntimeError):
     """The launch environment is incomplete (e.g. MPI without mpi4py)."""
 
 

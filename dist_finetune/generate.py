@@ -21,11 +21,12 @@ from .model import GPT
 from .predict import pick_device
 from .tokenizer import EOT_ID, decode, encode
 from .weights import WeightsError, load_language_model
+from .errors import UserError
 
 DEFAULT_MAX_NEW_TOKENS = 25
 
 
-class GenerateError(ValueError):
+class GenerateError(UserError, ValueError):
     """A user error on the command line; the message names the flag and the fix."""
 
 

@@ -14,11 +14,12 @@ from .config import Config, load_config
 from .data import DataBundle, LabelMap, load_data
 from .model import GPTClassifier, GPTConfig, build_model
 from .weights import EXPORT_CONFIG, EXPORT_LABELS, load_state_strict
+from .errors import UserError
 
 POINTERS = ("best", "latest")
 
 
-class RunError(ValueError):
+class RunError(UserError, ValueError):
     """A user error about a run folder or checkpoint; the message names the path and the fix."""
 
 

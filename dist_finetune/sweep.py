@@ -22,13 +22,14 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from .errors import UserError
 
 COLUMNS = ("setting", "status", "train_acc", "val_acc", "test_acc", "train_seconds", "samples_per_second",
            "trainable_parameters", "error")
 NAME = re.compile(r"^[A-Za-z0-9._-]+$")
 
 
-class GridError(ValueError):
+class GridError(UserError, ValueError):
     """A user error in the grid file; the message names the entry and the fix."""
 
 

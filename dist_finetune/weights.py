@@ -20,9 +20,10 @@ from torch import Tensor
 from dist_finetune.config import MODEL_PRESETS
 from dist_finetune.model import GPT, GPTClassifier, GPTConfig
 from dist_finetune.tokenizer import PAD_ID
+from .errors import UserError
 
 
-class WeightsError(ValueError):
+class WeightsError(UserError, ValueError):
     """A user error about pretrained weights; the message names the file or tensor and the fix."""
 
 

@@ -28,13 +28,14 @@ from .predict import pick_device
 from .report import write_json
 from .tokenizer import PAD_ID, encode, encode_batch
 from .weights import WeightsError, load_language_model
+from .errors import UserError
 
 TEXT = "{text}"
 DEFAULT_TEMPLATE = "Is the following text 'spam'? Answer with 'yes' or 'no': '{text}'"
 SMS_ANSWERS = {"ham": " no", "spam": " yes"}
 
 
-class ZeroShotError(ValueError):
+class ZeroShotError(UserError, ValueError):
     """A user error on the command line; the message names the flag and the fix."""
 
 
