@@ -8,13 +8,28 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+def file_mode() -> int:
+    """The mode a plain `open(path, "w")` gives a new file: 0666 less the umask."""
+    return 0o666 & ~_umask()
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -62,3 +77,35 @@ def replace_dir(new: Path, target: Path) -> None:
     os.replace(target, aside / target.name)
     os.replace(new, target)
     shutil.rmtree(aside)  # ours: made just above, holding the folder we replaced
+
+
+@contextmanager
+def writing(path: Path) -> Iterator[Path]:
+    """A temporary name beside `path` for a writer that needs a path (pandas, savefig, safetensors);
+    renamed onto `path` when the block ends without error, removed otherwise. The file gets the usual
+    permissions even when the writer replaced it with one of its own (safetensors' 0600)."""
+    path = Path(path)
+    tmp = temp_path_for(path)
+    try:
+        yield tmp
+        os.chmod(tmp, file_mode())
+        _fsync(tmp)
+        publish(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+@contextmanager
+def building_dir(target: Path) -> Iterator[Path]:
+    """A fresh empty folder beside `target` to fill; it replaces `target` as a whole (`replace_dir`) when
+    the block ends without error, and is removed otherwise."""
+    target = Path(target)
+    new = Path(tempfile.mkdtemp(prefix=f".{target.name}.new.", dir=target.parent))
+    try:
+        os.chmod(new, 0o777 & ~_umask())  # mkdtemp creates 0700
+        yield new
+        replace_dir(new, target)
+    except BaseException:
+        shutil.rmtree(new, ignore_errors=True)
+        raise
