@@ -7,6 +7,7 @@ Every user error is a WeightsError naming the file or tensor and the fix.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -18,8 +19,9 @@ import torch
 from torch import Tensor
 
 from dist_finetune.config import MODEL_PRESETS
-from dist_finetune.model import GPT, GPTClassifier, GPTConfig
+from dist_finetune.model import GPT, POOLINGS, GPTClassifier, GPTConfig
 from dist_finetune.tokenizer import PAD_ID
+from . import files
 from .errors import UserError
 
 
@@ -31,6 +33,7 @@ WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 EXPORT_WEIGHTS = "model.safetensors"
 EXPORT_CONFIG = "model_config.json"
 EXPORT_LABELS = "labels.json"
+EXPORT_FILES = (EXPORT_WEIGHTS, EXPORT_CONFIG, EXPORT_LABELS)
 EXPORT_TOKENIZER = "gpt2"
 ALLOW_DOWNLOAD_ENV = "DIST_FINETUNE_ALLOW_DOWNLOAD"
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
@@ -496,10 +499,12 @@ def load_language_model(spec: str, download: bool = False, n_head: int | None = 
 # ---------------------------------------------------------------- export folder
 
 
-def _atomic_write(path: Path, write) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    write(tmp)
-    os.replace(tmp, path)
+def export_leftovers(folder: Path) -> list[str]:
+    """What `folder` holds besides an export's own files (nothing when it is absent, empty or an export)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return [folder.name] if folder.exists() else []
+    return sorted(p.name for p in folder.iterdir() if p.name not in EXPORT_FILES)
 
 
 def save_export(model: GPTClassifier, folder: Path, pooling: str, labels: list | dict,
@@ -509,26 +514,37 @@ def save_export(model: GPTClassifier, folder: Path, pooling: str, labels: list |
     model_config.json also references the tokenizer and how training truncated and padded the texts
     (`max_length`, `padding`), so that predictions see the inputs the way training did. `lora` (the
     `lora` config section) is given for a model that keeps its adapters: `load_export` rebuilds them.
+    The three files are written into a fresh folder that then replaces `folder` as a whole: a reader or
+    a crash never pairs new weights with old labels. A `folder` holding anything else is refused.
     """
     from safetensors.torch import save_file
 
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
+    folder = folder.resolve() if folder.is_symlink() else folder
+    foreign = export_leftovers(folder)
+    if foreign:
+        raise WeightsError(
+            f"{folder}: holds {_listing(foreign)}, which is not part of an export; refusing to replace it: "
+            "choose another folder for the export, or move those out"
+        )
+    folder.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in model.state_dict().items()}
     config = {"gpt": model.config.to_dict(), "num_classes": model.head.out_features, "pooling": pooling,
               "tokenizer": EXPORT_TOKENIZER, "pad_id": PAD_ID, "max_length": max_length, "padding": padding}
     if lora is not None:
         config["lora"] = lora
-    _atomic_write(folder / EXPORT_WEIGHTS, lambda p: save_file(state, str(p), metadata={"format": "pt"}))
-    _atomic_write(folder / EXPORT_CONFIG, lambda p: p.write_text(json.dumps(config, indent=2) + "\n"))
-    _atomic_write(folder / EXPORT_LABELS, lambda p: p.write_text(json.dumps(labels, indent=2) + "\n"))
+    with files.building_dir(folder) as new:
+        with files.writing(new / EXPORT_WEIGHTS) as tmp:
+            save_file(state, str(tmp), metadata={"format": "pt"})
+        files.atomic_write_text(new / EXPORT_CONFIG, json.dumps(config, indent=2) + "\n")
+        files.atomic_write_text(new / EXPORT_LABELS, json.dumps(labels, indent=2) + "\n")
 
 
 def _check_export_folder(folder: Path) -> None:
     if not folder.is_dir():
         raise WeightsError(f"export folder {folder} not found; point to a run's export folder (RUN_DIR/export) "
                            "or write one with python -m dist_finetune.export")
-    for name in (EXPORT_WEIGHTS, EXPORT_CONFIG, EXPORT_LABELS):
+    for name in EXPORT_FILES:
         if not (folder / name).is_file():
             raise WeightsError(
                 f"{folder}: not an exported model ({name} is missing); an export folder holds "
@@ -536,28 +552,191 @@ def _check_export_folder(folder: Path) -> None:
             )
 
 
+_REEXPORT = "re-export the model (python -m dist_finetune.export --run RUN_DIR --out FOLDER)"
+_MAX_EXPORT_BYTES = 100 * 2**30  # an architecture bigger than this is a damaged file, not a model to build
+_GPT_INTS = {"vocab_size": 2**24, "context_length": 2**20, "n_embd": 2**16, "n_layer": 1024, "n_head": 1024}
+_PADDINGS = ("fixed", "longest", "none")
+
+
+@dataclass(frozen=True)
+class ExportSpec:
+    """An export's model_config.json and labels.json, checked: safe to build a model from."""
+
+    gpt: GPTConfig
+    num_classes: int
+    pooling: str
+    config: dict[str, Any]  # the whole model_config.json
+    labels: list  # class id order
+    raw_labels: Any  # labels.json as written
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise WeightsError(f"{path}: not readable JSON ({type(exc).__name__}: {exc}); {_REEXPORT}") from None
+
+
+def _int_at(path: Path, key: str, value: Any, low: int, high: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise WeightsError(f"{path}: {key}={value!r} must be an integer from {low} to {high}; the file is "
+                           f"damaged or not an export: {_REEXPORT}")
+    return value
+
+
+def _gpt_config(path: Path, gpt: Any) -> GPTConfig:
+    if not isinstance(gpt, dict):
+        raise WeightsError(f"{path}: key 'gpt' must be an object of architecture keys; {_REEXPORT}")
+    known = {f.name for f in dataclasses.fields(GPTConfig)}
+    unknown = sorted(set(gpt) - known)
+    if unknown:
+        raise WeightsError(f"{path}: gpt has unknown keys {unknown} (known: {sorted(known)}); {_REEXPORT}")
+    for key, high in _GPT_INTS.items():
+        if key in gpt:
+            _int_at(path, f"gpt.{key}", gpt[key], 1, high)
+    for key in ("qkv_bias", "causal"):
+        if key in gpt and not isinstance(gpt[key], bool):
+            raise WeightsError(f"{path}: gpt.{key}={gpt[key]!r} must be true or false; {_REEXPORT}")
+    dropout = gpt.get("dropout", 0.0)
+    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
+        raise WeightsError(f"{path}: gpt.dropout={dropout!r} must be a number in [0, 1); {_REEXPORT}")
+    config = GPTConfig(**gpt)
+    if config.n_embd % config.n_head:
+        raise WeightsError(f"{path}: gpt.n_embd={config.n_embd} is not divisible by gpt.n_head={config.n_head}; "
+                           f"{_REEXPORT}")
+    return config
+
+
+def _fp32_bytes(gpt: GPTConfig, num_classes: int) -> int:
+    d = gpt.n_embd
+    per_block = 12 * d * d + 13 * d
+    return 4 * ((gpt.vocab_size + gpt.context_length) * d + gpt.n_layer * per_block + 2 * d + (d + 1) * num_classes)
+
+
+def _check_model_keys(path: Path, config: dict[str, Any], gpt: GPTConfig) -> tuple[int, str]:
+    num_classes = _int_at(path, "num_classes", config.get("num_classes"), 1, 2**20)
+    pooling = config.get("pooling", "last")
+    if pooling not in POOLINGS:
+        raise WeightsError(f"{path}: pooling={pooling!r} is not one of {', '.join(POOLINGS)}; {_REEXPORT}")
+    if config.get("max_length") is not None:
+        _int_at(path, "max_length", config["max_length"], 1, gpt.context_length)
+    _int_at(path, "pad_id", config.get("pad_id", PAD_ID), 0, gpt.vocab_size - 1)
+    if config.get("padding", "fixed") not in _PADDINGS:
+        raise WeightsError(f"{path}: padding={config['padding']!r} is not one of {', '.join(_PADDINGS)}; {_REEXPORT}")
+    if config.get("lora") is not None and not isinstance(config["lora"], dict):
+        raise WeightsError(f"{path}: lora must be an object (the lora config section); {_REEXPORT}")
+    size = _fp32_bytes(gpt, num_classes)
+    if size > _MAX_EXPORT_BYTES:
+        raise WeightsError(
+            f"{path}: gpt (n_layer={gpt.n_layer}, n_embd={gpt.n_embd}, vocab_size={gpt.vocab_size}) describes a "
+            f"model of {size / 2**30:.0f} GiB, more than the {_MAX_EXPORT_BYTES // 2**30} GiB this tool loads; "
+            f"the file is damaged: {_REEXPORT}"
+        )
+    return num_classes, pooling
+
+
+def _label_list(path: Path, raw: Any, num_classes: int, config_path: Path) -> list:
+    if isinstance(raw, dict):
+        ids = sorted(raw.values(), key=str)
+        if not all(isinstance(i, int) and not isinstance(i, bool) for i in raw.values()) or \
+                sorted(raw.values()) != list(range(len(raw))):
+            raise WeightsError(f"{path}: a {{label: id}} object needs the ids 0..{len(raw) - 1}, each once; "
+                               f"got {ids[:_SHOWN]}; {_REEXPORT}")
+        labels = [k for k, _ in sorted(raw.items(), key=lambda kv: kv[1])]
+    elif isinstance(raw, list):
+        labels = raw
+        bad = [x for x in raw if isinstance(x, (dict, list)) or x is None]
+        if bad:
+            raise WeightsError(f"{path}: labels must be strings or numbers, found {bad[0]!r}; {_REEXPORT}")
+    else:
+        raise WeightsError(f"{path}: expected a list of labels (class id order) or a {{label: id}} object, found "
+                           f"{type(raw).__name__}; {_REEXPORT}")
+    seen: set = set()
+    duplicates = [x for x in labels if x in seen or seen.add(x)]
+    if duplicates:
+        raise WeightsError(f"{path}: label {duplicates[0]!r} appears twice; each class needs its own label; "
+                           f"{_REEXPORT}")
+    if len(labels) != num_classes:
+        raise WeightsError(f"{path}: {len(labels)} labels, but {config_path} says num_classes={num_classes} (the "
+                           f"classifier head's outputs); the two files are from different models: {_REEXPORT}")
+    return list(labels)
+
+
+def read_export_spec(folder: Path) -> ExportSpec:
+    """The export's two JSON files, every key checked (types, ranges, the model's size), before any model
+    is built; each problem is one WeightsError naming the file, the key and the fix."""
+    folder = Path(folder)
+    _check_export_folder(folder)
+    config_path, labels_path = folder / EXPORT_CONFIG, folder / EXPORT_LABELS
+    config = _read_json(config_path)
+    if not isinstance(config, dict):
+        raise WeightsError(f"{config_path}: expected a JSON object, found {type(config).__name__}; {_REEXPORT}")
+    if "gpt" not in config:
+        raise WeightsError(f"{config_path}: key 'gpt' (the architecture) is missing; {_REEXPORT}")
+    gpt = _gpt_config(config_path, config["gpt"])
+    num_classes, pooling = _check_model_keys(config_path, config, gpt)
+    raw = _read_json(labels_path)
+    labels = _label_list(labels_path, raw, num_classes, config_path)
+    return ExportSpec(gpt, num_classes, pooling, config, labels, raw)
+
+
+def _tensor_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), "pt") as f:
+            return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    except Exception as exc:  # safetensors raises its own error types for a damaged header
+        raise WeightsError(f"{path}: cannot read it as a safetensors file ({type(exc).__name__}: {exc}); "
+                           f"{_REEXPORT}") from None
+
+
+_CONFIG_KEY_OF = (("backbone.wte.", "gpt.vocab_size / gpt.n_embd"), ("backbone.wpe.", "gpt.context_length"),
+                  ("backbone.blocks.", "gpt.n_layer / gpt.n_embd / gpt.qkv_bias"), ("head.", "num_classes"))
+
+
+def _check_weights_fit(folder: Path, model: GPTClassifier) -> None:
+    """Compares the safetensors header with the model (built on the meta device: no memory)."""
+    path = folder / EXPORT_WEIGHTS
+    shapes = _tensor_shapes(path)
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    wrong = [k for k in expected if k in shapes and shapes[k] != expected[k]]
+    missing = [k for k in expected if k not in shapes]
+    extra = [k for k in shapes if k not in expected]
+    for names, what in ((wrong, "has shape {got} but {config} needs {want}"), (missing, "is missing"),
+                        (extra, "has no place in the model")):
+        if names:
+            k = names[0]
+            key = next((key for prefix, key in _CONFIG_KEY_OF if k.startswith(prefix)), "gpt")
+            told = what.format(got=shapes.get(k), want=expected.get(k), config=EXPORT_CONFIG)
+            raise WeightsError(f"{path}: tensor {k} {told} ({len(names)} such tensor(s)); the weights and "
+                               f"{EXPORT_CONFIG} ({key}) are from different models: {_REEXPORT}")
+
+
+def _build_exported(spec: ExportSpec) -> GPTClassifier:
+    model = GPTClassifier(spec.gpt, spec.num_classes, spec.pooling)
+    if spec.config.get("lora"):  # exported with lora.export=separate
+        from dist_finetune.config import from_dict
+        from dist_finetune.lora import apply_lora
+
+        apply_lora(model, from_dict({"lora": spec.config["lora"]}).lora)
+    return model
+
+
 def load_export(folder: Path) -> tuple[GPTClassifier, Any]:
     """The exported classifier (eval mode) and the parsed labels.json."""
     folder = Path(folder)
-    _check_export_folder(folder)
+    spec = read_export_spec(folder)
     try:
-        config = json.loads((folder / EXPORT_CONFIG).read_text(encoding="utf-8"))
-        model = GPTClassifier(
-            GPTConfig.from_dict(config["gpt"]), int(config["num_classes"]), config.get("pooling", "last")
-        )
-        labels = json.loads((folder / EXPORT_LABELS).read_text(encoding="utf-8"))
-        if config.get("lora"):  # exported with lora.export=separate
-            from dist_finetune.config import from_dict
-            from dist_finetune.lora import apply_lora
-
-            apply_lora(model, from_dict({"lora": config["lora"]}).lora)
-    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
-        raise WeightsError(f"{folder}: unreadable {EXPORT_CONFIG} or {EXPORT_LABELS} ({exc})") from exc
-    try:
-        model.load_state_dict(read_state_dict(folder / EXPORT_WEIGHTS), strict=True)
-    except RuntimeError as exc:
-        raise WeightsError(f"{folder / EXPORT_WEIGHTS} does not match {EXPORT_CONFIG}: {exc}") from exc
-    return model.eval(), labels
+        with torch.device("meta"):
+            _check_weights_fit(folder, _build_exported(spec))
+        model = _build_exported(spec)
+    except (KeyError, TypeError, ValueError) as exc:  # the lora section (ConfigError is a ValueError)
+        if isinstance(exc, WeightsError):
+            raise
+        raise WeightsError(f"{folder / EXPORT_CONFIG}: {exc}; {_REEXPORT}") from None
+    model.load_state_dict(read_state_dict(folder / EXPORT_WEIGHTS), strict=True)
+    return model.eval(), spec.raw_labels
 
 
 @dataclass(frozen=True)
@@ -574,16 +753,10 @@ class ExportInfo:
 def read_export_info(folder: Path) -> ExportInfo:
     """Exports written before the tokenizer keys existed: GPT-2 BPE, fixed padding, the model's context."""
     folder = Path(folder)
-    _check_export_folder(folder)
-    try:
-        config = json.loads((folder / EXPORT_CONFIG).read_text(encoding="utf-8"))
-        raw = json.loads((folder / EXPORT_LABELS).read_text(encoding="utf-8"))
-        labels = [k for k, _ in sorted(raw.items(), key=lambda kv: kv[1])] if isinstance(raw, dict) else list(raw)
-        info = ExportInfo(labels, config.get("tokenizer", EXPORT_TOKENIZER), int(config.get("pad_id", PAD_ID)),
-                          int(config.get("max_length") or config["gpt"]["context_length"]),
-                          config.get("padding", "fixed"))
-    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
-        raise WeightsError(f"{folder}: unreadable {EXPORT_CONFIG} or {EXPORT_LABELS} ({exc})") from exc
+    spec = read_export_spec(folder)
+    config = spec.config
+    info = ExportInfo(spec.labels, config.get("tokenizer", EXPORT_TOKENIZER), config.get("pad_id", PAD_ID),
+                      config.get("max_length") or spec.gpt.context_length, config.get("padding", "fixed"))
     if info.tokenizer != EXPORT_TOKENIZER:
         raise WeightsError(f"{folder / EXPORT_CONFIG}: tokenizer {info.tokenizer!r} is not supported; only "
                            f"{EXPORT_TOKENIZER!r} (the GPT-2 BPE)")
