@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import io
 import math
+import os
 import re
 import types
 import typing
@@ -27,6 +29,15 @@ def _choices(*values: str, default: str) -> Any:
     return field(default=default, metadata={"choices": values})
 
 
+def _path(default: str | None) -> Any:
+    """A file or folder setting: a leading `~` is the user's home (from the YAML file and overrides)."""
+    return field(default=default, metadata={"path": True})
+
+
+SEED_MAX = 2**32 - 1  # numpy's seed range
+TIMEOUT_MAX_SECONDS = 7 * 24 * 3600.0
+
+
 MODEL_PRESETS: dict[str, dict[str, int]] = {
     "gpt2": dict(n_layer=12, n_head=12, n_embd=768, context_length=1024),
     "gpt2-medium": dict(n_layer=24, n_head=16, n_embd=1024, context_length=1024),
@@ -40,9 +51,9 @@ LORA_TARGETS = ("attn", "mlp", "head")
 @dataclass(frozen=True)
 class DataConfig:
     # None for all three files: the bundled SMS Spam Collection (balanced, split 70/10/20).
-    train_file: str | None = None
-    val_file: str | None = None
-    test_file: str | None = None
+    train_file: str | None = _path(None)
+    val_file: str | None = _path(None)
+    test_file: str | None = _path(None)
     text_column: str = "text"
     label_column: str = "label"
     # None: the longest training example, capped at the model's context length.
@@ -61,6 +72,9 @@ class DataConfig:
     group_by_length: bool = False
     # Page-locked host batches and non-blocking copies to the GPU (ignored on a CPU).
     pin_memory: bool = True
+    # false: a label cell spelled NA / NaN / None / null / N/A ... (what pandas reads as missing) is
+    # refused with its file and row; true: those spellings are ordinary labels.
+    na_labels: bool = False
 
 
 @dataclass(frozen=True)
@@ -75,7 +89,7 @@ class ModelConfig:
     dropout: float = 0.0
     qkv_bias: bool = True
     # A folder, a file, a hub id such as `gpt2`, or `none` for random initialisation.
-    weights: str = "none"
+    weights: str = _path("none")
     download: bool = False
     # auto: load a classifier head from model.weights when it has one (it must fit the classes);
     # new: always start a fresh head.
@@ -92,6 +106,9 @@ class ModelConfig:
     # The fused attention kernel F.scaled_dot_product_attention may use; auto: PyTorch picks
     # (flash or memory-efficient on a GPU: causal attention over right padding needs no mask).
     attention_backend: str = _choices("auto", "flash", "efficient", "cudnn", "math", default="auto")
+    # A new classifier head's init. gpt2: normal(0, 0.02), zero bias (as every other Linear here);
+    # torch: nn.Linear's own default (uniform +-1/sqrt(n_embd)), as the chapter's new out_head.
+    head_init: str = _choices("gpt2", "torch", default="gpt2")
 
     def arch(self) -> dict[str, int]:
         """n_layer/n_head/n_embd/context_length, from the preset or the custom keys."""
@@ -122,6 +139,13 @@ class LoraConfig:
     # merge: the export holds plain weights (W + alpha/rank x B A), loadable without LoRA;
     # separate: the export keeps base weights and adapters apart (load_export rebuilds them).
     export: str = _choices("merge", "separate", default="merge")
+    # alpha_over_rank: the adapter adds alpha/rank x B(A(x)) (Hu et al.; PEFT): the update's size does
+    # not grow with the rank. alpha: alpha x B(A(x)), the chapter's LoRALayer.
+    scaling: str = _choices("alpha_over_rank", "alpha", default="alpha_over_rank")
+    # The fan-in of A's kaiming_uniform(a=sqrt(5)) init. in_features: nn.Linear's default (PEFT);
+    # rank: the chapter's, whose A is an (in, rank) Parameter, so torch takes rank as the fan-in
+    # (A's entries ~ U(+-1/sqrt(rank)), far larger than U(+-1/sqrt(in_features))).
+    a_init: str = _choices("in_features", "rank", default="in_features")
 
 
 @dataclass(frozen=True)
@@ -139,6 +163,7 @@ class TrainConfig:
     min_lr_ratio: float = 0.0
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8
+    # Clip the global gradient norm to this (0: no clipping, as in the chapter).
     grad_clip: float = 1.0
     # Stop after this many optimizer steps (None: run all epochs).
     max_steps: int | None = None
@@ -163,6 +188,10 @@ class TrainConfig:
     compile: bool = False
     compile_mode: str = _choices("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs",
                                  default="default")
+    # Which trainable parameters AdamW decays by train.weight_decay. linear_weights: the weight
+    # matrices of Linear layers (not biases, norms, embeddings: the usual GPT recipe); all: every
+    # trainable parameter (the chapter's AdamW(model.parameters(), weight_decay=0.1)).
+    decay: str = _choices("linear_weights", "all", default="linear_weights")
 
 
 def _class_weights(path: str, value: Any) -> str | tuple[float, ...]:
@@ -256,13 +285,13 @@ class ReportConfig:
 
 @dataclass(frozen=True)
 class Config:
-    output_dir: str = "runs/default"
+    output_dir: str = _path("runs/default")
     seed: int = 123
     # bf16: DeepSpeed's bf16 (bf16 weights, fp32 master copy in the optimizer); bf16_autocast: fp32
     # weights, forward under torch.autocast(bf16) (DeepSpeed's torch_autocast); fp16: loss-scaled fp16.
     precision: str = _choices("bf16", "bf16_autocast", "fp16", "fp32", default="bf16")
     # none | auto | a checkpoint folder
-    resume: str = "none"
+    resume: str = _path("none")
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
@@ -278,6 +307,73 @@ class Config:
     deepspeed: dict[str, Any] = field(default_factory=dict)
 
 
+# ---------------------------------------------------------------- reading YAML
+
+
+@dataclass(frozen=True)
+class _Scalar:
+    """A plain YAML scalar read as a bool / int / float, with its text: a string key takes the text
+    verbatim (`output_dir: yes` is the folder `yes`, `007` stays `007`), every other key the value."""
+
+    value: Any
+    text: str
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """Safe loading; a key given twice in one mapping is an error naming both lines."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = _plain(self.construct_object(key_node, deep=True))
+            line = key_node.start_mark.line + 1
+            if isinstance(key, typing.Hashable) and key in seen:
+                raise ConfigError(f"{key_node.start_mark.name}: key {key!r} is given twice (lines {seen[key]} "
+                                  f"and {line}); keep one")
+            seen[key] = line
+        return {_plain(k): v for k, v in super().construct_mapping(node, deep=deep).items()}
+
+
+class _TextKeepingLoader(_UniqueKeyLoader):
+    """The loader of config files and overrides: plain bool / int / float scalars keep their text."""
+
+
+def _keep_text(construct: typing.Callable) -> typing.Callable:
+    def construct_keeping_text(loader: yaml.SafeLoader, node: yaml.ScalarNode) -> Any:
+        value = construct(loader, node)
+        return _Scalar(value, node.value) if node.style is None else value
+    return construct_keeping_text
+
+
+for _tag, _construct in (("bool", yaml.SafeLoader.construct_yaml_bool), ("int", yaml.SafeLoader.construct_yaml_int),
+                         ("float", yaml.SafeLoader.construct_yaml_float)):
+    _TextKeepingLoader.add_constructor(f"tag:yaml.org,2002:{_tag}", _keep_text(_construct))
+
+
+def _plain(value: Any) -> Any:
+    """The value with every `_Scalar` replaced by what YAML made of it."""
+    if isinstance(value, _Scalar):
+        return value.value
+    if isinstance(value, dict):
+        return {_plain(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    return value
+
+
+def safe_load_unique(text: str, name: str = "<string>") -> Any:
+    """yaml.safe_load that refuses a key given twice in one mapping (ConfigError with both lines)."""
+    return _plain(_load(text, name, _UniqueKeyLoader))
+
+
+def _load(text: str, name: str, loader: type) -> Any:
+    stream = io.StringIO(text)
+    stream.name = name  # type: ignore[attr-defined]  # yaml's marks (and so our messages) name it
+    return yaml.load(stream, Loader=loader)  # noqa: S506 - both loaders are SafeLoader subclasses
+
+
 # ---------------------------------------------------------------- building from dicts
 
 
@@ -291,6 +387,10 @@ def _unwrap_optional(tp: Any) -> tuple[Any, bool]:
 
 def _coerce(path: str, tp: Any, value: Any) -> Any:
     inner, optional = _unwrap_optional(tp)
+    if inner is str and isinstance(value, _Scalar):
+        value = value.text
+    elif not dataclasses.is_dataclass(inner):
+        value = _plain(value)
     if value is None or (optional and isinstance(value, str) and value.lower() in ("none", "null")):
         if optional:
             return None
@@ -310,9 +410,12 @@ def _coerce(path: str, tp: Any, value: Any) -> Any:
         if isinstance(value, bool):
             raise ConfigError(f"{path}: expected a number, got {value!r}")
         try:
-            return float(value)
+            number = float(value)
         except (TypeError, ValueError):
             raise ConfigError(f"{path}: expected a number, got {value!r}") from None
+        if not math.isfinite(number):
+            raise ConfigError(f"{path}: must be a finite number, got {value!r}")
+        return number
     if inner is str:
         if isinstance(value, (dict, list)):
             raise ConfigError(f"{path}: expected a string, got {value!r}")
@@ -333,7 +436,17 @@ def _coerce(path: str, tp: Any, value: Any) -> Any:
     raise ConfigError(f"{path}: unsupported type {inner!r}")  # pragma: no cover
 
 
+INT_LIMIT = 2**63  # every integer setting must fit in 64 bits (torch tensors, DeepSpeed's JSON)
+
+
 def _as_int(path: str, value: Any) -> int:
+    number = _int_of(path, value)
+    if not -INT_LIMIT < number < INT_LIMIT:
+        raise ConfigError(f"{path}: {number} is out of range (at most {INT_LIMIT - 1} in size)")
+    return number
+
+
+def _int_of(path: str, value: Any) -> int:
     if isinstance(value, int) and not isinstance(value, bool):
         return value
     if isinstance(value, str):
@@ -355,7 +468,7 @@ def _build(cls: type, raw: Any, prefix: str = "") -> Any:
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
-        raise ConfigError(f"{prefix or 'config'}: expected a mapping of keys, got {raw!r}")
+        raise ConfigError(f"{prefix or 'config'}: expected a mapping of keys, got {_plain(raw)!r}")
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     kwargs = {}
@@ -367,9 +480,11 @@ def _build(cls: type, raw: Any, prefix: str = "") -> Any:
             raise ConfigError(
                 f"unknown config key '{path}'.{hint} Valid keys here: {', '.join(sorted(fields))}"
             )
-        coerce = fields[key].metadata.get("coerce")
-        value = coerce(path, value) if coerce else _coerce(path, hints[key], value)
-        choices = fields[key].metadata.get("choices")
+        meta = fields[key].metadata
+        value = meta["coerce"](path, _plain(value)) if "coerce" in meta else _coerce(path, hints[key], value)
+        if meta.get("path") and isinstance(value, str):
+            value = os.path.expanduser(value)
+        choices = meta.get("choices")
         if choices is not None and value not in choices:
             allowed = " | ".join(str(c) for c in choices)
             raise ConfigError(f"{path}: {value!r} is not allowed; choose one of: {allowed}")
@@ -386,7 +501,13 @@ def _check(condition: bool, message: str) -> None:
 
 
 def _validate(cfg: Config) -> None:
-    m, t = cfg.model, cfg.train
+    _validate_model(cfg.model)
+    _validate_data(cfg)
+    _validate_train(cfg.train)
+    _validate_rest(cfg)
+
+
+def _validate_model(m: ModelConfig) -> None:
     _check(TRAINABLE_PATTERN.match(m.trainable) is not None,
            f"model.trainable: {m.trainable!r} is not allowed; choose one of: "
            "all | last_block | last_N_blocks (e.g. last_2_blocks) | head | last_layer | lora")
@@ -414,7 +535,9 @@ def _validate(cfg: Config) -> None:
     _check(0.0 <= m.dropout < 1.0, f"model.dropout: must be in [0, 1), got {m.dropout}")
     _check(m.vocab_size >= 50257, f"model.vocab_size: must be >= 50257 (GPT-2 BPE), got {m.vocab_size}")
 
-    d = cfg.data
+
+def _validate_data(cfg: Config) -> None:
+    d, t, arch = cfg.data, cfg.train, cfg.model.arch()
     files = (d.train_file, d.val_file, d.test_file)
     _check(all(f is None for f in files) or all(f is not None for f in files),
            "data.train_file, data.val_file and data.test_file: set all three, or none of them "
@@ -434,6 +557,8 @@ def _validate(cfg: Config) -> None:
     _check(0.0 <= lo.dropout < 1.0, f"lora.dropout: must be in [0, 1), got {lo.dropout}")
     _check(d.num_workers >= 0, f"data.num_workers: must be >= 0, got {d.num_workers}")
 
+
+def _validate_train(t: TrainConfig) -> None:
     _check(t.epochs >= 1, f"train.epochs: must be >= 1, got {t.epochs}")
     _check(t.micro_batch_size >= 1, f"train.micro_batch_size: must be >= 1, got {t.micro_batch_size}")
     _check(t.grad_accum_steps is None or t.grad_accum_steps >= 1,
@@ -451,10 +576,16 @@ def _validate(cfg: Config) -> None:
            "train.nonfinite_check=deferred finds a non-finite loss after its update, so it cannot skip that "
            "micro-batch: set train.on_nonfinite=stop, or train.nonfinite_check=micro_batch to skip")
     _check(t.sync_every_steps >= 1, f"train.sync_every_steps: must be >= 1, got {t.sync_every_steps}")
+    _check(t.max_nonfinite_skips >= 0, f"train.max_nonfinite_skips: must be >= 0, got {t.max_nonfinite_skips}")
+    _check(all(0 <= b < 1 for b in t.betas), f"train.betas: each must be in [0, 1), got {list(t.betas)}")
+    _check(t.eps >= 0, f"train.eps: must be >= 0, got {t.eps}")
+
+
+def _validate_rest(cfg: Config) -> None:
+    _check(0 <= cfg.seed <= SEED_MAX, f"seed: must be in 0..{SEED_MAX} (numpy's seed range), got {cfg.seed}")
     for key in ("reduce_bucket_size", "allgather_bucket_size"):
         size = getattr(cfg.zero, key)
         _check(size is None or size >= 1, f"zero.{key}: must be >= 1 (elements), got {size}")
-    _check(t.max_nonfinite_skips >= 0, f"train.max_nonfinite_skips: must be >= 0, got {t.max_nonfinite_skips}")
     _check(cfg.eval.every_steps is None or cfg.eval.every_steps >= 1,
            f"eval.every_steps: must be >= 1, got {cfg.eval.every_steps}")
     _check(cfg.eval.max_batches is None or cfg.eval.max_batches >= 1,
@@ -468,8 +599,9 @@ def _validate(cfg: Config) -> None:
     _check(cfg.checkpoint.every_steps is None or cfg.checkpoint.every_steps >= 1,
            f"checkpoint.every_steps: must be >= 1, got {cfg.checkpoint.every_steps}")
     _check(cfg.checkpoint.keep_last >= 1, f"checkpoint.keep_last: must be >= 1, got {cfg.checkpoint.keep_last}")
-    _check(cfg.distributed.timeout_seconds > 0,
-           f"distributed.timeout_seconds: must be > 0, got {cfg.distributed.timeout_seconds}")
+    _check(0 < cfg.distributed.timeout_seconds <= TIMEOUT_MAX_SECONDS,
+           f"distributed.timeout_seconds: must be > 0 and at most {TIMEOUT_MAX_SECONDS:.0f} (7 days), "
+           f"got {cfg.distributed.timeout_seconds}")
     _check(bool(cfg.output_dir), "output_dir: must not be empty")
 
 
@@ -478,6 +610,12 @@ def _validate(cfg: Config) -> None:
 
 def parse_override(text: str) -> tuple[list[str], Any]:
     """`train.lr=1e-4` -> (['train', 'lr'], 0.0001). Values are read as YAML scalars."""
+    parts, value = _parse_override(text)
+    return parts, _plain(value)
+
+
+def _parse_override(text: str) -> tuple[list[str], Any]:
+    """As parse_override, with the text of plain scalars kept for string keys (`output_dir=yes`)."""
     if "=" not in text:
         raise ConfigError(f"override {text!r}: expected key.sub=value (e.g. train.lr=1e-4)")
     key, raw = text.split("=", 1)
@@ -485,7 +623,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     if not all(parts):
         raise ConfigError(f"override {text!r}: empty key part in {key!r}")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = _load(raw, f"override {key}", _TextKeepingLoader) if raw.strip() else ""
     except yaml.YAMLError:
         value = raw
     return parts, value
@@ -505,11 +643,16 @@ def merge_override(raw: dict, parts: list[str], value: Any) -> None:
 
 
 def read_yaml(path: str | Path) -> dict:
+    """A config file as plain YAML values (a key given twice is refused)."""
+    return _plain(_read_tree(path))
+
+
+def _read_tree(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file {path} not found")
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        raw = _load(path.read_text(encoding="utf-8"), str(path), _TextKeepingLoader)
     except yaml.YAMLError as exc:
         raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
     if raw is None:
@@ -526,9 +669,9 @@ def from_dict(raw: dict) -> Config:
 
 
 def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] = ()) -> Config:
-    raw = read_yaml(path) if path is not None else {}
+    raw = _read_tree(path) if path is not None else {}
     for text in overrides:
-        merge_override(raw, *parse_override(text))
+        merge_override(raw, *_parse_override(text))
     return from_dict(raw)
 
 
@@ -551,5 +694,5 @@ def replace(cfg: Config, overrides: typing.Sequence[str]) -> Config:
     """A copy of `cfg` with dotted overrides applied and re-validated."""
     raw = to_dict(cfg)
     for text in overrides:
-        merge_override(raw, *parse_override(text))
+        merge_override(raw, *_parse_override(text))
     return from_dict(raw)
