@@ -2,10 +2,15 @@
 row before training, map labels to ids, tokenize once, truncate, and build the loaders.
 
 Every user error is a `DataError` whose message names the file, the 1-based data row ("row N", the
-header not counted) and the column where that applies, and says what to do about it.
+header not counted) with its line in the file ("line L", the header is line 1) and the column where
+that applies, and says what to do about it.
+
+Cells are read as written: a label is the text in the file (`007` and `7` are two labels; `NA` is
+refused unless data.na_labels=true), JSON numbers stay numbers.
 """
 from __future__ import annotations
 
+import csv
 import io
 import json
 import math
@@ -40,6 +45,11 @@ _SUPPORTED = ".csv (comma-separated), .tsv / .tab / .txt (tab-separated), .jsonl
 _INT_RE = re.compile(r"[+-]?\d+")
 _BAD_BYTE_MARK = "\U0010fffe"  # a Unicode noncharacter: stands in for undecodable bytes
 BALANCE_SEED = 123  # data.balance=undersample on user files: which rows of the larger labels are kept
+# What pandas (and many tools) read as a missing value: labels only with data.na_labels=true.
+NA_SPELLINGS = frozenset({
+    "#N/A", "#N/A N/A", "#NA", "-1.#IND", "-1.#QNAN", "-NaN", "-nan", "1.#IND", "1.#QNAN", "<NA>", "N/A", "NA",
+    "NULL", "NaN", "None", "n/a", "nan", "null",
+})
 
 
 class DataError(UserError, ValueError):
@@ -66,8 +76,8 @@ class LabelMap:
             raise ValueError("LabelMap needs at least one label")
         if not (all(_is_int(x) for x in labels) or all(isinstance(x, str) for x in labels)):
             raise ValueError(f"LabelMap labels must be all strings or all integers, got {list(labels)!r}")
-        if list(labels) != sorted(set(labels)):
-            raise ValueError(f"LabelMap labels must be sorted and unique, got {list(labels)!r}")
+        if list(labels) != sorted_labels(set(labels)):
+            raise ValueError(f"LabelMap labels must be sorted (sorted_labels) and unique, got {list(labels)!r}")
         object.__setattr__(self, "labels", labels)
         object.__setattr__(self, "_index", {label: i for i, label in enumerate(labels)})
 
@@ -101,14 +111,32 @@ def _is_numpy_int(value: Any) -> bool:
     return getattr(getattr(value, "dtype", None), "kind", None) in ("i", "u")
 
 
+def _label_order(label: Any) -> tuple:
+    """Integers in numeric order; strings that spell integers first, by number then text (`2` < `007`
+    < `10`), then the other strings."""
+    if _is_int(label):
+        return (0, label, "")
+    if _INT_RE.fullmatch(label):
+        return (0, int(label), label)
+    return (1, 0, label)
+
+
+def sorted_labels(labels: Any) -> list:
+    """The order of a label map (a label's id is its position)."""
+    return sorted(labels, key=_label_order)
+
+
 def _coerce_label(label: Any, as_int: bool) -> Any:
-    """Numpy ints become ints; an int-like string matches an integer label map."""
+    """Numpy ints become ints. A label map's kind bridges only exact spellings: the text `7` is the
+    integer label 7 (not `07` or ` 7`), and the integer 7 is the string label `7`."""
     if isinstance(label, bool):
         raise DataError(f"label {label!r} is a boolean; labels are strings or integers")
     if _is_numpy_int(label):
+        label = int(label)
+    if as_int and isinstance(label, str) and _INT_RE.fullmatch(label) and str(int(label)) == label:
         return int(label)
-    if as_int and isinstance(label, str) and _INT_RE.fullmatch(label.strip()):
-        return int(label.strip())
+    if not as_int and _is_int(label):
+        return str(label)
     return label
 
 
@@ -155,7 +183,8 @@ class _Source:
     name: str
     text_column: str = "text"
     label_column: str = "label"
-    lines: tuple[int, ...] | None = None  # file line of each data row, where known (JSONL)
+    lines: tuple[int, ...] | None = None  # file line of each data row (the header is line 1), where known
+    na_labels: bool = False  # data.na_labels: NA / NaN / None ... are labels
 
     def at(self, row: int, column: str | None = None) -> str:
         where = f"{self.name}, row {row}"
@@ -170,18 +199,21 @@ class _Table:
     source: _Source
 
 
-def read_table(path: str | Path, text_column: str, label_column: str) -> pd.DataFrame:
+def read_table(path: str | Path, text_column: str, label_column: str, na_labels: bool = False) -> pd.DataFrame:
     """One CSV / TSV / JSONL file as a validated frame with columns `text` and `label`."""
-    return _read_file(path, text_column, label_column).frame
+    table = _read_file(path, text_column, label_column, na_labels=na_labels)
+    check_label_spellings([table])
+    return table.frame
 
 
 def _read_file(path: str | Path, text_column: str, label_column: str, key: str | None = None,
-               column_keys: tuple[str, str] = ("data.text_column", "data.label_column")) -> _Table:
+               column_keys: tuple[str, str] = ("data.text_column", "data.label_column"),
+               na_labels: bool = False) -> _Table:
     path = Path(path)
     frame, fmt, lines = _read_frame(path, text_column, label_column, key)
     for column, column_key, what in ((text_column, column_keys[0], "text"), (label_column, column_keys[1], "labels")):
         _check_column(path, fmt, list(frame.columns), column, column_key, what)
-    source = _Source(str(path), text_column, label_column, lines)
+    source = _Source(str(path), text_column, label_column, lines, na_labels)
     return _Table(_validated(frame[text_column].tolist(), frame[label_column].tolist(), source), source)
 
 
@@ -195,7 +227,36 @@ def _read_frame(path: Path, text_column: str, label_column: str | None,
     if fmt == "jsonl":
         frame, lines = _parse_jsonl(path, text)
         return frame, fmt, lines
-    return _parse_delimited(path, text, fmt), fmt, None
+    records = _csv_records(text, fmt)
+    if records:
+        _check_unique_columns(path, records[0][1])
+    frame = _parse_delimited(path, text, fmt)
+    lines = tuple(line for line, _ in records[1:])
+    return frame, fmt, lines if records and len(lines) == len(frame) else None
+
+
+def _csv_records(text: str, fmt: str) -> list[tuple[int, list[str]]]:
+    """(first line, fields) of every non-blank record, header first, as Python's csv module reads them
+    (pandas' own reader keeps no line numbers and renames a repeated column); [] if it cannot."""
+    reader = csv.reader(io.StringIO(text), delimiter="," if fmt == "csv" else "\t")
+    records, end = [], 0
+    try:
+        for fields in reader:
+            start, end = end + 1, reader.line_num
+            if fields:
+                records.append((start, fields))
+    except csv.Error:
+        return []
+    return records
+
+
+def _check_unique_columns(path: Path, header: list[str]) -> None:
+    seen: set[str] = set()
+    for column in header:
+        if column and column in seen:
+            raise DataError(f"{path}: the header names the column {column!r} twice; rename one of them "
+                            "(only one can be read).")
+        seen.add(column)
 
 
 def _check_path(path: Path, key: str | None) -> str:
@@ -310,7 +371,7 @@ def _parse_jsonl(path: Path, text: str) -> tuple[pd.DataFrame, tuple[int, ...]]:
         if not line.strip():
             continue
         try:
-            record = json.loads(line)
+            record = json.loads(line, object_pairs_hook=_unique_keys(path, number))
         except json.JSONDecodeError as e:
             raise DataError(
                 f"{path}, line {number}: not valid JSON ({e.msg} at character {e.colno}). Each line "
@@ -326,6 +387,17 @@ def _parse_jsonl(path: Path, text: str) -> tuple[pd.DataFrame, tuple[int, ...]]:
     columns = list(dict.fromkeys(k for record in records for k in record))
     frame = pd.DataFrame({c: pd.Series([r.get(c) for r in records], dtype=object) for c in columns})
     return frame, tuple(lines)
+
+
+def _unique_keys(path: Path, number: int) -> Callable[[list], dict]:
+    def build(pairs: list) -> dict:
+        keys = [k for k, _ in pairs]
+        repeated = [k for i, k in enumerate(keys) if k in keys[:i]]
+        if repeated:
+            raise DataError(f"{path}, line {number}: the key {repeated[0]!r} is given twice in one object; "
+                            "keep one (only one can be read).")
+        return dict(pairs)
+    return build
 
 
 def _one_line(error: Exception) -> str:
@@ -375,14 +447,19 @@ def _text_value(value: Any, source: _Source, row: int) -> str:
 
 
 def _label_value(value: Any, source: _Source, row: int) -> str | int:
+    """The label as written: a string stays the string (no stripping, no number parsing)."""
     where = source.at(row, source.label_column)
     if _is_missing(value) or (isinstance(value, str) and not value.strip()):
         raise DataError(f"{where}: the label is missing. Fill it in or delete the row.")
     if _is_int(value) or _is_numpy_int(value):
         return int(value)
     if isinstance(value, str):
-        value = value.strip()
-        return int(value) if _INT_RE.fullmatch(value) else value
+        if value.strip() in NA_SPELLINGS and not source.na_labels:
+            raise DataError(
+                f"{where}: label {value!r} is a common spelling of a missing value; set data.na_labels=true "
+                "to keep it as a label, or fix the row."
+            )
+        return value
     raise DataError(
         f"{where}: label {value!r} is a {type(value).__name__}; labels must be strings or integers. "
         "Fix the label."
@@ -401,6 +478,26 @@ def _check_label_kinds(labels: list, source: _Source) -> None:
                 f"{labels[0]!r} is {kinds[0]}; a label column must hold only integers or only strings. "
                 "Fix the label."
             )
+
+
+def check_label_spellings(tables: Sequence[_Table]) -> None:
+    """Two labels differing only in case or surrounding spaces (`spam`, `Spam `) are refused: they
+    would silently be two classes."""
+    first: dict[str, tuple[str, str]] = {}
+    for table in tables:
+        for row, label in enumerate(table.frame["label"].tolist(), 1):
+            if not isinstance(label, str):
+                continue
+            folded = label.strip().casefold()
+            if folded not in first:
+                first[folded] = (label, table.source.at(row, table.source.label_column))
+            elif first[folded][0] != label:
+                other, where = first[folded]
+                raise DataError(
+                    f"labels {other!r} ({where}) and {label!r} ({table.source.at(row, table.source.label_column)}) "
+                    "differ only in case or surrounding spaces, so they would be two classes; spell them the "
+                    "same way."
+                )
 
 
 # ---------------------------------------------------------------- the bundled SMS Spam Collection
@@ -434,6 +531,7 @@ def bundled_sms_splits(seed: int = 123, balance: str = "undersample") -> dict[st
 def load_data(cfg: DataConfig, context_length: int) -> DataBundle:
     """Read, validate, map labels, tokenize and truncate all three splits (before any training)."""
     tables = _load_tables(cfg)
+    check_label_spellings(list(tables.values()))
     for split, table in tables.items():
         if len(table.frame) == 0:
             raise DataError(
@@ -472,7 +570,7 @@ def _load_tables(cfg: DataConfig) -> dict[str, _Table]:
             "all three, or none of them for the bundled SMS Spam Collection."
         )
     return {
-        split: _read_file(path, cfg.text_column, cfg.label_column, key=f"data.{split}_file")
+        split: _read_file(path, cfg.text_column, cfg.label_column, key=f"data.{split}_file", na_labels=cfg.na_labels)
         for split, path in files.items()
     }
 
@@ -497,7 +595,7 @@ def _bundled_table(split: str, frame: pd.DataFrame) -> _Table:
 
 
 def _label_map_from_train(train: _Table) -> LabelMap:
-    labels = sorted(set(train.frame["label"].tolist()))
+    labels = sorted_labels(set(train.frame["label"].tolist()))
     if len(labels) < 2:
         raise DataError(
             f"{train.source.name}: the training split has only one label ({labels[0]!r}); a classifier "
@@ -510,7 +608,7 @@ def _label_ids(table: _Table, label_map: LabelMap, train_name: str) -> list[int]
     index = {label: i for i, label in enumerate(label_map.labels)}
     ids = []
     for row, label in enumerate(table.frame["label"].tolist(), 1):
-        label = int(label) if _is_numpy_int(label) else label
+        label = _coerce_label(label, label_map.is_int)
         if label not in index:
             raise DataError(
                 f"{table.source.at(row, table.source.label_column)}: label {label!r} does not occur in "
@@ -554,7 +652,11 @@ def load_eval_file(path: str | Path, text_column: str, label_column: str, label_
     Returns the dataset and how many texts were truncated. `keys` name the settings that chose the
     file and its columns, for messages.
     """
-    table = _read_file(path, text_column, label_column, key=keys[0], column_keys=(keys[1], keys[2]))
+    # NA / NaN ... are labels here exactly when the run trained with such a label (data.na_labels=true).
+    na_labels = any(isinstance(label, str) and label.strip() in NA_SPELLINGS for label in label_map.labels)
+    table = _read_file(path, text_column, label_column, key=keys[0], column_keys=(keys[1], keys[2]),
+                       na_labels=na_labels)
+    check_label_spellings([table])
     _check_not_empty(table.source.name, len(table.frame))
     labels = _label_ids(table, label_map, "the run's training data")
     tokens = _tokenize(table)

@@ -175,7 +175,7 @@ def test_csv_custom_columns_and_int_labels(tmp_path):
     csv = "id,msg,y\n1,hello,2\n2,bye,10\n3,\"comma, inside\",2\n4,NA,10\n5,null,2\n"
     bundle = load_data(files_cfg(tmp_path, train=("t.csv", csv), val=("v.csv", csv), test=("s.csv", csv),
                                  text_column="msg", label_column="y", balance="none"), context_length=1024)
-    assert bundle.label_map.labels == (2, 10)  # integers sort numerically
+    assert bundle.label_map.labels == ("2", "10")  # the text as written; integer spellings sort numerically
     assert bundle.train.labels == [0, 1, 0, 1, 0]
     assert bundle.train.texts == ["hello", "bye", "comma, inside", "NA", "null"]  # no NA guessing
 
@@ -205,7 +205,7 @@ def test_read_table_returns_text_and_label(tmp_path):
     frame = read_table(path, "msg", "y")
     assert list(frame.columns) == ["text", "label"]
     assert frame["text"].tolist() == ["hello", "bye"]
-    assert frame["label"].tolist() == [3, 4]
+    assert frame["label"].tolist() == ["3", "4"]  # the text in the file
     utf8_bom = write(tmp_path, "bom.csv", "\ufefftext,label\ncafé,x\n".encode())
     assert read_table(utf8_bom, "text", "label")["text"].tolist() == ["café"]
 
@@ -256,8 +256,9 @@ BAD_DATA = [
     ("header only", dict(test=("test.csv", "text,label\n")), ["test.csv", "test split has no rows"]),
     ("empty file", dict(val=("val.csv", "")), ["val.csv", "empty"]),
     ("empty jsonl", dict(val=("val.jsonl", "\n\n")), ["val.jsonl", "empty"]),
-    ("mixed labels", dict(train=("train.csv", "text,label\na,1\nb,0\nc,spam\n")),
-     ["train.csv", "row 3", "'label'", "'spam'", "integer"]),
+    ("mixed labels", dict(train=("train.jsonl", '{"text": "a", "label": 1}\n{"text": "b", "label": 0}\n'
+                                               '{"text": "c", "label": "spam"}\n')),
+     ["train.jsonl", "row 3", "'label'", "'spam'", "integer"]),
     ("too many fields", dict(train=("train.csv", "text,label\na,ham\nb,spam,extra\n")),
      ["train.csv", "line 3", "fields"]),
     ("too many fields first row", dict(train=("train.csv", "text,label\na,ham,extra\nb,spam\n")),
