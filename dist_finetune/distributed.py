@@ -138,6 +138,8 @@ def init_distributed(timeout_seconds: float = 1800.0, debug: bool = False) -> Di
     rank, world_size, local_rank, launcher = launch.rank, launch.world_size, launch.local_rank, launch.launcher
     device, backend = _pick_device(local_rank, debug)
     timeout = datetime.timedelta(seconds=timeout_seconds)
+    global _timeout_seconds
+    _timeout_seconds = timeout_seconds
     if not dist.is_initialized():
         dist.init_process_group(backend=backend, rank=rank, world_size=world_size, timeout=timeout,
                                 store=_restart_store(world_size, timeout))
@@ -158,6 +160,7 @@ def _restart_store(world_size: int, timeout: datetime.timedelta) -> dist.Store |
 
 
 _activity = "start-up"
+_timeout_seconds = 1800.0
 
 
 def set_activity(text: str) -> None:
@@ -166,7 +169,7 @@ def set_activity(text: str) -> None:
     _activity = text
 
 
-def collective_failure(exc: BaseException, env: DistEnv, timeout_seconds: float) -> str | None:
+def collective_failure(exc: BaseException) -> str | None:
     """A one-line explanation when `exc` is a failed collective (a peer died or hung), else None."""
     text = str(exc)
     markers = ("gloo", "nccl", "connection closed", "connection reset", "timed out", "timeout", "broken pipe")
@@ -174,8 +177,9 @@ def collective_failure(exc: BaseException, env: DistEnv, timeout_seconds: float)
                                                  and any(m in text.lower() for m in markers))):
         return None
     first = next((line.strip() for line in text.splitlines() if line.strip()), type(exc).__name__)
-    return (f"rank {env.rank}/{env.world_size}: a collective failed during {_activity}: {first[:300]}. "
-            f"Another rank died or stalled longer than distributed.timeout_seconds ({timeout_seconds:g} s); "
+    where = f"rank {dist.get_rank()}/{dist.get_world_size()}" if dist.is_initialized() else "this rank"
+    return (f"{where}: a collective failed during {_activity}: {first[:300]}. "
+            f"Another rank died or stalled longer than distributed.timeout_seconds ({_timeout_seconds:g} s); "
             "its own log says why.")
 
 

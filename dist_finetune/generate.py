@@ -18,7 +18,7 @@ import torch
 
 from .data import DataError
 from .model import GPT
-from .predict import pick_device
+from .cli import pick_device
 from .tokenizer import EOT_ID, decode, encode
 from .weights import WeightsError, load_language_model
 from .errors import UserError

@@ -111,9 +111,11 @@ def train_loader(
         sampler: Sampler[int] = LengthGroupedSampler(lengths, batch_size, rank, world_size, seed)
     else:
         sampler = DistributedSampler(ds, num_replicas=world_size, rank=rank, shuffle=True, seed=seed, drop_last=True)
+    # Its own generator: each `iter(loader)` draws a worker seed, and from the global RNG that draw would
+    # shift every later dropout mask of a resumed run (whose RNG was restored mid-epoch).
     return DataLoader(
         ds, batch_size=batch_size, sampler=sampler, collate_fn=collate, num_workers=num_workers, drop_last=True,
-        pin_memory=pin_memory,
+        pin_memory=pin_memory, generator=torch.Generator().manual_seed(seed),
     )
 
 
@@ -129,5 +131,5 @@ def eval_loader(
     sampler = ShardedEvalSampler(len(ds), rank, world_size)
     return DataLoader(
         ds, batch_size=batch_size, sampler=sampler, collate_fn=collate, num_workers=num_workers, drop_last=False,
-        pin_memory=pin_memory,
+        pin_memory=pin_memory, generator=torch.Generator().manual_seed(0),  # leaves the global RNG alone
     )

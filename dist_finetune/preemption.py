@@ -1,16 +1,20 @@
-"""Preemption: SIGUSR1 / SIGTERM set a flag; the ranks agree on it at an optimizer-step boundary.
+"""Preemption and Ctrl-C: SIGUSR1 / SIGTERM / SIGINT set a flag; the ranks agree on it at an
+optimizer-step boundary, save a checkpoint together and exit.
 
-The handler only sets a flag, so a second signal while the checkpoint is being written changes
-nothing: the save finishes, then the ranks exit together.
+The handler only sets a flag, so a second SIGUSR1 or SIGTERM while the checkpoint is being written
+changes nothing: the save finishes, then the ranks exit together. A second Ctrl-C is the user saying
+"now": the process exits at once with 130 (the last complete checkpoint stays; resume=auto continues).
 """
 from __future__ import annotations
 
+import os
 import signal
+import sys
 from types import FrameType
 
 from .distributed import DistEnv, all_reduce_sum
 
-SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
+SIGNALS = (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT)
 
 
 class PreemptionFlag:
@@ -29,7 +33,14 @@ class PreemptionFlag:
             signal.signal(sig, signal.SIG_IGN)
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
-        self.received = signum
+        if signum == signal.SIGINT and self.received == signal.SIGINT:
+            os.write(sys.stderr.fileno(), b"interrupted again: exiting now (no checkpoint)\n")
+            os._exit(130)
+        if signum == signal.SIGINT:
+            os.write(sys.stderr.fileno(), b"interrupted: saving a checkpoint at the next step "
+                                          b"(Ctrl-C again to exit at once)\n")
+        if self.received is None or signum == signal.SIGINT:
+            self.received = signum
 
     def agreed(self, env: DistEnv) -> bool:
         """True on every rank when any rank got a signal. Every rank calls it at the same step."""

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from .data import SPLITS, DataError, LabelMap, bundled_sms_splits, read_table, read_texts
 from .metrics import format_table, from_confusion
 from .model import GPT
-from .predict import pick_device
+from .cli import pick_device
 from .report import write_json
 from .tokenizer import PAD_ID, encode, encode_batch
 from .weights import WeightsError, load_language_model

@@ -12,8 +12,8 @@ from dist_finetune.data import load_data, make_collate
 from dist_finetune.distributed import init_distributed, shutdown
 from dist_finetune.engine import build_engine, plan_batches
 from dist_finetune.model import build_model, set_trainable
-from dist_finetune.evaluate import evaluate
-from dist_finetune.train import seed_everything
+from dist_finetune.step import evaluate
+from dist_finetune.trainer import seed_everything
 
 
 def main(config: str, out: str, *overrides: str) -> None:

@@ -1,0 +1,100 @@
+"""What every command shares: the runner that turns a user error into one line and an exit code, the
+device choice of the single-process commands, and the `dist-finetune` dispatcher.
+
+    dist-finetune train --config CONFIG [key=value ...]       (= python -m dist_finetune.train ...)
+    dist-finetune evaluate | predict | export | generate | zeroshot | sweep ...
+"""
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+from collections.abc import Callable
+
+import torch
+
+from .errors import UserError
+
+COMMANDS = {
+    "train": "finetune a classifier (a YAML config + key=value overrides)",
+    "evaluate": "metrics of a run's checkpoint on a split or a labelled file",
+    "predict": "labels for texts or a file, from an exported model",
+    "export": "a checkpoint of a run into the export format",
+    "generate": "continue a prompt with a GPT-2 language model",
+    "zeroshot": "classify by prompting a GPT-2 language model",
+    "sweep": "run a grid of settings and tabulate the results",
+}
+
+
+class DeviceError(UserError):
+    """The device asked for is not there."""
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise DeviceError("--device cuda: no CUDA device is available; use --device cpu or auto")
+    return torch.device(name)
+
+
+def _rank_prefix() -> str:
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        return f" (rank {dist.get_rank()})"
+    return ""
+
+
+def run_command(body: Callable[[], int]) -> int:
+    """Run a command's body. A `UserError` (raised by every rank at the same point) becomes one
+    `error: ...` line and its exit code; a failed collective (a peer died) exits 4 at once, without the
+    collectives a clean shutdown would need; anything else is a bug and keeps its traceback."""
+    from .distributed import collective_failure, shutdown
+
+    try:
+        code = body()
+    except UserError as exc:
+        print(f"error{_rank_prefix()}: {exc}", file=sys.stderr, flush=True)
+        code = exc.exit_code
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr, flush=True)
+        os._exit(130)
+    except Exception as exc:
+        message = collective_failure(exc)
+        if message is None:
+            raise
+        print(f"error: {message}", file=sys.stderr, flush=True)
+        os._exit(4)
+    shutdown()
+    return code
+
+
+def usage() -> str:
+    width = max(map(len, COMMANDS))
+    lines = [f"  {name.ljust(width)}  {what}" for name, what in COMMANDS.items()]
+    return "usage: dist-finetune COMMAND [options]\n\ncommands:\n" + "\n".join(lines) + \
+        "\n\n`dist-finetune COMMAND --help` shows a command's options."
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help"):
+        print(usage())
+        return 0 if argv else 2
+    name, rest = argv[0], argv[1:]
+    if name not in COMMANDS:
+        print(f"error: unknown command {name!r}\n{usage()}", file=sys.stderr)
+        return 2
+    module = importlib.import_module(f"dist_finetune.{name}")
+    return module.main(rest)
+
+
+def entry() -> None:
+    """The console script: leave the way `python -m dist_finetune.X` does (see distributed.leave)."""
+    from .distributed import leave
+
+    leave(main())
+
+
+if __name__ == "__main__":
+    entry()

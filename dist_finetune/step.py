@@ -1,0 +1,123 @@
+"""One step's arithmetic, shared by training and evaluation: forward, loss, and the per-batch sums.
+
+Exact evaluation: every rank evaluates its shard; the loss sum and the confusion matrix travel in one
+all-reduce, and every metric is computed from those counts (metrics.py), so 1 and N ranks agree.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from .config import Config
+from .distributed import DistEnv, all_reduce_sum
+from .loaders import eval_loader
+from .metrics import from_confusion
+from .tokenizer import PAD_ID
+
+
+def forward(model, batch: dict[str, torch.Tensor], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(fp32 logits, labels) of one batch; `model` is called as `model(input_ids, lengths)`."""
+    input_ids = batch["input_ids"].to(device, non_blocking=True)
+    lengths = batch["lengths"].to(device, non_blocking=True)
+    labels = batch["labels"].to(device, non_blocking=True)
+    return model(input_ids, lengths).float(), labels
+
+
+def loss_of(logits: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+    return F.cross_entropy(logits, labels, weight=weight)
+
+
+# Fields of `batch_sums`, in order.
+LOSS_SUM, CORRECT, EXAMPLES, TOKENS, NONFINITE = range(5)
+
+
+def batch_sums(loss: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor, tokens: int) -> torch.Tensor:
+    """[loss x examples, correct, examples, real tokens, non-finite losses] of one micro-batch, on the
+    device (nothing is read back: no host synchronisation). A non-finite loss counts only as such."""
+    finite = torch.isfinite(loss.detach()).double()
+    n = labels.numel()
+    loss_sum = torch.nan_to_num(loss.detach().double() * n, nan=0.0, posinf=0.0, neginf=0.0) * finite
+    correct = (logits.detach().argmax(-1) == labels).sum().double() * finite
+    return torch.stack([loss_sum, correct, finite * n, finite * tokens, 1.0 - finite])
+
+
+class RunningSums:
+    """`batch_sums` added up on this rank since the last flush, kept on the device."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.sums = torch.zeros(5, dtype=torch.float64, device=device)
+
+    def add(self, sums: torch.Tensor) -> None:
+        self.sums += sums
+
+    def flush(self, env: DistEnv) -> list[float]:
+        """The sums over all ranks since the last flush; every rank calls it at the same point."""
+        totals = all_reduce_sum(self.sums, env).tolist()
+        self.sums.zero_()
+        return totals
+
+    def nonfinite(self, env: DistEnv) -> float:
+        """Non-finite losses on all ranks since the last flush, without flushing."""
+        return all_reduce_sum(self.sums[NONFINITE:], env)[0].item()
+
+
+def mean_loss_accuracy(totals: list[float]) -> tuple[float, float]:
+    loss_sum, correct, count = totals[LOSS_SUM], totals[CORRECT], totals[EXAMPLES]
+    return (loss_sum / count, correct / count) if count else (float("nan"), float("nan"))
+
+
+def eval_batch_size(cfg: Config) -> int:
+    if cfg.data.padding == "none":  # no padding: one example per forward
+        return 1
+    return cfg.eval.batch_size or 2 * cfg.train.micro_batch_size
+
+
+def evaluate(model, dataset, cfg: Config, env: DistEnv, collate, max_batches: int | None = None,
+             num_classes: int | None = None) -> dict[str, Any]:
+    """Exact metrics: every rank runs the same number of forwards (ZeRO-3 gathers), sums reduced.
+
+    `model` is any module called as `model(input_ids, lengths) -> logits` (a DeepSpeed engine is one).
+    Returns loss, accuracy, examples, macro / weighted / per-class scores and the confusion matrix.
+    """
+    batch_size = eval_batch_size(cfg)
+    loader = eval_loader(dataset, batch_size, collate, env.rank, env.world_size,
+                         pin_memory=cfg.data.pin_memory and env.device.type == "cuda")
+    steps = math.ceil(math.ceil(len(dataset) / env.world_size) / batch_size)
+    if max_batches is not None:
+        steps = min(steps, max_batches)
+    module = getattr(model, "module", model)  # a DeepSpeed engine's own `training` flag is not kept
+    was_training = module.training
+    model.eval()
+    # ZeRO-3 gathers parameters inside the forward; those must not become inference tensors.
+    grad_off = torch.no_grad if cfg.zero.stage == 3 else torch.inference_mode
+    with grad_off():
+        sums = _eval_sums(model, iter(loader), steps, env, num_classes)
+    model.train(was_training)
+    if sums is None:  # no forwards at all (an empty split): the same on every rank
+        sums = torch.zeros(1 + (num_classes or 0) ** 2, dtype=torch.float64)
+    totals = all_reduce_sum(sums, env)
+    n = math.isqrt(totals.numel() - 1)
+    metrics = from_confusion(totals[1:].view(n, n).tolist())
+    return {"loss": float(totals[0]) / max(metrics.examples, 1), **metrics.to_dict()}
+
+
+def _eval_sums(model, batches, steps: int, env: DistEnv, num_classes: int | None) -> torch.Tensor | None:
+    """[loss sum, confusion matrix cells] on the device: no host synchronisation per batch."""
+    sums = None
+    for _ in range(steps):
+        batch = next(batches, None)
+        real = batch is not None
+        if not real:  # this rank's shard is done; keep the forwards in step with the others
+            batch = {"input_ids": torch.full((1, 1), PAD_ID), "lengths": torch.ones(1, dtype=torch.long),
+                     "labels": torch.zeros(1, dtype=torch.long)}
+        logits, labels = forward(model, batch, env.device)
+        n = num_classes or logits.shape[-1]
+        if sums is None:
+            sums = torch.zeros(1 + n * n, dtype=torch.float64, device=logits.device)
+        if real:
+            sums[0] += F.cross_entropy(logits, labels, reduction="sum").double()
+            sums[1:] += torch.bincount(labels * n + logits.argmax(-1), minlength=n * n).double()
+    return sums
