@@ -13,6 +13,7 @@ Under torchrun, put `--` before the arguments (or spell `--run` as `--run-dir`):
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import sys
 from dataclasses import dataclass
@@ -105,6 +106,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--checkpoint", default="best", help="best (default), latest, or a RUN/checkpoints/step_* folder")
     p.add_argument("--batch-size", type=int, help="evaluation batch size per rank (default: the run's)")
     p.add_argument("--out", type=Path, help="the JSON to write (default: RUN/eval/<split or file stem>.json)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing report (and its confusion PNG) written by this command")
     p.add_argument("--debug", action="store_true", help="CPU + gloo even where CUDA exists")
     args = p.parse_args(argv)
     if args.batch_size is not None and args.batch_size < 1:
@@ -179,11 +182,60 @@ def run(args: argparse.Namespace, job: EvalJob, env: DistEnv) -> dict[str, Any]:
     }
 
 
-def write_outputs(args: argparse.Namespace, report: dict[str, Any], name: str) -> tuple[Path, Path]:
+REPORT_KEYS = ("run", "checkpoint", "labels", "confusion_matrix", "accuracy", "examples")
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+_LARGEST_REPORT = 64 * 2**20  # a bigger file is no report of ours: not read
+
+
+def output_paths(args: argparse.Namespace) -> tuple[Path, Path]:
+    """The report JSON and its confusion-matrix PNG (beside it)."""
+    name = args.data.stem if args.data is not None else (args.split or "test")
     out = args.out or args.run / "eval" / f"{name}.json"
+    return out, out.parent / f"confusion_{name}.png"
+
+
+def _is_our_report(path: Path) -> bool:
+    try:
+        if not path.is_file() or path.stat().st_size > _LARGEST_REPORT:
+            return False
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return False
+    return isinstance(data, dict) and all(key in data for key in REPORT_KEYS)
+
+
+def _is_png(path: Path) -> bool:
+    try:
+        with path.open("rb") as f:
+            return path.is_file() and f.read(len(PNG_MAGIC)) == PNG_MAGIC
+    except OSError:
+        return False
+
+
+def check_outputs(args: argparse.Namespace) -> None:
+    """Before any work: an existing report is replaced only with --overwrite, anything else never."""
+    out, png = output_paths(args)
+    fix = "choose another --out" if args.out else "pass --out another file"
+    if out.is_dir():
+        raise RunError(f"--out {out} is a folder; give a file name ending in .json")
+    if out.exists() and not _is_our_report(out):
+        raise RunError(f"{out} exists and is not an evaluation report written by this command; refusing to "
+                       f"replace it: {fix}")
+    if png.exists() and not _is_png(png):
+        raise RunError(f"{png} (the confusion matrix beside the report) exists and is not a PNG image; refusing "
+                       f"to replace it: {fix}")
+    if not args.overwrite:
+        for path in (out, png):
+            if path.exists():
+                raise RunError(f"{path} already exists (from an earlier evaluation); pass --overwrite to replace "
+                               f"it, or {fix}")
+
+
+def write_outputs(args: argparse.Namespace, report: dict[str, Any], name: str) -> tuple[Path, Path]:
+    """Each file whole or not at all (written under a temporary name, then renamed)."""
+    out, png = output_paths(args)
     out.parent.mkdir(parents=True, exist_ok=True)
     write_json(out, report)
-    png = out.parent / f"confusion_{name}.png"
     plot_confusion(report["confusion_matrix"], report["labels"], png, title=f"{name} ({report['examples']} examples)")
     return out, png
 
@@ -191,6 +243,7 @@ def write_outputs(args: argparse.Namespace, report: dict[str, Any], name: str) -
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
+        check_outputs(args)
         job = prepare(args)
     except USER_ERRORS as exc:  # the same on every rank: they read the same files
         print(f"error: {exc}", file=sys.stderr)

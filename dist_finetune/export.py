@@ -16,7 +16,7 @@ from .data import DataError
 from .lora import has_lora, merge_lora
 from .model import GPTClassifier
 from .runs import RunError, load_checkpoint_model, load_run_config, resolve_checkpoint, run_facts
-from .weights import WeightsError, save_export
+from .weights import WeightsError, export_leftovers, save_export
 
 USER_ERRORS = (ConfigError, DataError, WeightsError, RunError)
 
@@ -46,7 +46,22 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="the run folder (the training output_dir)")
     p.add_argument("--checkpoint", default="best", help="best (default), latest, or a RUN/checkpoints/step_* folder")
     p.add_argument("--out", required=True, type=Path, help="the export folder to write")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing export in --out (a folder holding anything else is never replaced)")
     return p.parse_args(argv)
+
+
+def check_out(out: Path, overwrite: bool) -> None:
+    """Before any work: --out is absent, an empty folder, or (with --overwrite) an export and nothing else."""
+    if out.exists() and not out.is_dir():
+        raise RunError(f"--out {out} is a file; pass a folder to write the export into")
+    foreign = export_leftovers(out)
+    if foreign:
+        raise RunError(f"--out {out} holds {', '.join(foreign[:8])}, which is not part of an export; refusing to "
+                       "replace it: choose another --out (an empty or new folder)")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise RunError(f"--out {out} already holds an export; pass --overwrite to replace it, or choose another "
+                       "--out")
 
 
 def export_run(run_dir: Path, checkpoint: str, out_dir: Path) -> Path:
@@ -61,10 +76,8 @@ def export_run(run_dir: Path, checkpoint: str, out_dir: Path) -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    if args.out.exists() and not args.out.is_dir():
-        print(f"error: --out {args.out} is a file; pass a folder to write the export into", file=sys.stderr)
-        return 2
     try:
+        check_out(args.out, args.overwrite)
         source = export_run(args.run, args.checkpoint, args.out)
     except USER_ERRORS as exc:
         print(f"error: {exc}", file=sys.stderr)

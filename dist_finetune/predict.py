@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,9 +15,11 @@ from pathlib import Path
 import pandas as pd
 import torch
 
+from . import files
 from .data import FORMATS, DataError, make_collate, read_texts
+from .errors import UserError
 from .tokenizer import encode_batch
-from .weights import ExportInfo, WeightsError, load_export, read_export_info
+from .weights import ExportInfo, load_export, read_export_info
 
 PREDICTED = "predicted_label"
 
@@ -66,6 +69,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--input", type=Path, help="a CSV / TSV / JSONL file of texts")
     p.add_argument("--text-column", default="text", help="--input's text column (default: text)")
     p.add_argument("--output", type=Path, help="where to write --input with predicted_label and prob_<label> added")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --output file")
     p.add_argument("--json", action="store_true", help="one JSON object per text instead of a text line")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
@@ -80,13 +84,30 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def _check_output(path: Path) -> str:
+def _same_file(a: Path, b: Path) -> bool:
+    """One file under two spellings, a symlink or a hard link."""
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return a.resolve() == b.resolve()
+
+
+def _check_output(path: Path, source: Path, overwrite: bool) -> str:
+    """Before anything is read: the format, the folder, and no file replaced without --overwrite."""
     fmt = FORMATS.get(path.suffix.lower())
     if fmt is None:
         raise DataError(f"--output {path}: unknown format {path.suffix or '(no extension)'!r}; "
                         f"use one of {', '.join(FORMATS)}")
     if not path.parent.is_dir():
         raise DataError(f"--output {path}: the folder {path.parent} does not exist; create it first")
+    if _same_file(path, source):
+        raise DataError(f"--output {path} is the --input file; writing it would replace the texts it is read "
+                        "from: choose another --output")
+    if path.is_dir():
+        raise DataError(f"--output {path} is a folder; give a file name ({', '.join(FORMATS)})")
+    if (path.exists() or path.is_symlink()) and not overwrite:
+        raise DataError(f"--output {path} already exists; pass --overwrite to replace it, or choose another "
+                        "--output")
     return fmt
 
 
@@ -100,10 +121,12 @@ def with_predictions(frame: pd.DataFrame, result: Predictions) -> pd.DataFrame:
 
 
 def write_table(frame: pd.DataFrame, path: Path, fmt: str) -> None:
-    if fmt == "jsonl":
-        frame.to_json(path, orient="records", lines=True, force_ascii=False, double_precision=15)
-    else:
-        frame.to_csv(path, sep="," if fmt == "csv" else "\t", index=False)
+    """Whole or not at all: written under a temporary name, then renamed."""
+    with files.writing(path) as tmp:
+        if fmt == "jsonl":
+            frame.to_json(tmp, orient="records", lines=True, force_ascii=False, double_precision=15)
+        else:
+            frame.to_csv(tmp, sep="," if fmt == "csv" else "\t", index=False)
 
 
 def line(text: str, label, probabilities: list[float], classes: list, as_json: bool) -> str:
@@ -118,12 +141,12 @@ def line(text: str, label, probabilities: list[float], classes: list, as_json: b
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
-        fmt = _check_output(args.output) if args.output is not None else None
+        fmt = _check_output(args.output, args.input, args.overwrite) if args.output is not None else None
         info = read_export_info(args.model)
         model, _ = load_export(args.model)
         frame, texts = read_texts(args.input, args.text_column) if args.input else (None, list(args.texts))
         result = predict(model, info, texts, args.batch_size, pick_device(args.device))
-    except (DataError, WeightsError) as exc:
+    except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     if result.truncated:

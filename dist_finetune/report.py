@@ -5,6 +5,7 @@ Nothing here holds a collective: callers hand in numbers already reduced across 
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
 import math
@@ -16,6 +17,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from . import files
+from .runs import RunError
 
 HISTORY_FIELDS = (
     "step", "epoch", "examples_seen", "train_loss", "train_accuracy", "val_loss", "val_accuracy", "lr",
@@ -41,9 +45,33 @@ def process_age_seconds() -> float | None:
 
 
 def write_json(path: Path, data: Any) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n", encoding="utf-8")
-    tmp.replace(path)
+    files.atomic_write_text(path, json.dumps(data, indent=2, sort_keys=False) + "\n")
+
+
+def _last_line_torn(path: Path, number: int, lines: list[str], problem: str) -> bool:
+    """A bad line is forgiven only as the file's last: what a crash or a full disk mid-append leaves."""
+    if any(text.strip() for text in lines[number:]):
+        raise RunError(f"{path}: line {number} is damaged ({problem}) and is not the last line; delete that line "
+                       "(or the run folder) and run again")
+    return True
+
+
+def read_jsonl(path: Path) -> tuple[list[tuple[dict[str, Any], str]], str | None]:
+    """The (record, line) pairs of a JSON-lines file, and its last line when that one is cut short."""
+    lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+    kept: list[tuple[dict[str, Any], str]] = []
+    for number, text in enumerate(lines, 1):
+        if not text.strip():
+            continue
+        try:
+            record = json.loads(text)
+            problem = "" if isinstance(record, dict) else "not a JSON object"
+        except ValueError as exc:
+            problem = f"not JSON: {exc}"
+        if problem and _last_line_torn(path, number, lines, problem):
+            return kept, text
+        kept.append((record, text))
+    return kept, None
 
 
 @dataclass
@@ -76,22 +104,40 @@ class Reporter:
         self._load_history()
 
     def _load_history(self) -> None:
-        """A resumed run keeps the history it had (events after the checkpoint are replayed anew)."""
+        """A resumed run keeps the history it had (events after the checkpoint are replayed anew). A last
+        line cut short by a crash or a full disk is dropped with a warning, so appends start on a new line."""
         path = self.run_dir / "history.csv"
         if path.exists():
-            with path.open(newline="", encoding="utf-8") as f:
-                self.history = [{k: _num(v) for k, v in row.items()} for row in csv.DictReader(f)]
+            with path.open(newline="", encoding="utf-8", errors="replace") as f:
+                lines = f.read().splitlines()
+            self.history = []
+            for number, row in enumerate(csv.DictReader(lines), 2):
+                if None in row or None in row.values():  # too many or too few cells
+                    _last_line_torn(path, number, lines, f"{len(row)} cells for {len(HISTORY_FIELDS)} columns")
+                    self.warn(f"{path}: dropped its last line, cut short by an earlier crash or a full disk")
+                    break
+                self.history.append({k: _num(v) for k, v in row.items()})
+        self._keep_metrics(lambda record: True)
+
+    def _keep_metrics(self, keep) -> None:
+        """Rewrites metrics.jsonl with the records `keep` accepts (only when that drops something)."""
+        path = self.run_dir / "metrics.jsonl"
+        if not path.exists():
+            return
+        records, torn = read_jsonl(path)
+        if torn is not None:
+            shown = torn if len(torn) <= 40 else torn[:37] + "..."
+            self.warn(f"{path}: dropped its last line ({shown!r}), cut short by an earlier crash or a full disk")
+        kept = [text for record, text in records if keep(record)]
+        if torn is not None or len(kept) < len(records):
+            files.atomic_write_text(path, "".join(text + "\n" for text in kept))
 
     def truncate_after(self, step: int) -> None:
         if not self.enabled:
             return
         self.history = [row for row in self.history if row["step"] <= step]
         self._write_history()
-        path = self.run_dir / "metrics.jsonl"
-        if path.exists():
-            kept = [ln for ln in path.read_text(encoding="utf-8").splitlines()
-                    if ln.strip() and json.loads(ln).get("step", 0) <= step]
-            path.write_text("".join(ln + "\n" for ln in kept), encoding="utf-8")
+        self._keep_metrics(lambda record: record.get("step", 0) <= step)
 
     def event(self, kind: str, **values: Any) -> None:
         if not self.enabled:
@@ -133,10 +179,11 @@ class Reporter:
         self.event("eval", **row)
 
     def _write_history(self) -> None:
-        with (self.run_dir / "history.csv").open("w", newline="", encoding="utf-8") as f:
-            writer = csv.DictWriter(f, fieldnames=HISTORY_FIELDS)
-            writer.writeheader()
-            writer.writerows(self.history)
+        text = io.StringIO()
+        writer = csv.DictWriter(text, fieldnames=HISTORY_FIELDS)
+        writer.writeheader()
+        writer.writerows(self.history)
+        files.atomic_write_text(self.run_dir / "history.csv", text.getvalue())
 
     def finish(self, summary: dict[str, Any], plots: bool = True) -> None:
         if not self.enabled:
@@ -151,7 +198,7 @@ class Reporter:
                            title=f"test split ({test['examples']} examples)")
         write_json(self.run_dir / "summary.json", summary)
         images = [name for name in PLOTS if plots and (self.run_dir / name).is_file()]
-        (self.run_dir / "report.md").write_text(report_markdown(summary, self.run_dir, images), encoding="utf-8")
+        files.atomic_write_text(self.run_dir / "report.md", report_markdown(summary, self.run_dir, images))
         self.event("summary", **{k: v for k, v in summary.items() if not isinstance(v, dict)})
         if self._tb is not None:
             self._tb.close()
@@ -188,7 +235,17 @@ def plot_history(history: list[dict[str, Any]], run_dir: Path) -> None:
         top.plot(seen, [0.0] * len(seen), alpha=0)  # aligns the examples-seen axis
         top.set_xlabel("examples seen")
         fig.tight_layout()
-        fig.savefig(run_dir / filename, dpi=120)
+        save_figure(fig, run_dir / filename)
+
+
+def save_figure(fig: Any, path: Path) -> None:
+    """A PNG that appears whole (written under a temporary name, then renamed); closes the figure."""
+    import matplotlib.pyplot as plt
+
+    try:
+        with files.writing(path) as tmp:
+            fig.savefig(tmp, dpi=120, format="png")
+    finally:
         plt.close(fig)
 
 
@@ -219,8 +276,7 @@ def plot_confusion(confusion: list[list[int]], labels: list, path: Path, title: 
         ax.set_title(title)
     fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def _row(cells: list[Any]) -> str:

@@ -218,6 +218,29 @@ def test_export_command_equals_the_runs_own_export(trained, tmp_path):
     assert (config["tokenizer"], config["pad_id"], config["max_length"]) == ("gpt2", 50256, 64)
 
 
+def test_export_command_replaces_an_export_only_with_overwrite(trained, tmp_path, capsys):
+    out = tmp_path / "again"
+    assert export.main(["--run", str(trained.dir), "--out", str(out)]) == 0
+    (out / "labels.json").write_text('["old", "labels"]\n')
+    assert export.main(["--run", str(trained.dir), "--out", str(out)]) == 2
+    assert "already holds an export" in capsys.readouterr().err
+    assert export.main(["--run", str(trained.dir), "--out", str(out), "--overwrite"]) == 0
+    assert load_export(out)[1] == ["ham", "spam"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["again"]  # no temporary folder left behind
+
+
+def test_evaluate_replaces_its_own_report_only_with_overwrite(trained, evaluated):
+    report = trained.dir / "eval" / "test.json"
+    report.write_text(json.dumps({**evaluated[0], "accuracy": -1.0}))
+    again = cli("evaluate", "--run", trained.dir)
+    assert again.returncode == 2 and f"{report} already exists" in again.stderr and "--overwrite" in again.stderr
+    assert json.loads(report.read_text())["accuracy"] == -1.0
+    ok(cli("evaluate", "--run", trained.dir, "--overwrite"))
+    assert json.loads(report.read_text())["accuracy"] == evaluated[0]["accuracy"]
+    assert (trained.dir / "eval" / "confusion_test.png").read_bytes()[:8] == PNG
+    assert sorted(p.name for p in report.parent.iterdir()) == ["confusion_test.png", "test.json"]
+
+
 def assert_same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], atol: float) -> None:
     assert a.keys() == b.keys()
     for name in a:
