@@ -1,10 +1,10 @@
 """DeepSpeed checkpoints beside the old ones, an atomic `latest`/`best` pointer, resume, and export.
 
 Layout under `output_dir/checkpoints/`: one folder per tag (`step_000120`), written by every rank
-through DeepSpeed, plus `rng_rank{R}.pt` per rank; then, after a barrier, rank 0 writes the folder's
-`manifest.json` (every file with its size and SHA-256) and replaces the text files `latest` and `best`
-atomically. A crash mid-save leaves the old pointer on a complete checkpoint, and resume checks a
-checkpoint against its manifest before it trusts it.
+through DeepSpeed, plus `rng_rank{R}.pt` (tensors) and `rng_rank{R}.json` per rank; then, after a barrier,
+rank 0 writes the folder's `manifest.json` (every file with its size and SHA-256) and replaces the text
+files `latest` and `best` atomically. A crash mid-save leaves the old pointer on a complete checkpoint,
+and resume checks a checkpoint against its manifest before it trusts it.
 """
 from __future__ import annotations
 
@@ -22,6 +22,8 @@ import torch
 
 from .config import Config, ConfigError, to_dict
 from .distributed import DistEnv, barrier
+from .files import atomic_write_text, publish, temp_path_for
+from . import safe_load
 
 log = logging.getLogger(__name__)
 
@@ -61,19 +63,66 @@ def _write_pointer(run_dir: Path, name: str, tag: str) -> None:
     os.replace(tmp, path)
 
 
-def rng_state() -> dict[str, Any]:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+def rng_state() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """This process's RNG states as (tensors, JSON scalars): saved so that loading unpickles no object."""
+    version, words, gauss = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    tensors = {"python": torch.tensor(words, dtype=torch.int64),
+               "numpy": torch.from_numpy(keys.astype(np.int64)), "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
+        tensors.update({f"cuda_{i}": t for i, t in enumerate(torch.cuda.get_rng_state_all())})
+    scalars = {"python_version": version, "python_gauss": gauss, "numpy_kind": kind, "numpy_pos": int(pos),
+               "numpy_has_gauss": int(has_gauss), "numpy_cached_gaussian": float(cached)}
+    return tensors, scalars
 
 
-def set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+def set_rng_state(tensors: dict[str, torch.Tensor], scalars: dict[str, Any]) -> None:
+    random.setstate((scalars["python_version"], tuple(tensors["python"].tolist()), scalars["python_gauss"]))
+    np.random.set_state((scalars["numpy_kind"], tensors["numpy"].numpy().astype(np.uint32), scalars["numpy_pos"],
+                         scalars["numpy_has_gauss"], scalars["numpy_cached_gaussian"]))
+    torch.set_rng_state(tensors["torch"])
+    cuda = [tensors[f"cuda_{i}"] for i in range(len(tensors)) if f"cuda_{i}" in tensors]
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda)
+
+
+def _rng_files(folder: Path, rank: int) -> tuple[Path, Path]:
+    return folder / f"rng_rank{rank}.pt", folder / f"rng_rank{rank}.json"
+
+
+def _save_rng(folder: Path, rank: int) -> None:
+    tensors, scalars = rng_state()
+    pt, js = _rng_files(folder, rank)
+    tmp = temp_path_for(pt)
+    torch.save(tensors, tmp)
+    publish(tmp, pt)
+    atomic_write_text(js, json.dumps(scalars))
+
+
+def _restore_rng(folder: Path, rank: int) -> None:
+    pt, js = _rng_files(folder, rank)
+    if not pt.exists():
+        return
+    tensors = safe_load.torch_load(pt)
+    try:
+        set_rng_state(tensors, json.loads(js.read_text(encoding="utf-8")))
+    except (OSError, ValueError, TypeError, KeyError, AttributeError, RuntimeError) as exc:
+        detail = " ".join(str(exc).split())[:160]
+        raise safe_load.UnsafeFileError(f"{pt} with {js.name}: not this tool's RNG state ({type(exc).__name__}: "
+                                        f"{detail}); {safe_load.CHECKPOINT_FIX}") from None
+
+
+def _check_plain(value: Any, where: str = "client_state") -> None:
+    """What we hand DeepSpeed to pickle must load back under weights_only: plain data only (a bug if not)."""
+    if isinstance(value, dict):
+        for k, v in value.items():
+            _check_plain(k, where)
+            _check_plain(v, f"{where}[{k!r}]")
+    elif isinstance(value, (list, tuple)):
+        for i, v in enumerate(value):
+            _check_plain(v, f"{where}[{i}]")
+    elif not (value is None or type(value) in (str, int, float, bool)):
+        raise TypeError(f"{where} is a {type(value).__name__}; checkpoints hold only plain data")
 
 
 def save(engine, run_dir: Path, env: DistEnv, step: int, client_state: dict[str, Any],
@@ -81,8 +130,9 @@ def save(engine, run_dir: Path, env: DistEnv, step: int, client_state: dict[str,
     """Every rank calls this. Returns the tag written."""
     tag = tag_for(step)
     root = checkpoint_dir(run_dir)
+    _check_plain(client_state)
     engine.save_checkpoint(str(root), tag=tag, client_state=client_state, save_latest=False)
-    torch.save(rng_state(), root / tag / f"rng_rank{env.rank}.pt")
+    _save_rng(root / tag, env.rank)
     barrier(env)  # every rank's files are complete before any pointer moves
     if env.is_main:
         (root / tag / RUN_STATE).write_text(json.dumps(client_state, indent=1), encoding="utf-8")
@@ -105,8 +155,17 @@ def _prune(run_dir: Path, keep_last: int) -> None:
 
 
 def load(engine, run_dir: Path, env: DistEnv, tag: str, weights_only: bool = False) -> dict[str, Any]:
-    """Every rank calls this. Restores engine state (and this rank's RNG unless weights_only)."""
+    """Every rank calls this. Restores engine state (and this rank's RNG unless weights_only).
+
+    Nothing is unpickled but tensors and plain data: the folder is screened first (every rank, the same
+    files, so every rank refuses together), then DeepSpeed reads through a weights-only checkpoint engine.
+    """
     root = checkpoint_dir(run_dir)
+    safe_load.screen(root / tag)
+    if weights_only and engine.zero_optimization_partition_weights():
+        _load_module_zero3(engine, run_dir, tag)
+        return _run_state(root / tag)
+    safe_load.install(engine)
     path, client_state = engine.load_checkpoint(
         str(root), tag=tag,
         load_optimizer_states=not weights_only,
@@ -115,10 +174,37 @@ def load(engine, run_dir: Path, env: DistEnv, tag: str, weights_only: bool = Fal
     )
     if path is None:
         raise ConfigError(f"checkpoint {root / tag} could not be loaded (files missing?)")
-    rng_file = root / tag / f"rng_rank{env.rank}.pt"
-    if not weights_only and rng_file.exists():
-        set_rng_state(torch.load(rng_file, weights_only=False))
+    if not weights_only:
+        _restore_rng(root / tag, env.rank)
     return client_state or {}
+
+
+def _load_module_zero3(engine, run_dir: Path, tag: str) -> None:
+    """Module-only load under ZeRO-3. DeepSpeed's own (load_module_only=True) consolidates the shards
+    without the tag, i.e. whatever `latest` points to (issue 14): we read the tag's fp32 weights and
+    copy them into the partitioned parameters, one parameter gathered at a time, on every rank."""
+    import deepspeed
+
+    sd = consolidated_state_dict(run_dir, tag)
+    module = engine.module
+    missing = [name for name, _ in module.named_parameters() if name not in sd]
+    if missing:
+        raise ConfigError(f"checkpoint {checkpoint_dir(run_dir) / tag} has no weights for {missing[:5]}; "
+                          "it was written by another model: resume from a checkpoint of this run")
+    with torch.no_grad():
+        for name, param in module.named_parameters():
+            with deepspeed.zero.GatheredParameters([param], modifier_rank=0):
+                param.data.copy_(sd[name].reshape(param.shape).to(param.device, param.dtype))
+        for name, buffer in module.named_buffers():
+            if name in sd:
+                buffer.copy_(sd[name].to(buffer.device, buffer.dtype))
+    if hasattr(engine.optimizer, "refresh_fp32_params"):
+        engine.optimizer.refresh_fp32_params()  # the fp32 masters follow the module, as in DeepSpeed's own
+
+
+def _run_state(folder: Path) -> dict[str, Any]:
+    path = folder / RUN_STATE
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
 
 
 MANIFEST = "manifest.json"
@@ -267,14 +353,16 @@ def consolidated_state_dict(run_dir: Path, tag: str) -> dict[str, torch.Tensor]:
     Trained parameters come from the fp32 master copies; frozen ones as the checkpoint holds them.
     """
     folder = checkpoint_dir(run_dir) / tag
+    safe_load.screen(folder)
     states_file = folder / "mp_rank_00_model_states.pt"
-    states = torch.load(states_file, map_location="cpu", weights_only=False) if states_file.exists() else {}
+    states = safe_load.torch_load(states_file, allowed=safe_load.deepspeed_globals()) if states_file.exists() else {}
     # ZeRO-3 keeps only placeholders in "module"; ZeRO 0-2 keep every tensor there (16-bit if bf16/fp16).
     sd = {k: v.detach().float().contiguous() for k, v in (states.get("module") or {}).items() if v.numel()}
     if any(folder.glob("*optim_states.pt")):  # ZeRO 1-3: fp32 partitions of the trained parameters
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-        masters = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint_dir(run_dir)), tag=tag)
+        with safe_load.zero_to_fp32_weights_only():
+            masters = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint_dir(run_dir)), tag=tag)
         sd.update({k: v.detach().float().contiguous() for k, v in masters.items()})
         return sd
     groups = (states.get("optimizer") or {}).get("fp32_groups")
