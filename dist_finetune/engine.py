@@ -137,28 +137,32 @@ def _merge_expert(derived: dict[str, Any], expert: dict[str, Any]) -> dict[str, 
     return merged
 
 
-def _split_trainable(model: nn.Module) -> tuple[list[tuple[str, nn.Parameter]], list[tuple[str, nn.Parameter]]]:
-    """Decay on weight matrices of linear layers only: not biases, norms or embeddings."""
+def _split_trainable(model: nn.Module, decay_rule: str = "linear_weights",
+                     ) -> tuple[list[tuple[str, nn.Parameter]], list[tuple[str, nn.Parameter]]]:
+    """train.decay: linear_weights decays the weight matrices of linear layers only (not biases, norms
+    or embeddings); all decays every trainable parameter (the chapter's recipe)."""
+    if decay_rule not in ("linear_weights", "all"):
+        raise ValueError(f"decay rule must be 'linear_weights' or 'all', got {decay_rule!r}")
     decay, no_decay = [], []
     for module_name, module in model.named_modules():
         for name, p in module.named_parameters(recurse=False):
             if p.requires_grad:
-                is_matrix = isinstance(module, nn.Linear) and name == "weight"
+                decayed = decay_rule == "all" or (isinstance(module, nn.Linear) and name == "weight")
                 full = f"{module_name}.{name}" if module_name else name
-                (decay if is_matrix else no_decay).append((full, p))
+                (decay if decayed else no_decay).append((full, p))
     return decay, no_decay
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    decay, no_decay = _split_trainable(model)
+def param_groups(model: nn.Module, weight_decay: float, decay_rule: str = "linear_weights") -> list[dict[str, Any]]:
+    decay, no_decay = _split_trainable(model, decay_rule)
     groups = [{"params": [p for _, p in decay], "weight_decay": weight_decay},
               {"params": [p for _, p in no_decay], "weight_decay": 0.0}]
     return [g for g in groups if g["params"]]
 
 
-def param_group_names(model: nn.Module) -> list[list[str]]:
+def param_group_names(model: nn.Module, decay_rule: str = "linear_weights") -> list[list[str]]:
     """Names for `param_groups`, group by group, in the same order (saved with checkpoints)."""
-    return [[n for n, _ in group] for group in _split_trainable(model) if group]
+    return [[n for n, _ in group] for group in _split_trainable(model, decay_rule) if group]
 
 
 def optimizer_kind(cfg: Config, device: torch.device) -> str:
@@ -177,7 +181,7 @@ def optimizer_kind(cfg: Config, device: torch.device) -> str:
 
 
 def make_optimizer(model: nn.Module, cfg: Config, device: torch.device) -> torch.optim.Optimizer:
-    groups = param_groups(model, cfg.train.weight_decay)
+    groups = param_groups(model, cfg.train.weight_decay, cfg.train.decay)
     t = cfg.train
     kind = optimizer_kind(cfg, device)
     if kind == "deepspeed_fused":

@@ -3,6 +3,9 @@
 `LoRALinear` wraps an existing `nn.Linear` as `base` and adds `lora_A` (in -> rank) and `lora_B`
 (rank -> out), both `nn.Linear` without bias so that the optimizer's decay rule (matrices of linear
 layers) covers them. `lora_B` starts at zero: a freshly wrapped model computes what it did before.
+
+lora.scaling and lora.a_init switch to the chapter's LoRALayer: `alpha * (x @ A @ B)` with A an
+(in, rank) Parameter under kaiming_uniform_(a=sqrt(5)), whose fan-in torch takes to be the rank.
 """
 from __future__ import annotations
 
@@ -21,15 +24,21 @@ ADAPTER_MARK = ".lora_"
 
 
 class LoRALinear(nn.Module):
-    def __init__(self, base: nn.Linear, rank: int, alpha: float, dropout: float = 0.0):
+    def __init__(self, base: nn.Linear, rank: int, alpha: float, dropout: float = 0.0,
+                 scaling: str = "alpha_over_rank", a_init: str = "in_features"):
         super().__init__()
+        if scaling not in ("alpha_over_rank", "alpha") or a_init not in ("in_features", "rank"):
+            raise ValueError(f"scaling {scaling!r} / a_init {a_init!r}: see LoraConfig for the choices")
         self.base = base
         self.rank = rank
-        self.scale = alpha / rank
+        self.scale = alpha / rank if scaling == "alpha_over_rank" else alpha
         self.lora_A = nn.Linear(base.in_features, rank, bias=False)
         self.lora_B = nn.Linear(rank, base.out_features, bias=False)
         self.drop = nn.Dropout(dropout)
-        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
+        if a_init == "in_features":
+            nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
+        else:  # the chapter's (in, rank) tensor: fan-in = rank; stored transposed as nn.Linear keeps it
+            nn.init.kaiming_uniform_(self.lora_A.weight.T, a=math.sqrt(5))
         nn.init.zeros_(self.lora_B.weight)
         self.to(device=base.weight.device, dtype=base.weight.dtype)
 
@@ -73,7 +82,8 @@ def apply_lora(model: nn.Module, cfg: LoraConfig) -> list[str]:
     """Wraps the target Linears in place (idempotent); returns the wrapped module names."""
     names = _target_names(model, tuple(cfg.targets))
     for name in names:
-        _set_child(model, name, LoRALinear(model.get_submodule(name), cfg.rank, cfg.alpha, cfg.dropout))
+        _set_child(model, name, LoRALinear(model.get_submodule(name), cfg.rank, cfg.alpha, cfg.dropout,
+                                           cfg.scaling, cfg.a_init))
     return names
 
 

@@ -162,7 +162,7 @@ class GPT(nn.Module):
 
 
 class GPTClassifier(nn.Module):
-    def __init__(self, gpt_config: GPTConfig, num_classes: int, pooling: str = "last"):
+    def __init__(self, gpt_config: GPTConfig, num_classes: int, pooling: str = "last", head_init: str = "gpt2"):
         super().__init__()
         if pooling not in POOLINGS:
             raise ValueError(f"pooling {pooling!r} is not one of {', '.join(POOLINGS)}")
@@ -178,6 +178,7 @@ class GPTClassifier(nn.Module):
         for block in self.backbone.blocks:
             nn.init.normal_(block.attn.proj.weight, mean=0.0, std=std)
             nn.init.normal_(block.mlp.proj.weight, mean=0.0, std=std)
+        init_head(self.head, head_init)
 
     @property
     def config(self) -> GPTConfig:
@@ -205,6 +206,16 @@ def pool(hidden: torch.Tensor, lengths: torch.Tensor | None, pooling: str) -> to
         summed = hidden.float().masked_fill(~mask[:, :, None], 0.0).sum(dim=1)
         return (summed / lengths.clamp(min=1)[:, None].float()).to(hidden.dtype)
     raise ValueError(f"pooling {pooling!r} is not one of {', '.join(POOLINGS)}")
+
+
+def init_head(head: nn.Linear, head_init: str) -> None:
+    """model.head_init. gpt2: normal(0, 0.02) and a zero bias, as every Linear here (already done by
+    _init_weights). torch: nn.Linear's own default (kaiming uniform, uniform bias), as the chapter's
+    `nn.Linear(768, 2)` out_head; draws from the global RNG after the rest of the model."""
+    if head_init == "torch":
+        head.reset_parameters()
+    elif head_init != "gpt2":
+        raise ValueError(f"head_init must be 'gpt2' or 'torch', got {head_init!r}")
 
 
 def _init_weights(module: nn.Module) -> None:
@@ -270,7 +281,7 @@ def build_model(mc: ModelConfig, num_classes: int, lora: LoraConfig | None = Non
 
     With `lora` and model.trainable=lora, the adapters are in place too (to read a LoRA checkpoint).
     """
-    model = GPTClassifier(GPTConfig.from_model_config(mc), num_classes, pooling=mc.pooling)
+    model = GPTClassifier(GPTConfig.from_model_config(mc), num_classes, pooling=mc.pooling, head_init=mc.head_init)
     if lora is not None and mc.trainable == "lora":
         from dist_finetune.lora import apply_lora
 
