@@ -20,22 +20,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from .config import Config, ConfigError, to_dict
+from .config import ConfigError
+from . import safe_load
 from .distributed import DistEnv, barrier
 from .files import atomic_write_text, publish, temp_path_for
-from . import safe_load
 
 log = logging.getLogger(__name__)
-
-# Keys that may differ between a run and its resumption: they do not change the result.
-# Keys that change speed or bookkeeping, not what the run computes: a resume may change them.
-RESUME_FREE_KEYS = ("output_dir", "resume", "report.", "distributed.", "data.num_workers", "data.pin_memory",
-                    "train.log_every_steps", "train.compile", "train.compile_mode", "train.nonfinite_check",
-                    "train.sync_every_steps",
-                    "model.fused_qkv", "model.attention_backend", "zero.overlap_comm",
-                    "zero.reduce_bucket_size", "zero.allgather_bucket_size", "zero.contiguous_gradients",
-                    "checkpoint.")
-
 
 def tag_for(step: int) -> str:
     return f"step_{step:07d}"
@@ -211,11 +201,6 @@ MANIFEST = "manifest.json"
 RUN_STATE = "run_state.json"  # the loop's state and the world size, readable without DeepSpeed
 
 
-def saved_world_size(run_dir: Path, tag: str) -> int | None:
-    path = checkpoint_dir(run_dir) / tag / RUN_STATE
-    return json.loads(path.read_text(encoding="utf-8")).get("world_size") if path.is_file() else None
-
-
 def _sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with path.open("rb") as f:
@@ -255,96 +240,6 @@ def verify(folder: Path) -> str | None:
         if "sha256" in entry and _sha256(path) != entry["sha256"]:
             return f"{name} does not match its checksum"
     return None
-
-
-def latest_valid_tag(run_dir: Path, pointer: str = "latest") -> str | None:
-    """The pointer's checkpoint if it verifies, else the newest older one that does (with a warning)."""
-    root = checkpoint_dir(run_dir)
-    if not root.is_dir():
-        return None
-    first = read_pointer(run_dir, pointer)
-    tags = sorted((p.name for p in root.iterdir() if p.is_dir() and p.name.startswith("step_")), reverse=True)
-    if first is not None:
-        tags = [first] + [t for t in tags if t < first]
-    for tag in tags:
-        problem = verify(root / tag)
-        if problem is None:
-            return tag
-        log.warning("checkpoint %s is incomplete or corrupted (%s); skipping it", root / tag, problem)
-    return None
-
-
-def best_valid_tag(run_dir: Path) -> str | None:
-    """The best checkpoint, or the latest complete one (with a warning) if the best is damaged."""
-    best = read_pointer(run_dir, "best")
-    problem = verify(checkpoint_dir(run_dir) / best) if best else "no best checkpoint"
-    if problem is None:
-        return best
-    log.warning("best checkpoint %s unusable (%s); using the latest complete checkpoint", best, problem)
-    return latest_valid_tag(run_dir)
-
-
-def find_resume_tag(cfg: Config, run_dir: Path) -> str | None:
-    """`resume: auto` -> the latest complete checkpoint (or None); a path -> its tag, verified."""
-    if cfg.resume == "none":
-        return None
-    if cfg.resume == "auto":
-        return latest_valid_tag(run_dir)
-    path = Path(cfg.resume)
-    if not (path.is_dir() and path.parent.resolve() == checkpoint_dir(run_dir).resolve()):
-        raise ConfigError(
-            f"resume: {cfg.resume} is not a checkpoint folder of this run "
-            f"({checkpoint_dir(run_dir)}/step_*); use resume=auto or one of those folders"
-        )
-    problem = verify(path)
-    if problem is not None:
-        raise ConfigError(f"resume: checkpoint {path} is incomplete or corrupted ({problem}); "
-                          "use resume=auto to take the newest complete one")
-    return path.name
-
-
-def estimate_checkpoint_bytes(cfg: Config) -> int:
-    """One checkpoint, roughly: every weight in fp32 plus fp32 master weights and two Adam moments
-    for the trainable ones (an over-estimate for bf16 and for LoRA-style runs)."""
-    arch = cfg.model.arch()
-    c, layers = arch["n_embd"], arch["n_layer"]
-    block = 12 * c * c + 13 * c
-    total = layers * block + (cfg.model.vocab_size + arch["context_length"]) * c
-    policy = cfg.model.trainable
-    trained_blocks = layers if policy == "all" else 0 if policy in ("head", "last_layer", "lora") else \
-        1 if policy == "last_block" else int(policy.split("_")[1])
-    trainable = total if policy == "all" else trained_blocks * block + 2 * c
-    return 4 * total + 12 * trainable
-
-
-def check_free_space(cfg: Config, run_dir: Path) -> None:
-    need = estimate_checkpoint_bytes(cfg) * (cfg.checkpoint.keep_last + 1)
-    free = shutil.disk_usage(run_dir).free
-    if free < need:
-        raise ConfigError(
-            f"output_dir {run_dir}: about {need / 2**30:.1f} GiB are needed for {cfg.checkpoint.keep_last + 1} "
-            f"checkpoints (checkpoint.keep_last + the best) but only {free / 2**30:.1f} GiB are free; free some "
-            "space, lower checkpoint.keep_last, or choose another output_dir"
-        )
-
-
-def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict) and k != "deepspeed":
-            out.update(_flatten(v, key + "."))
-        else:
-            out[key] = v
-    return out
-
-
-def result_changing_differences(saved: dict[str, Any], cfg: Config) -> list[str]:
-    # A key the saved config predates counts as its default.
-    old, new = {**_flatten(to_dict(Config())), **_flatten(saved)}, _flatten(to_dict(cfg))
-    keys = sorted(set(old) | set(new))
-    free = lambda k: any(k == f or (f.endswith(".") and k.startswith(f)) for f in RESUME_FREE_KEYS)
-    return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in keys if not free(k) and old.get(k) != new.get(k)]
 
 
 def consolidated_state_dict(run_dir: Path, tag: str) -> dict[str, torch.Tensor]:

@@ -30,7 +30,8 @@ from .distributed import leave, DistEnv, LaunchError, all_reduce_sum, init_distr
 from .metrics import format_table, from_confusion
 from .model import GPTConfig
 from .report import plot_confusion, write_json
-from .runs import RunError, check_same_labels, load_checkpoint_model, load_run_config, resolve_checkpoint, run_facts
+from .runs import (RunError, check_not_in_use, check_same_labels, load_checkpoint_model, load_run_config,
+                   resolve_checkpoint, run_facts)
 from .weights import WeightsError
 
 USER_ERRORS = (ConfigError, DataError, WeightsError, RunError)
@@ -243,6 +244,7 @@ def write_outputs(args: argparse.Namespace, report: dict[str, Any], name: str) -
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
+        check_not_in_use(args.run)  # a training run holds it: its files are changing
         check_outputs(args)
         job = prepare(args)
     except USER_ERRORS as exc:  # the same on every rank: they read the same files

@@ -15,7 +15,7 @@ from .config import Config, ConfigError, LoraConfig, to_dict
 from .data import DataError
 from .lora import has_lora, merge_lora
 from .model import GPTClassifier
-from .runs import RunError, load_checkpoint_model, load_run_config, resolve_checkpoint, run_facts
+from .runs import RunError, check_not_in_use, load_checkpoint_model, load_run_config, resolve_checkpoint, run_facts
 from .weights import WeightsError, export_leftovers, save_export
 
 USER_ERRORS = (ConfigError, DataError, WeightsError, RunError)
@@ -77,6 +77,7 @@ def export_run(run_dir: Path, checkpoint: str, out_dir: Path) -> Path:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
+        check_not_in_use(args.run)  # a training run holds it: its checkpoints are changing
         check_out(args.out, args.overwrite)
         source = export_run(args.run, args.checkpoint, args.out)
     except USER_ERRORS as exc:

@@ -50,9 +50,16 @@ class Result:
         return {"setting": self.setting, "status": self.status, **self.values, "error": self.error}
 
 
+RESERVED = ("comparison.md", "comparison.csv")  # the sweep's own files in --out
+
+
 def _setting(name: Any, overrides: Any, where: str) -> Setting:
-    if not isinstance(name, str) or not NAME.match(name):
-        raise GridError(f"{where}: name {name!r} must be letters, digits, '.', '_' or '-' (it names a folder)")
+    """A name is a plain folder inside --out: never `.`/`..`, a path, an option-like `-x`, or the name
+    of a file the sweep writes there (its tables, another setting's `NAME.log`)."""
+    if not isinstance(name, str) or not NAME.fullmatch(name) or set(name) == {"."} or name.startswith("-") \
+            or name in RESERVED or name.endswith(".log"):
+        raise GridError(f"{where}: name {name!r} must be a plain folder name: letters, digits, '.', '_' or '-', "
+                        "not '.' or '..', not starting with '-', not ending in .log, not comparison.md/.csv")
     if overrides is None:
         overrides = []
     if not isinstance(overrides, list) or not all(isinstance(o, str) for o in overrides):

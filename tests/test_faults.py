@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import runner
-from dist_finetune import checkpoint
+from dist_finetune import checkpoint, runs
 from dist_finetune.config import load_config
 from dist_finetune.model import GPTConfig, GPTClassifier
 from dist_finetune.weights import save_export
@@ -106,10 +106,10 @@ def test_texts_longer_than_the_context_are_truncated_counted_and_warned(tmp_path
 
 def test_full_disk_is_found_before_training(tmp_path, monkeypatch):
     cfg = load_config(None, ["model.name=gpt2-xl", "model.trainable=all", f"output_dir={tmp_path}"])
-    usage = checkpoint.shutil.disk_usage(tmp_path)
-    monkeypatch.setattr(checkpoint.shutil, "disk_usage", lambda p: usage._replace(free=10 * 2**30))
-    with pytest.raises(checkpoint.ConfigError, match=r"GiB are needed .* only 10.0 GiB are free"):
-        checkpoint.check_free_space(cfg, tmp_path)
+    usage = runs.shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(runs.shutil, "disk_usage", lambda p: usage._replace(free=10 * 2**30))
+    with pytest.raises(runs.ConfigError, match=r"GiB are needed .* only 10.0 GiB are free"):
+        runs.check_free_space(cfg, tmp_path)
 
 
 # ---------------------------------------------------------------- faults during training
