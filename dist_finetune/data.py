@@ -106,6 +106,12 @@ class LabelMap:
     def __len__(self) -> int:
         return len(self.labels)
 
+    def same_classes(self, other: LabelMap) -> bool:
+        """The same classes in the same order, an integer label equal to its exact text (`7` == "7"):
+        a run whose CSV labels were read as integers before labels were kept as written still matches."""
+        as_text = [[str(label) for label in m.labels] for m in (self, other)]
+        return as_text[0] == as_text[1]
+
 
 def _is_numpy_int(value: Any) -> bool:
     return getattr(getattr(value, "dtype", None), "kind", None) in ("i", "u")

@@ -234,3 +234,9 @@ def test_train_command_refuses_an_na_label_and_a_repeated_column(tmp_path: Path)
     write(tmp_path, "train.csv", "text,label,label\na,spam,ham\n")
     result = run_train(tmp_path, config, *files, f"output_dir={tmp_path / 'run2'}")
     assert_one_error_line(result, "column 'label' twice")
+
+
+def test_a_label_map_of_integers_has_the_same_classes_as_their_exact_text() -> None:
+    assert LabelMap((2, 10)).same_classes(LabelMap(("2", "10")))
+    assert not LabelMap((2, 10)).same_classes(LabelMap(("2", "010")))
+    assert not LabelMap(("a", "b")).same_classes(LabelMap(("a", "c")))
