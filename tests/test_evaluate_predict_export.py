@@ -318,7 +318,7 @@ def test_bad_input_is_one_line_naming_the_fix(trained, other_arch, tmp_path, cap
     cases = [
         (evaluate.main, ["--run", str(tmp_path / "missing")], ["missing", "not found", "--run"]),
         (export.main, ["--run", str(tmp_path), "--out", str(tmp_path / "x")], ["no config.yaml", "--run"]),
-        (evaluate.main, ["--run", str(trained.dir), "--checkpoint", str(foreign)],
+        (evaluate.main, ["--run", str(trained.dir), "--checkpoint", str(foreign), "--out", str(tmp_path / "f.json")],
          [str(foreign), "does not fit", "n_embd=32", "--run"]),
         (export.main, ["--run", str(trained.dir), "--checkpoint", str(foreign), "--out", str(tmp_path / "y")],
          ["does not fit", "--run"]),
