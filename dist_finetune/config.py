@@ -551,6 +551,10 @@ def _validate_data(cfg: Config) -> None:
                f"data.padding=none trains and evaluates one example per micro-batch: set "
                f"train.micro_batch_size=1 (got {t.micro_batch_size}) and leave eval.batch_size unset or 1 "
                "(use train.grad_accum_steps for a larger batch)")
+    _check(not (d.padding == "longest" and cfg.model.pooling == "last"),
+           "model.pooling=last with data.padding=longest pools a padding position, whose state depends on "
+           "which texts share the batch (results change with batch size and world size): use "
+           "model.pooling=last_token (the last real token), or data.padding=fixed as in the chapter")
     lo = cfg.lora
     _check(lo.rank >= 1, f"lora.rank: must be >= 1, got {lo.rank}")
     _check(lo.alpha > 0, f"lora.alpha: must be > 0, got {lo.alpha}")

@@ -25,9 +25,9 @@ import torch.nn.functional as F
 
 from .config import Config, ConfigError, replace
 from .data import SPLITS, ClassificationDataset, DataError, load_data, load_eval_file, make_collate
-from .loaders import eval_loader
 from .distributed import leave, DistEnv, LaunchError, all_reduce_sum, init_distributed, shutdown
-from .metrics import format_table, from_confusion
+from .metrics import format_table
+from .step import evaluate
 from .model import GPTConfig
 from .report import plot_confusion, write_json
 from .runs import (RunError, check_not_in_use, check_same_labels, load_checkpoint_model, load_run_config,
@@ -37,58 +37,6 @@ from .weights import WeightsError
 USER_ERRORS = (ConfigError, DataError, WeightsError, RunError)
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-
-
-def evaluate(model, dataset, cfg: Config, env: DistEnv, collate, max_batches: int | None = None,
-             num_classes: int | None = None) -> dict[str, Any]:
-    """Exact metrics: every rank runs the same number of forwards (ZeRO-3 gathers), sums reduced.
-
-    `model` is any module called as `model(input_ids, lengths) -> logits` (a DeepSpeed engine is one).
-    Returns loss, accuracy, examples, macro / weighted / per-class scores and the confusion matrix.
-    """
-    batch_size = cfg.eval.batch_size or 2 * cfg.train.micro_batch_size
-    if cfg.data.padding == "none":  # no padding: one example per forward
-        batch_size = 1
-    loader = eval_loader(dataset, batch_size, collate, env.rank, env.world_size,
-                         pin_memory=cfg.data.pin_memory and env.device.type == "cuda")
-    steps = math.ceil(math.ceil(len(dataset) / env.world_size) / batch_size)
-    if max_batches is not None:
-        steps = min(steps, max_batches)
-    module = getattr(model, "module", model)  # a DeepSpeed engine's own `training` flag is not kept
-    was_training = module.training
-    model.eval()
-    sums = None  # [loss sum, confusion matrix cells], on the device: no host synchronisation per batch
-    batches = iter(loader)
-    # ZeRO-3 gathers parameters inside the forward; those must not become inference tensors.
-    grad_off = torch.no_grad if cfg.zero.stage == 3 else torch.inference_mode
-    with grad_off():
-        for _ in range(steps):
-            batch = next(batches, None)
-            real = batch is not None
-            if not real:  # this rank's shard is done; keep the forwards in step with the others
-                batch = {"input_ids": torch.full((1, 1), 50256), "lengths": torch.ones(1, dtype=torch.long),
-                         "labels": torch.zeros(1, dtype=torch.long)}
-            logits, labels = forward(model, batch, env)
-            n = num_classes or logits.shape[-1]
-            if sums is None:
-                sums = torch.zeros(1 + n * n, dtype=torch.float64, device=logits.device)
-            if real:
-                sums[0] += F.cross_entropy(logits, labels, reduction="sum").double()
-                sums[1:] += torch.bincount(labels * n + logits.argmax(-1), minlength=n * n).double()
-    model.train(was_training)
-    if sums is None:  # no forwards at all (an empty split): the same on every rank
-        sums = torch.zeros(1 + (num_classes or 0) ** 2, dtype=torch.float64)
-    totals = all_reduce_sum(sums, env)
-    n = math.isqrt(totals.numel() - 1)
-    metrics = from_confusion(totals[1:].view(n, n).tolist())
-    return {"loss": float(totals[0]) / max(metrics.examples, 1), **metrics.to_dict()}
-
-
-def forward(engine, batch: dict[str, torch.Tensor], env: DistEnv) -> tuple[torch.Tensor, torch.Tensor]:
-    input_ids = batch["input_ids"].to(env.device, non_blocking=True)
-    lengths = batch["lengths"].to(env.device, non_blocking=True)
-    labels = batch["labels"].to(env.device, non_blocking=True)
-    return engine(input_ids, lengths).float(), labels
 
 
 # ---------------------------------------------------------------- the command

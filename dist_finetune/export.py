@@ -11,32 +11,13 @@ import sys
 from pathlib import Path
 
 from .checkpoint import checkpoint_dir
-from .config import Config, ConfigError, LoraConfig, to_dict
+from .config import ConfigError
+from .exporter import save_model
 from .data import DataError
-from .lora import has_lora, merge_lora
-from .model import GPTClassifier
 from .runs import RunError, check_not_in_use, load_checkpoint_model, load_run_config, resolve_checkpoint, run_facts
-from .weights import WeightsError, export_leftovers, save_export
+from .weights import WeightsError, export_leftovers
 
 USER_ERRORS = (ConfigError, DataError, WeightsError, RunError)
-
-
-def export_checkpoint(cfg: Config, run_dir: Path, tag: str, out_dir: Path, labels: list,
-                      max_length: int | None) -> None:
-    """Reads the checkpoint's files alone (call it on one rank); writes `out_dir`."""
-    model = load_checkpoint_model(cfg, len(labels), run_dir, tag, run_dir)
-    save_model(model, out_dir, cfg.model.pooling, labels, max_length, cfg.data.padding, cfg.lora)
-
-
-def save_model(model: GPTClassifier, out_dir: Path, pooling: str, labels: list, max_length: int | None,
-               padding: str, lora: LoraConfig | None) -> None:
-    """LoRA adapters are merged into plain weights unless lora.export=separate."""
-    lora = lora or LoraConfig()
-    keep = has_lora(model) and lora.export == "separate"
-    if has_lora(model) and not keep:
-        model = merge_lora(model)
-    save_export(model, out_dir, pooling, labels, max_length=max_length, padding=padding,
-                lora=to_dict(lora) if keep else None)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

@@ -186,9 +186,7 @@ class Trainer:
         faults.crash_or_stall(next_step, env.rank)
         set_activity(f"training step {next_step}")
         logits, labels = forward(self.engine, batch, env.device)
-        loss = loss_of(logits, labels, self.loss_weight)
-        if faults.nan_loss(next_step, env.rank):
-            loss = loss * float("nan")
+        loss = faults.perturb_loss(loss_of(logits, labels, self.loss_weight), next_step, env.rank)
         bad = not self.deferred and nonfinite_on_any_rank(loss, env)
         if bad:
             self.on_nonfinite_loss(next_step, index)  # stops, or drops this whole window
@@ -397,7 +395,7 @@ class Trainer:
         s.stopper = asdict(self.stopper)
         client = {"train_state": asdict(s), "world_size": self.env.world_size,
                   "labels": self.data.label_map.to_json(), "max_length": self.data.max_length,
-                  "param_group_names": param_group_names(self.engine.module)}
+                  "param_group_names": param_group_names(self.engine.module, self.cfg.train.decay)}
         lap = time.perf_counter()
         checkpoint.save(self.engine, self.run_dir, self.env, s.global_step, client, is_best,
                         self.cfg.checkpoint.keep_last, self.cfg.checkpoint.checksums)
@@ -423,7 +421,7 @@ class Trainer:
         s.nonfinite_skipped += 1
         stop = self.cfg.train.on_nonfinite == "stop" or s.nonfinite_skipped > self.cfg.train.max_nonfinite_skips
         window_start = s.batches_in_epoch % self.plan.grad_accum_steps == 0
-        self.reporter.event("nonfinite", step=step, epoch=s.epoch, batch=index, kind="loss",
+        self.reporter.event("nonfinite", step=step, epoch=s.epoch, batch=index, what="loss",
                             skipped_so_far=s.nonfinite_skipped, action="stop" if stop else "skip_window")
         if not stop:
             self.guard.poisoned = True  # this window's update is dropped as a whole
@@ -440,7 +438,7 @@ class Trainer:
         """After an optimizer step: the guard's verdict on its gradients and the updated parameters."""
         s, guard = self.state, self.guard
         if guard.bad_params:
-            self.reporter.event("nonfinite", step=s.global_step, epoch=s.epoch, kind="parameters", action="stop")
+            self.reporter.event("nonfinite", step=s.global_step, epoch=s.epoch, what="parameters", action="stop")
             raise NonFiniteError(
                 f"the parameters became non-finite at step {s.global_step} (the update overflowed); last good "
                 f"state: {self.last_good()}. Lower train.lr (now {self.cfg.train.lr:g}) or check the data")
@@ -449,7 +447,7 @@ class Trainer:
         s.nonfinite_skipped += guard.skipped - self.guard_skipped
         self.guard_skipped = guard.skipped
         stop = self.cfg.train.on_nonfinite == "stop" or s.nonfinite_skipped > self.cfg.train.max_nonfinite_skips
-        self.reporter.event("nonfinite", step=s.global_step, epoch=s.epoch, kind="gradient",
+        self.reporter.event("nonfinite", step=s.global_step, epoch=s.epoch, what="gradient",
                             skipped_so_far=s.nonfinite_skipped, action="stop" if stop else "skip_window")
         if stop:
             raise NonFiniteError(

@@ -128,3 +128,18 @@ def start(tmp: Path, name: str, overrides: list[str] = (), nproc: int = 1,
     proc = subprocess.Popen(cmd, cwd=REPO, env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, start_new_session=True)
     return run_dir, proc
+
+
+def latest_weights(run_dir: Path) -> dict:
+    """The fp32 weights of a run's latest checkpoint, read from its files."""
+    from dist_finetune.checkpoint import consolidated_state_dict, read_pointer
+
+    return consolidated_state_dict(run_dir, read_pointer(run_dir, "latest"))
+
+
+def assert_same_weights(a: dict, b: dict, atol: float = 0.0) -> None:
+    import torch
+
+    assert a.keys() == b.keys()
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], atol=atol, rtol=0, msg=lambda m: f"{name}: {m}")
