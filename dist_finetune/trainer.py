@@ -29,7 +29,8 @@ from .model import GPTConfig, build_model, configure_kernels, count_parameters, 
 from .nonfinite import NonFiniteError, StepGuard
 from .preemption import PreemptionFlag
 from .report import Reporter, peak_memory_bytes, process_age_seconds
-from .runs import best_valid_tag, claim_run_dir
+from .errors import UserError
+from .runs import RunError, best_valid_tag, claim_run_dir
 from .step import (CORRECT, EXAMPLES, LOSS_SUM, NONFINITE, TOKENS, RunningSums, batch_sums, evaluate, forward,
                    loss_of, mean_loss_accuracy)
 from .weights import load_pretrained
@@ -257,11 +258,23 @@ class Trainer:
         self.deferred = cfg.train.nonfinite_check == "deferred"
         self.guard = StepGuard(self.engine.basic_optimizer, env, agree_each_step=not self.deferred)
         self.folder.commit()  # everything that can fail before training passed: only now replace an old run
-        self.reporter = Reporter(self.run_dir, env.is_main, cfg.report.tensorboard, cfg.report.progress_bar,
-                                 self.total_steps)
+        self.reporter = self.open_reporter()
         self.warn_truncated()
         self.restore()
         self.reporter.say(self.headline())
+
+    def open_reporter(self) -> Reporter:
+        """Rank 0 reads the run's reports back (a resume); what it finds wrong stops every rank."""
+        cfg, env, problem = self.cfg, self.env, None
+        try:
+            reporter = Reporter(self.run_dir, env.is_main, cfg.report.tensorboard, cfg.report.progress_bar,
+                                self.total_steps)
+        except UserError as exc:
+            reporter, problem = None, str(exc)
+        problem = broadcast_object(problem, env)
+        if problem is not None:
+            raise RunError(problem)
+        return reporter
 
     def setup_data(self) -> None:
         cfg, env = self.cfg, self.env

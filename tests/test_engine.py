@@ -359,34 +359,6 @@ def test_fp16_on_cpu_is_refused_with_the_alternatives() -> None:
 
 # ---------------------------------------------------------------- a real engine on a one-rank gloo group
 
-DIST_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
-
-
-@pytest.fixture(scope="module")
-def dist_env() -> Iterator[DistEnv]:
-    """One gloo rank in this process; the launcher variables init_distributed sets are put back after."""
-    saved = {name: os.environ.pop(name, None) for name in DIST_VARS}
-    try:
-        env = init_distributed(timeout_seconds=120, debug=True)
-        yield env
-    finally:
-        shutdown()
-        forget_deepspeed_world_group()
-        for name, value in saved.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
-
-
-def forget_deepspeed_world_group() -> None:
-    """DeepSpeed caches a clone of the world group; after the group is destroyed, a later
-    deepspeed.initialize in this process (another test module) would fail on the stale clone."""
-    import deepspeed.utils.groups
-
-    deepspeed.utils.groups._WORLD_GROUP = None
-
-
 def engine_config() -> Config:
     return config("model.trainable=last_block", "precision=fp32", "zero.stage=0", "train.micro_batch_size=4",
                   "train.lr=1e-3", "train.warmup_steps=2", "train.schedule=linear", "train.weight_decay=0.0")
