@@ -22,6 +22,7 @@ from dist_finetune.config import MODEL_PRESETS
 from dist_finetune.model import GPT, POOLINGS, GPTClassifier, GPTConfig
 from dist_finetune.tokenizer import PAD_ID
 from . import files
+from . import safe_load
 from .errors import UserError
 
 
@@ -163,24 +164,30 @@ def _unwrap(obj: Any, file: Path) -> dict[str, Tensor]:
     return obj
 
 
+def _read_safetensors(file: Path, fix: str) -> dict[str, Tensor]:
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(file))
+    except Exception as exc:  # noqa: BLE001 - one line whatever safetensors raises
+        detail = " ".join(str(exc).split())[:200]
+        raise WeightsError(f"{file}: cannot read it as a safetensors file ({type(exc).__name__}: {detail}); {fix}") \
+            from None
+
+
 def read_state_dict(path: Path) -> dict[str, Tensor]:
     path = Path(path)
     file = _weights_file(path) if path.is_dir() else path
     if not file.is_file():
         raise WeightsError(f"{file}: no such file")
-    try:
-        if file.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            obj: Any = load_file(str(file))
-        else:
-            obj = torch.load(file, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise WeightsError(
-            f"{file}: cannot read it as a {'safetensors' if file.suffix == '.safetensors' else 'PyTorch'} "
-            f"file ({type(exc).__name__}: {exc}). Expected a state dict saved with "
-            "safetensors or torch.save(model.state_dict(), path), not a pickled model object"
-        ) from exc
+    fix = "expected a state dict saved with safetensors or torch.save(model.state_dict(), path)"
+    if file.suffix == ".safetensors":
+        obj: Any = _read_safetensors(file, fix)
+    else:
+        try:  # tensors and plain data only: a pickle that names a callable is refused, never run
+            obj = safe_load.torch_load(file, fix=f"{fix}, not a pickled model object")
+        except safe_load.UnsafeFileError as exc:
+            raise WeightsError(str(exc)) from None
     return _unwrap(obj, file)
 
 
