@@ -13,6 +13,8 @@ Python data, and only the DeepSpeed classes that real ZeRO 0-3 checkpoints (fp32
 """
 from __future__ import annotations
 
+import pickle
+import pickletools
 import re
 import warnings
 import zipfile
@@ -42,9 +44,29 @@ def deepspeed_globals() -> list[Any]:
     return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
 
 
-def _why(exc: BaseException) -> str:
+def _pickle_globals(path: Path) -> list[str]:
+    """Best effort, for the message only: the callables a plain (not zip) pickle names."""
+    names: list[str] = []
+    strings: list[str] = []
+    try:
+        with open(path, "rb") as f:
+            for op, arg, _ in pickletools.genops(f):
+                if op.name == "GLOBAL":
+                    names.append(str(arg).replace(" ", "."))
+                elif op.name == "STACK_GLOBAL" and len(strings) >= 2:
+                    names.append(".".join(strings[-2:]))
+                elif isinstance(arg, str):
+                    strings.append(arg)
+    except Exception:  # noqa: BLE001 - not a pickle at all: the caller says so
+        pass
+    return names
+
+
+def _why(exc: BaseException, path: Path) -> str:
     text = str(exc)
     named = re.findall(r"GLOBAL ([\w.]+)", text)
+    if not named and isinstance(exc, pickle.UnpicklingError) and not zipfile.is_zipfile(path):
+        named = _pickle_globals(path)
     if named:
         names = ", ".join(dict.fromkeys(named))
         return f"a reference to {names}: not tensors or plain data, loading it could run code"
@@ -61,7 +83,7 @@ def torch_load(path: Path, map_location: Any = "cpu", allowed: list[Any] | None 
             warnings.simplefilter("ignore")  # torch warns about pickle protocols before it refuses
             return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except Exception as exc:  # noqa: BLE001 - a damaged file fails in many ways; the user gets one line
-        raise UnsafeFileError(f"{path}: refused to load it ({_why(exc)}); {fix}") from None
+        raise UnsafeFileError(f"{path}: refused to load it ({_why(exc, Path(path))}); {fix}") from None
 
 
 def _check(path: Path, allowed: list[Any]) -> None:
@@ -72,7 +94,7 @@ def _check(path: Path, allowed: list[Any]) -> None:
         with torch.serialization.safe_globals(allowed):
             unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(path)
     except Exception as exc:  # noqa: BLE001
-        raise UnsafeFileError(f"{path}: refused to load it ({_why(exc)}); {CHECKPOINT_FIX}") from None
+        raise UnsafeFileError(f"{path}: refused to load it ({_why(exc, Path(path))}); {CHECKPOINT_FIX}") from None
     if unsafe:
         raise UnsafeFileError(f"{path}: refused to load it (a reference to {', '.join(unsafe)}: not tensors or "
                               f"plain data, loading it could run code); {CHECKPOINT_FIX}")
