@@ -569,7 +569,7 @@ def _validate_train(t: TrainConfig) -> None:
            f"train.grad_accum_steps: must be >= 1, got {t.grad_accum_steps}")
     _check(t.global_batch_size is None or t.global_batch_size >= 1,
            f"train.global_batch_size: must be >= 1, got {t.global_batch_size}")
-    _check(t.lr > 0, f"train.lr: must be > 0, got {t.lr}")
+    _check(0 < t.lr <= 10, f"train.lr: must be in (0, 10] (AdamW's step overflows far beyond), got {t.lr}")
     _check(t.weight_decay >= 0, f"train.weight_decay: must be >= 0, got {t.weight_decay}")
     _check(t.warmup_steps >= 0, f"train.warmup_steps: must be >= 0, got {t.warmup_steps}")
     _check(0 <= t.min_lr_ratio <= 1, f"train.min_lr_ratio: must be in [0, 1], got {t.min_lr_ratio}")

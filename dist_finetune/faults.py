@@ -3,7 +3,8 @@
     DIST_FINETUNE_FAULTS="nan_loss@step=5;exit@step=3,rank=1;sleep@step=3,rank=1,seconds=60;signal@step=4,name=INT"
 
 `nan_loss` makes the training loss non-finite on that micro-batch, `nan_grad` keeps the loss finite
-but makes its gradients non-finite, `exit` ends the process at once
+but makes its gradients non-finite, `nan_param` makes a parameter non-finite right after that step's
+update (an update that overflowed), `exit` ends the process at once
 (as a crashed or preempted-without-warning rank would), `sleep` stalls it (a hung peer), `signal` sends
 the process SIG<name> (USR1 by default: a preemption notice; INT: Ctrl-C) at that exact step. `step` is
 the optimizer step about to be taken (global_step + 1); `rank` defaults to every rank. Each fault
@@ -36,7 +37,7 @@ def parse(text: str) -> list[Fault]:
     for item in filter(None, (part.strip() for part in text.split(";"))):
         kind, _, args = item.partition("@")
         values = dict(kv.split("=", 1) for kv in args.split(",") if kv)
-        if kind not in ("nan_loss", "nan_grad", "exit", "sleep", "signal") or "step" not in values:
+        if kind not in ("nan_loss", "nan_grad", "nan_param", "exit", "sleep", "signal") or "step" not in values:
             raise ValueError(f"{ENV}: cannot read {item!r} (expected kind@step=N[,rank=R][,seconds=S][,name=USR1])")
         rank = int(values["rank"]) if "rank" in values else None
         faults.append(Fault(kind, int(values["step"]), rank, float(values.get("seconds", 0)),
@@ -75,6 +76,12 @@ def perturb_loss(loss: torch.Tensor, step: int, rank: int) -> torch.Tensor:
     if _due("nan_grad", step, rank) is not None:
         return _NanGradient.apply(loss)
     return loss
+
+
+def poison_parameters(params: list[torch.Tensor], step: int, rank: int) -> None:
+    if params and _due("nan_param", step, rank) is not None:
+        with torch.no_grad():
+            params[0].view(-1)[0] = float("nan")
 
 
 def crash_or_stall(step: int, rank: int) -> None:

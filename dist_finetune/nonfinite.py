@@ -3,9 +3,9 @@
 The guard sits on the base optimizer's `step`, which DeepSpeed calls on every rank at each optimizer
 step (under ZeRO each rank steps its own partition, so the verdict is all-reduced). With
 `train.nonfinite_check: micro_batch` a step whose gradients are not finite on any rank is not applied
-(the whole accumulation window is dropped: windows stay aligned), and parameters that became non-finite
-after an applied step stop the run before anything is saved. With `deferred` nothing is read back in the
-step: the counts stay on the device and the trainer checks them at its sync points.
+(the whole accumulation window is dropped: windows stay aligned). With `deferred` nothing is read back in
+the step: the counts stay on the device and the trainer checks them at its sync points. The updated
+parameters are checked by the trainer after each step (`params_nonfinite`).
 """
 from __future__ import annotations
 
@@ -34,7 +34,6 @@ class StepGuard:
         self.optimizer, self.env, self.agree = optimizer, env, agree_each_step
         self.poisoned = False  # the trainer saw a non-finite loss in this window (agreed on every rank)
         self.skipped = 0  # steps not applied for non-finite gradients (cumulative; poisoned ones aside)
-        self.bad_params = False  # parameters not finite after an applied step (agreed on every rank)
         self.pending = torch.zeros((), dtype=torch.float64, device=env.device)  # deferred counts
         self._step = optimizer.step
 
@@ -43,6 +42,17 @@ class StepGuard:
             return self._guarded_step(*args, **kwargs)
 
         optimizer.step = guarded  # an instance attribute: DeepSpeed and ZeRO call optimizer.step()
+
+    def params(self) -> list[torch.Tensor]:
+        """The tensors this rank's optimizer updates (under ZeRO: its fp32 partitions)."""
+        return self._params()
+
+    def params_nonfinite(self) -> torch.Tensor:
+        """Non-finite tensors among them, counted on the device (nothing read back)."""
+        return _nonfinite_count(self._params(), self.env.device)
+
+    def params_nonfinite_on_any_rank(self) -> bool:
+        return self._any_rank(self.params_nonfinite())
 
     def _params(self) -> list[torch.Tensor]:
         return [p for group in self.optimizer.param_groups for p in group["params"]]
@@ -57,18 +67,14 @@ class StepGuard:
         device = self.env.device
         if not self.agree:  # deferred: count on the device, decide later
             self.pending += _nonfinite_count(self._grads(), device)
-            out = self._step(*args, **kwargs)
-            self.pending += _nonfinite_count(self._params(), device)
-            return out
+            return self._step(*args, **kwargs)
         if self.poisoned:  # agreed on every rank already: no collective needed
             self.poisoned = False
             return None
         if self._any_rank(_nonfinite_count(self._grads(), device)):
             self.skipped += 1
             return None
-        out = self._step(*args, **kwargs)
-        self.bad_params = self._any_rank(_nonfinite_count(self._params(), device))
-        return out
+        return self._step(*args, **kwargs)
 
     def take_pending(self) -> torch.Tensor:
         """Deferred counts since the last call (a device tensor), for the trainer's running sums."""

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 import signal
 import time
 from dataclasses import asdict, dataclass, field
@@ -105,6 +106,15 @@ class SampleLog:
                   "indices": [int(i) for i in self.batches[batch_index]]}
         with self.path.open("a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")
+
+
+# How torch.save reports a write that failed (its zip writer raises RuntimeError, not OSError).
+WRITE_FAILURE = re.compile(r"iostream error|failed writing|file write failed|unexpected pos|no space left|"
+                           r"disk quota", re.I)
+
+
+class CheckpointWriteError(UserError):
+    """A checkpoint could not be written (disk full, quota): training stops, the last complete one stays."""
 
 
 def seed_everything(seed: int) -> None:
@@ -211,8 +221,9 @@ class Trainer:
         now = time.perf_counter()
         s.train_seconds += now - self.tick
         self.tick = now
+        faults.poison_parameters(self.guard.params(), s.global_step, self.env.rank)
         if self.deferred:
-            self.sums.sums[NONFINITE] += self.guard.take_pending()
+            self.sums.sums[NONFINITE] += self.guard.take_pending() + self.guard.params_nonfinite()
         else:
             self.check_update()
         return True
@@ -410,8 +421,17 @@ class Trainer:
                   "labels": self.data.label_map.to_json(), "max_length": self.data.max_length,
                   "param_group_names": param_group_names(self.engine.module, self.cfg.train.decay)}
         lap = time.perf_counter()
-        checkpoint.save(self.engine, self.run_dir, self.env, s.global_step, client, is_best,
-                        self.cfg.checkpoint.keep_last, self.cfg.checkpoint.checksums)
+        try:
+            checkpoint.save(self.engine, self.run_dir, self.env, s.global_step, client, is_best,
+                            self.cfg.checkpoint.keep_last, self.cfg.checkpoint.checksums)
+        except (OSError, RuntimeError) as exc:  # disk full, quota, a size limit: the half-written one is unused
+            if not isinstance(exc, OSError) and not WRITE_FAILURE.search(str(exc)):
+                raise  # torch.save reports a failed write as a RuntimeError; anything else is not ours
+            detail = getattr(exc, "strerror", None) or " ".join(str(exc).split())[:160]
+            raise CheckpointWriteError(
+                f"cannot write checkpoint {checkpoint.tag_for(s.global_step)} in {self.run_dir / 'checkpoints'} "
+                f"({detail}); the last complete checkpoint is {self.last_good()}. Free some space "
+                "(or lower checkpoint.keep_last), then run again with resume=auto") from None
         s.checkpoint_seconds += time.perf_counter() - lap
         self.last_saved_step = s.global_step
 
@@ -450,7 +470,7 @@ class Trainer:
     def check_update(self) -> None:
         """After an optimizer step: the guard's verdict on its gradients and the updated parameters."""
         s, guard = self.state, self.guard
-        if guard.bad_params:
+        if guard.params_nonfinite_on_any_rank():  # an applied update cannot be dropped: stop
             self.reporter.event("nonfinite", step=s.global_step, epoch=s.epoch, what="parameters", action="stop")
             raise NonFiniteError(
                 f"the parameters became non-finite at step {s.global_step} (the update overflowed); last good "
