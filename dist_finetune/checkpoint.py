@@ -179,8 +179,8 @@ def _load_module_zero3(engine, run_dir: Path, tag: str) -> None:
     module = engine.module
     missing = [name for name, _ in module.named_parameters() if name not in sd]
     if missing:
-        raise ConfigError(f"checkpoint {checkpoint_dir(run_dir) / tag} has no weights for {missing[:5]}; "
-                          "it was written by another model: resume from a checkpoint of this run")
+        raise ConfigError(f"checkpoint {checkpoint_dir(run_dir) / tag} has no weights for {missing[:5]}: it was "
+                          "written for another model; use a checkpoint of this run's own model")
     with torch.no_grad():
         for name, param in module.named_parameters():
             with deepspeed.zero.GatheredParameters([param], modifier_rank=0):
