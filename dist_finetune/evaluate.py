@@ -14,27 +14,22 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
-
-from .config import Config, ConfigError, replace
-from .data import SPLITS, ClassificationDataset, DataError, load_data, load_eval_file, make_collate
-from .distributed import leave, DistEnv, LaunchError, all_reduce_sum, init_distributed, shutdown
+from .cli import run_command
+from .config import Config, replace
+from .data import SPLITS, ClassificationDataset, load_data, load_eval_file, make_collate
+from .distributed import leave, DistEnv, init_distributed
 from .metrics import format_table
 from .step import evaluate
 from .model import GPTConfig
 from .report import plot_confusion, write_json
 from .runs import (RunError, check_not_in_use, check_same_labels, load_checkpoint_model, load_run_config,
                    resolve_checkpoint, run_facts)
-from .weights import WeightsError
-
-USER_ERRORS = (ConfigError, DataError, WeightsError, RunError)
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -191,18 +186,14 @@ def write_outputs(args: argparse.Namespace, report: dict[str, Any], name: str) -
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    try:
-        check_not_in_use(args.run)  # a training run holds it: its files are changing
-        check_outputs(args)
-        job = prepare(args)
-    except USER_ERRORS as exc:  # the same on every rank: they read the same files
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    try:
-        env = init_distributed(job.cfg.distributed.timeout_seconds, debug=args.debug or job.cfg.distributed.debug)
-    except LaunchError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    return run_command(lambda: evaluate_and_report(args))
+
+
+def evaluate_and_report(args: argparse.Namespace) -> int:
+    check_not_in_use(args.run)  # a training run holds it: its files are changing
+    check_outputs(args)
+    job = prepare(args)  # the same on every rank: they read the same files
+    env = init_distributed(job.cfg.distributed.timeout_seconds, debug=args.debug or job.cfg.distributed.debug)
     report = run(args, job, env)
     if env.is_main:
         out, png = write_outputs(args, report, job.name)
@@ -213,7 +204,6 @@ def main(argv: list[str] | None = None) -> int:
             print(f"note: {job.truncated} text(s) longer than max_length={job.max_length} tokens were "
                   "truncated, as in training", file=sys.stderr)
         print(f"wrote {out} and {png}")
-    shutdown()
     return 0
 
 

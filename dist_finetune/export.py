@@ -7,17 +7,14 @@ padding) and `labels.json`; loadable with `weights.load_export`, without DeepSpe
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
+from .cli import run_command
+from .distributed import leave
 from .checkpoint import checkpoint_dir
-from .config import ConfigError
 from .exporter import save_model
-from .data import DataError
-from .runs import RunError, check_not_in_use, load_checkpoint_model, load_run_config, resolve_checkpoint, run_facts
-from .weights import WeightsError, export_leftovers
-
-USER_ERRORS = (ConfigError, DataError, WeightsError, RunError)
+from .runs import (RunError, check_not_in_use, load_checkpoint_model, load_run_config, resolve_checkpoint, run_facts)
+from .weights import export_leftovers
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -57,16 +54,16 @@ def export_run(run_dir: Path, checkpoint: str, out_dir: Path) -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    try:
-        check_not_in_use(args.run)  # a training run holds it: its checkpoints are changing
-        check_out(args.out, args.overwrite)
-        source = export_run(args.run, args.checkpoint, args.out)
-    except USER_ERRORS as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    return run_command(lambda: export_and_report(args))
+
+
+def export_and_report(args: argparse.Namespace) -> int:
+    check_not_in_use(args.run)  # a training run holds it: its checkpoints are changing
+    check_out(args.out, args.overwrite)
+    source = export_run(args.run, args.checkpoint, args.out)
     print(f"exported {source} -> {args.out}")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    leave(main())

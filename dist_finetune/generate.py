@@ -16,11 +16,12 @@ from dataclasses import dataclass
 
 import torch
 
-from .data import DataError
+from .cli import run_command
+from .distributed import leave
 from .model import GPT
 from .cli import pick_device
 from .tokenizer import EOT_ID, decode, encode
-from .weights import WeightsError, load_language_model
+from .weights import load_language_model
 from .errors import UserError
 
 DEFAULT_MAX_NEW_TOKENS = 25
@@ -145,12 +146,12 @@ def report(outcome: Outcome) -> str | None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    try:
-        check_args(args)
-        outcome = run(args)
-    except (GenerateError, WeightsError, DataError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    return run_command(lambda: generate_and_print(args))
+
+
+def generate_and_print(args: argparse.Namespace) -> int:
+    check_args(args)
+    outcome = run(args)
     sys.stdout.reconfigure(errors="backslashreplace")  # a terminal that cannot show every character
     sys.stdout.write(decode(outcome.new_tokens) + "\n")
     note = report(outcome)
@@ -160,4 +161,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    leave(main())

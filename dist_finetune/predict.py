@@ -15,9 +15,10 @@ from pathlib import Path
 import pandas as pd
 import torch
 
+from .cli import run_command
+from .distributed import leave
 from . import files
 from .data import FORMATS, DataError, make_collate, read_texts
-from .errors import UserError
 from .tokenizer import encode_batch
 from .weights import ExportInfo, load_export, read_export_info
 
@@ -140,15 +141,15 @@ def line(text: str, label, probabilities: list[float], classes: list, as_json: b
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    try:
-        fmt = _check_output(args.output, args.input, args.overwrite) if args.output is not None else None
-        info = read_export_info(args.model)
-        model, _ = load_export(args.model)
-        frame, texts = read_texts(args.input, args.text_column) if args.input else (None, list(args.texts))
-        result = predict(model, info, texts, args.batch_size, pick_device(args.device))
-    except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    return run_command(lambda: run(args))
+
+
+def run(args: argparse.Namespace) -> int:
+    fmt = _check_output(args.output, args.input, args.overwrite) if args.output is not None else None
+    info = read_export_info(args.model)
+    model, _ = load_export(args.model)
+    frame, texts = read_texts(args.input, args.text_column) if args.input else (None, list(args.texts))
+    result = predict(model, info, texts, args.batch_size, pick_device(args.device))
     if result.truncated:
         print(f"warning: {result.truncated} of {len(texts)} text(s) are longer than the model's max_length "
               f"({info.max_length} tokens) and were truncated to their first {info.max_length} tokens, as in "
@@ -163,4 +164,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    leave(main())

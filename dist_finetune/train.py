@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import sys
 
 from .cli import run_command
 from .config import load_config, to_yaml

@@ -21,13 +21,15 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from .cli import run_command
+from .distributed import leave
 from .data import SPLITS, DataError, LabelMap, bundled_sms_splits, read_table, read_texts
 from .metrics import format_table, from_confusion
 from .model import GPT
 from .cli import pick_device
 from .report import write_json
 from .tokenizer import PAD_ID, encode, encode_batch
-from .weights import WeightsError, load_language_model
+from .weights import load_language_model
 from .errors import UserError
 
 TEXT = "{text}"
@@ -266,12 +268,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    try:
-        check_args(args)
-        report = run(args)
-    except (ZeroShotError, DataError, WeightsError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    return run_command(lambda: score_and_report(args))
+
+
+def score_and_report(args: argparse.Namespace) -> int:
+    check_args(args)
+    report = run(args)
     name = report.pop("name")
     out = args.out or Path(f"zeroshot_{name}.json")
     write_json(out, report)
@@ -286,4 +288,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    leave(main())
