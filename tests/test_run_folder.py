@@ -33,7 +33,9 @@ def cli(module: str, args: list[str], cwd: Path = runner.REPO, env: dict[str, st
 def train(tmp: Path, output_dir: Path | str, *extra: str, cwd: Path = runner.REPO,
           env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     config = runner.write_config(tmp / "base.yaml", BASE)
-    return cli("train", ["--config", str(config), f"output_dir={output_dir}", *extra], cwd=cwd, env=env)
+    flags = [e for e in extra if e.startswith("--")]
+    overrides = [e for e in extra if not e.startswith("--")]
+    return cli("train", ["--config", str(config), f"output_dir={output_dir}", *overrides, *flags], cwd=cwd, env=env)
 
 
 def error_line(proc: subprocess.CompletedProcess) -> str:
