@@ -45,6 +45,32 @@ MODEL_PRESETS: dict[str, dict[str, int]] = {
     "gpt2-xl": dict(n_layer=48, n_head=25, n_embd=1600, context_length=1024),
 }
 TRAINABLE_PATTERN = re.compile(r"^(all|last_block|head|last_layer|lora|last_(\d+)_blocks)$")
+TRAINABLE_CHOICES = "all | last_block | last_N_blocks (e.g. last_2_blocks) | head | last_layer | lora"
+
+
+@dataclass(frozen=True)
+class Trainable:
+    """`model.trainable` parsed once: which blocks train (besides the head), and whether adapters do."""
+
+    blocks: int | None  # the last N transformer blocks (+ final norm); None: every parameter
+    lora: bool = False
+
+    @classmethod
+    def parse(cls, text: str) -> "Trainable":
+        m = TRAINABLE_PATTERN.match(text)
+        if m is None:
+            raise ConfigError(f"model.trainable: {text!r} is not allowed; choose one of: {TRAINABLE_CHOICES}")
+        if text == "all":
+            return cls(None)
+        if text in ("head", "last_layer", "lora"):
+            return cls(0, lora=text == "lora")
+        blocks = 1 if text == "last_block" else int(m.group(2))
+        if blocks == 0:
+            raise ConfigError(f"model.trainable: {text!r} asks for 0 blocks; use head for the head alone")
+        return cls(blocks)
+
+    def block_count(self, n_layer: int) -> int:
+        return n_layer if self.blocks is None else self.blocks
 LORA_TARGETS = ("attn", "mlp", "head")
 
 
@@ -508,9 +534,7 @@ def _validate(cfg: Config) -> None:
 
 
 def _validate_model(m: ModelConfig) -> None:
-    _check(TRAINABLE_PATTERN.match(m.trainable) is not None,
-           f"model.trainable: {m.trainable!r} is not allowed; choose one of: "
-           "all | last_block | last_N_blocks (e.g. last_2_blocks) | head | last_layer | lora")
+    trainable = Trainable.parse(m.trainable)
     arch_keys = ("n_layer", "n_head", "n_embd", "context_length")
     if m.name == "custom":
         missing = [f"model.{k}" for k in arch_keys if getattr(m, k) is None]
@@ -527,10 +551,9 @@ def _validate_model(m: ModelConfig) -> None:
         _check(arch[k] >= 1, f"model.{k}: must be >= 1, got {arch[k]}")
     _check(arch["n_embd"] % arch["n_head"] == 0,
            f"model.n_embd ({arch['n_embd']}) must be divisible by model.n_head ({arch['n_head']})")
-    blocks = TRAINABLE_PATTERN.match(m.trainable).group(2)
-    if blocks is not None:
-        _check(1 <= int(blocks) <= arch["n_layer"],
-               f"model.trainable: {m.trainable!r} asks for {blocks} blocks but the model has "
+    if trainable.blocks:
+        _check(trainable.blocks <= arch["n_layer"],
+               f"model.trainable: {m.trainable!r} asks for {trainable.blocks} blocks but the model has "
                f"{arch['n_layer']} (model.n_layer)")
     _check(0.0 <= m.dropout < 1.0, f"model.dropout: must be in [0, 1), got {m.dropout}")
     _check(m.vocab_size >= 50257, f"model.vocab_size: must be >= 50257 (GPT-2 BPE), got {m.vocab_size}")

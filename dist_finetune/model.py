@@ -16,7 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from dist_finetune.config import TRAINABLE_PATTERN
+from dist_finetune.config import Trainable
 
 if TYPE_CHECKING:
     from dist_finetune.config import LoraConfig, ModelConfig
@@ -228,17 +228,13 @@ def _init_weights(module: nn.Module) -> None:
 
 
 def trainable_prefixes(policy: str, n_layer: int) -> tuple[str, ...]:
-    """Parameter-name prefixes that train under `policy` (see config.TRAINABLE_PATTERN)."""
-    m = TRAINABLE_PATTERN.match(policy)
-    if m is None:
-        raise ValueError(
-            f"trainable policy {policy!r}: choose all | last_block | last_N_blocks | head | last_layer | lora"
-        )
-    if policy == "all":
+    """Parameter-name prefixes that train under `policy` (see config.Trainable)."""
+    trainable = Trainable.parse(policy)
+    if trainable.blocks is None:
         return ("",)
-    if policy in ("head", "last_layer", "lora"):  # lora: plus the adapters (see set_trainable)
+    if trainable.blocks == 0:  # head (lora: plus the adapters, see set_trainable)
         return ("head.",)
-    n = 1 if policy == "last_block" else int(m.group(2))
+    n = trainable.blocks
     if not 1 <= n <= n_layer:
         raise ValueError(f"trainable policy {policy!r}: the model has {n_layer} blocks")
     blocks = tuple(f"backbone.blocks.{i}." for i in range(n_layer - n, n_layer))

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .checkpoint import RUN_STATE, checkpoint_dir, consolidated_state_dict, read_pointer, verify
-from .config import Config, ConfigError, load_config, read_yaml, to_dict, to_yaml
+from .config import Config, ConfigError, Trainable, load_config, read_yaml, to_dict, to_yaml
 from .distributed import DistEnv, broadcast_object
 from .files import atomic_write_text
 from .data import DataBundle, LabelMap, load_data
@@ -91,6 +91,8 @@ def load_checkpoint_model(cfg: Config, num_classes: int, ckpt_run: Path, tag: st
     folder = checkpoint_dir(ckpt_run) / tag
     try:
         state_dict = consolidated_state_dict(ckpt_run, tag)
+    except UserError:  # already one line naming the file (a refused or unreadable file)
+        raise
     except Exception as exc:  # noqa: BLE001 - DeepSpeed's reader raises many kinds; the user needs one line
         detail = " ".join(str(exc).split())[:200]
         raise RunError(
@@ -221,10 +223,8 @@ def estimate_checkpoint_bytes(cfg: Config) -> int:
     c, layers = arch["n_embd"], arch["n_layer"]
     block = 12 * c * c + 13 * c
     total = layers * block + (cfg.model.vocab_size + arch["context_length"]) * c
-    policy = cfg.model.trainable
-    trained_blocks = layers if policy == "all" else 0 if policy in ("head", "last_layer", "lora") else \
-        1 if policy == "last_block" else int(policy.split("_")[1])
-    trainable = total if policy == "all" else trained_blocks * block + 2 * c
+    policy = Trainable.parse(cfg.model.trainable)
+    trainable = total if policy.blocks is None else policy.blocks * block + 2 * c
     return 4 * total + 12 * trainable
 
 

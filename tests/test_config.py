@@ -317,7 +317,7 @@ def test_max_length_over_the_context() -> None:
 @pytest.mark.parametrize(
     ("override", "message"),
     [
-        ("train.lr=0", "train.lr: must be > 0, got 0.0"),
+        ("train.lr=0", "train.lr: must be in (0, 10] (AdamW's step overflows far beyond), got 0.0"),
         ("train.epochs=0", "train.epochs: must be >= 1, got 0"),
         ("train.min_lr_ratio=1.5", "train.min_lr_ratio: must be in [0, 1], got 1.5"),
         ("model.dropout=1.0", "model.dropout: must be in [0, 1), got 1.0"),
