@@ -138,3 +138,18 @@ def test_padding_to_the_longest_gives_the_logits_of_fixed_padding() -> None:
         fixed = model(ids, lengths).float()
         trimmed = model(ids[:, :longest].contiguous(), lengths).float()
     torch.testing.assert_close(trimmed, fixed, atol=3e-2, rtol=3e-2)
+
+
+@needs_cuda
+def test_fp16_overflow_steps_do_not_count_as_steps(tmp_path):
+    """fp16: DeepSpeed skips the optimizer and the schedule on a loss-scale overflow; global_step must
+    not advance either, so max_steps and the schedule stay those of the real steps."""
+    import runner
+
+    run = runner.train(tmp_path, "fp16", ["precision=fp16", "train.max_steps=6", "eval.every_steps=3",
+                                          "early_stopping.enabled=false"],
+                       env={"DIST_FINETUNE_FAULTS": "nan_grad@step=2"})
+    assert run.ok, run.output()
+    summary = run.summary()
+    assert summary["global_step"] == 6 and summary["overflow_steps"] >= 1
+    assert [e["step"] for e in run.events("overflow")][:1] == [2]

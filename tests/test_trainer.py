@@ -111,3 +111,27 @@ def test_decide_under_deferred_checks_stops_before_saving_a_bad_update(dist_env)
     with pytest.raises(NonFiniteError, match="between steps 3 and 3.*step_0000002"):
         r.steps(3)
     assert r.saves == [(2, False)]
+
+
+def test_an_fp16_overflow_step_is_not_counted_as_a_step(dist_env):
+    """DeepSpeed counts a step it skipped on a loss-scale overflow in `skipped_steps`; the trainer's
+    global_step (and with it max_steps, evaluations, the schedule's position) counts real steps only."""
+    import time
+    from types import SimpleNamespace
+
+    import torch
+
+    from dist_finetune.nonfinite import StepGuard
+
+    t = Trainer(load_config(None, ["output_dir=/nonexistent"]), dist_env)
+    t.state, t.deferred, t.tick = TrainState(), False, time.perf_counter()
+    t.engine, t.ds_skipped = SimpleNamespace(skipped_steps=0), 0
+    t.reporter = Reporter(Path("/nonexistent"), enabled=False)
+    p = torch.nn.Parameter(torch.zeros(2))
+    t.guard = StepGuard(torch.optim.SGD([p], lr=0.1), dist_env, agree_each_step=True)
+    t.guard_skipped = 0
+    assert t.after_window() and t.state.global_step == 1
+    t.engine.skipped_steps = 1  # this window overflowed
+    assert not t.after_window()
+    assert t.state.global_step == 1 and t.state.overflow_steps == 1
+    assert t.after_window() and t.state.global_step == 2
