@@ -473,6 +473,7 @@ class RunLock:
 
     path: Path
     token: str
+    pid: int = field(default_factory=os.getpid)  # a forked child (a data worker) never releases it
     _stop: threading.Event = field(default_factory=threading.Event)
 
     @classmethod
@@ -510,6 +511,8 @@ class RunLock:
         self._stop.set()
         if self in _HELD:
             _HELD.remove(self)
+        if os.getpid() != self.pid:
+            return
         holder = read_holder(self.path)
         if holder is not None and holder.record.get("token") == self.token:
             self.path.unlink(missing_ok=True)
@@ -639,7 +642,8 @@ class RunDir:
 def _start_run(path: Path, old: tuple[str, ...], cfg: Config) -> None:
     aside = Path(tempfile.mkdtemp(prefix=f"{OURS_PREFIX}old.", dir=path)) if old else None
     for name in old:
-        os.rename(path / name, aside / name)
+        if os.path.lexists(path / name):
+            os.rename(path / name, aside / name)
     marker = {"version": MARKER_VERSION, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
               "host": socket.gethostname()}
     atomic_write_text(path / MARKER, json.dumps(marker) + "\n")
