@@ -64,7 +64,7 @@ def bad_input_cases(tmp: Path) -> dict[str, tuple[list[str], list[str]]]:
             [*data_files(tmp, train=three, val=three, test=three), f"model.weights={tiny_export(tmp, 2)}"],
             ["2 classes but the data has 3", "model.head=new"]),
         "typo in a config key": (["train.lr_rate=0.1"], ["train.lr_rate", "train.lr"]),
-        "negative learning rate": (["train.lr=-0.001"], ["train.lr", "> 0"]),
+        "negative learning rate": (["train.lr=-0.001"], ["train.lr", "must be in (0, 10]"]),
         "ZeRO stage 4": (["zero.stage=4"], ["zero.stage", "0 | 1 | 2 | 3"]),
         "fp16 on CPU": (["precision=fp16", "train.max_steps=1"], ["precision", "fp16 needs a CUDA GPU"]),
         "resume from a folder that is not a run": ([f"resume={tmp}"], ["resume", "not a checkpoint folder"]),
