@@ -15,7 +15,7 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from .cli import run_command
+from .cli import pick_device, run_command
 from .distributed import leave
 from . import files
 from .data import FORMATS, DataError, make_collate, read_texts
@@ -31,14 +31,6 @@ class Predictions:
     probabilities: list[list[float]]  # per text, one probability per class in `classes` order
     classes: list
     truncated: int  # texts longer than max_length (cut to their first max_length tokens)
-
-
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise DataError("--device cuda: no CUDA device is available; use --device cpu or auto")
-    return torch.device(name)
 
 
 def predict(model: torch.nn.Module, info: ExportInfo, texts: list[str], batch_size: int = 32,
