@@ -108,11 +108,13 @@ class Matrix:
 BASELINE = Setting("baseline", ("precision=fp32", "train.grad_clip=0"), engine=False)
 
 TINY_BASE = ("model.name=custom", "model.n_layer=2", "model.n_head=2", "model.n_embd=64",
-             "model.context_length=128", "model.weights=none", "model.trainable=all", "precision=fp32")
+             "model.context_length=128", "model.weights=none", "model.pooling=last_token", "model.trainable=all",
+             "precision=fp32")
 QUICKSTART_BASE = ("model.name=custom", "model.n_layer=2", "model.n_head=4", "model.n_embd=128",
                    "model.context_length=128", "model.weights=none", "model.pooling=last_token",
                    "model.trainable=all", "precision=fp32")
-GPT2_BASE = ("model.name=gpt2", "model.weights=none", "model.trainable=all", "precision=bf16")
+GPT2_BASE = ("model.name=gpt2", "model.weights=none", "model.pooling=last_token", "model.trainable=all",
+             "precision=bf16")
 B64 = dict(micro_batch=64, seq=128)
 
 

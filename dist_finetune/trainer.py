@@ -455,7 +455,7 @@ class Trainer:
         stop = self.cfg.train.on_nonfinite == "stop" or s.nonfinite_skipped > self.cfg.train.max_nonfinite_skips
         window_start = s.batches_in_epoch % self.plan.grad_accum_steps == 0
         self.reporter.event("nonfinite", step=step, epoch=s.epoch, batch=index, what="loss",
-                            skipped_so_far=s.nonfinite_skipped, action="stop" if stop else "skip_window")
+                            skipped_so_far=s.nonfinite_skipped, action="stop" if stop else "skip")
         if not stop:
             self.guard.poisoned = True  # this window's update is dropped as a whole
             self.reporter.say(f"non-finite loss at step {step} (epoch {s.epoch + 1}, batch {index}): its "
@@ -481,7 +481,7 @@ class Trainer:
         self.guard_skipped = guard.skipped
         stop = self.cfg.train.on_nonfinite == "stop" or s.nonfinite_skipped > self.cfg.train.max_nonfinite_skips
         self.reporter.event("nonfinite", step=s.global_step, epoch=s.epoch, what="gradient",
-                            skipped_so_far=s.nonfinite_skipped, action="stop" if stop else "skip_window")
+                            skipped_so_far=s.nonfinite_skipped, action="stop" if stop else "skip")
         if stop:
             raise NonFiniteError(
                 f"non-finite gradients at step {s.global_step} (the update was not applied); last good state: "
@@ -506,11 +506,12 @@ class Trainer:
     # ------------------------------------------------------------ the end
 
     def stopped_by_signal(self) -> None:
-        s = self.state
-        name = signal.Signals(self.signals.received).name if self.signals.received else "signal"
+        s, received = self.state, self.signals.received
+        name = signal.Signals(received).name if received else "signal"
         self.reporter.event("preempted", step=s.global_step, epoch=s.epoch, signal=name)
-        self.reporter.say(f"stopped by {name} at step {s.global_step}: checkpoint {checkpoint.tag_for(s.global_step)} "
-                          "saved; run again with resume=auto to continue")
+        what = "interrupted (Ctrl-C, " if received == signal.SIGINT else "preempted ("
+        self.reporter.say(f"{what}signal {received}) at step {s.global_step}: checkpoint "
+                          f"{checkpoint.tag_for(s.global_step)} saved; run again with resume=auto to continue")
         return None
 
     def finish(self) -> dict[str, Any]:

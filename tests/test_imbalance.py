@@ -101,7 +101,7 @@ def test_eval_file_uses_the_given_label_map_and_truncates(tmp_path):
 def test_read_texts_keeps_every_column_and_names_bad_rows(tmp_path):
     frame, texts = read_texts(write(tmp_path / "in.csv", 'id,text\n1,"a, b\nc"\n2,d\n'), "text")
     assert list(frame.columns) == ["id", "text"] and texts == ["a, b\nc", "d"]
-    with pytest.raises(DataError, match=r"row 2, column 'text': the text is empty"):
+    with pytest.raises(DataError, match=r"row 2 \(line 3\), column 'text': the text is empty"):
         read_texts(write(tmp_path / "gap.csv", "id,text\n1,x\n2,\n"), "text")
     with pytest.raises(DataError, match=r"the file has no rows"):
         read_texts(write(tmp_path / "header.csv", "id,text\n"), "text")

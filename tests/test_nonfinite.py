@@ -35,7 +35,7 @@ def test_nonfinite_gradients_with_a_finite_loss_drop_that_update(tmp_path):
     runner.assert_same_weights(weights[2], weights[3])  # the update of step 3 was not applied
     assert all(all_finite(w) for w in weights.values())
     assert run.summary()["nonfinite_skipped"] == 1
-    assert [(e["step"], e["what"], e["action"]) for e in run.events("nonfinite")] == [(3, "gradient", "skip_window")]
+    assert [(e["step"], e["what"], e["action"]) for e in run.events("nonfinite")] == [(3, "gradient", "skip")]
 
 
 def test_nonfinite_gradients_with_stop_exit_3_naming_a_finite_checkpoint(tmp_path):
