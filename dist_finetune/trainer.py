@@ -379,9 +379,11 @@ class Trainer:
     def log_line(self) -> None:
         s = self.state
         self.flush()
-        loss_sum, correct, count, micro = s.log_pending
-        s.log_pending = [0.0, 0.0, 0.0, 0.0]
         self.last_log_step = s.global_step
+        loss_sum, correct, count, micro = s.log_pending
+        if count == 0:  # only dropped (non-finite) windows since the last line: nothing to report yet
+            return
+        s.log_pending = [0.0, 0.0, 0.0, 0.0]
         loss_avg, acc_avg = mean_loss_accuracy([loss_sum, correct, count])
         lr = self.engine.get_lr()[0]
         speed = s.examples_seen / max(s.train_seconds, 1e-9)
