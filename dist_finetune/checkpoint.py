@@ -229,10 +229,17 @@ def verify(folder: Path) -> str | None:
         return "no manifest.json (the save did not finish)"
     try:
         files = json.loads(manifest.read_text(encoding="utf-8"))["files"]
-    except (ValueError, KeyError) as exc:
+    except (ValueError, KeyError, TypeError) as exc:
         return f"unreadable manifest.json ({exc})"
+    well_formed = isinstance(files, dict) and all(
+        isinstance(name, str) and isinstance(entry, dict) and isinstance(entry.get("size"), int)
+        for name, entry in files.items())
+    if not well_formed:
+        return "unreadable manifest.json (not a map of files to their sizes)"
     for name, entry in files.items():
         path = folder / name
+        if ".." in Path(name).parts or Path(name).is_absolute():
+            return f"manifest.json names {name}, outside the checkpoint"
         if not path.is_file():
             return f"{name} is missing"
         if path.stat().st_size != entry["size"]:

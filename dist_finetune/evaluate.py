@@ -28,7 +28,7 @@ from .metrics import format_table
 from .step import evaluate
 from .model import GPTConfig
 from .report import plot_confusion, write_json
-from .runs import (RunError, check_not_in_use, check_same_labels, load_checkpoint_model, load_run_config,
+from .runs import (RunError, reading_run, check_same_labels, load_checkpoint_model, load_run_config,
                    resolve_checkpoint, run_facts)
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -190,7 +190,11 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def evaluate_and_report(args: argparse.Namespace) -> int:
-    check_not_in_use(args.run)  # a training run holds it: its files are changing
+    with reading_run(args.run):  # no training run may change the folder while it is read
+        return evaluate_held(args)
+
+
+def evaluate_held(args: argparse.Namespace) -> int:
     check_outputs(args)
     job = prepare(args)  # the same on every rank: they read the same files
     env = init_distributed(job.cfg.distributed.timeout_seconds, debug=args.debug or job.cfg.distributed.debug)

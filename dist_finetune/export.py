@@ -13,7 +13,7 @@ from .cli import run_command
 from .distributed import leave
 from .checkpoint import checkpoint_dir
 from .exporter import save_model
-from .runs import (RunError, check_not_in_use, load_checkpoint_model, load_run_config, resolve_checkpoint, run_facts)
+from .runs import (RunError, reading_run, load_checkpoint_model, load_run_config, resolve_checkpoint, run_facts)
 from .weights import export_leftovers
 
 
@@ -58,9 +58,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def export_and_report(args: argparse.Namespace) -> int:
-    check_not_in_use(args.run)  # a training run holds it: its checkpoints are changing
     check_out(args.out, args.overwrite)
-    source = export_run(args.run, args.checkpoint, args.out)
+    with reading_run(args.run):  # no training run may change the checkpoints while they are read
+        source = export_run(args.run, args.checkpoint, args.out)
     print(f"exported {source} -> {args.out}")
     return 0
 

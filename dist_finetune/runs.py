@@ -9,9 +9,11 @@ refuse a folder a training run holds.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import json
 import logging
 import os
+import re
 import shutil
 import socket
 import tempfile
@@ -20,7 +22,10 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
+from collections.abc import Iterator
 from typing import Any, Callable
+
+import torch
 
 from .checkpoint import RUN_STATE, checkpoint_dir, consolidated_state_dict, read_pointer, verify
 from .config import Config, ConfigError, Trainable, load_config, read_yaml, to_dict, to_yaml
@@ -99,6 +104,10 @@ def load_checkpoint_model(cfg: Config, num_classes: int, ckpt_run: Path, tag: st
             f"checkpoint {folder} cannot be read ({type(exc).__name__}: {detail}); it may be incomplete: "
             "pass another --checkpoint"
         ) from None
+    bad = [name for name, t in state_dict.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    if bad:
+        raise RunError(f"checkpoint {folder} holds non-finite weights ({', '.join(bad[:3])}); it is not a usable "
+                       "state: pass another --checkpoint")
     model = build_model(cfg.model, num_classes, cfg.lora)
     load_state_strict(
         model, state_dict, str(folder),
@@ -213,7 +222,14 @@ def find_resume_tag(cfg: Config, run_dir: Path) -> str | None:
 
 def saved_world_size(run_dir: Path, tag: str) -> int | None:
     path = checkpoint_dir(run_dir) / tag / RUN_STATE
-    return json.loads(path.read_text(encoding="utf-8")).get("world_size") if path.is_file() else None
+    if not path.is_file():
+        return None
+    state = _read_json(path)
+    world = state.get("world_size") if isinstance(state, dict) else None
+    if not isinstance(world, int) or world < 1:
+        raise RunError(f"{path} is damaged (no world_size in it); resume from another checkpoint with "
+                       "resume=RUN/checkpoints/step_N, or start again with --overwrite")
+    return world
 
 
 def estimate_checkpoint_bytes(cfg: Config) -> int:
@@ -273,9 +289,62 @@ RUN_FILES = frozenset({"config.yaml", "checkpoints", "metrics.jsonl", "history.c
 PACKAGE_DIR = Path(__file__).resolve().parent
 
 
+# Inside the run's folders: exactly what training, evaluate and export write there.
+RUN_SUBFOLDERS = {
+    "checkpoints": re.compile(r"(latest|best|\.(latest|best)\.tmp|step_\d+|zero_to_fp32\.py)"),
+    "eval": re.compile(r"[^/]+\.json|confusion_[^/]+\.png"),
+    "export": re.compile(r"model\.safetensors|model_config\.json|labels\.json"),
+    "tensorboard": re.compile(r"events\.out\.tfevents\.[^/]+"),
+    "samples": re.compile(r"rank\d+\.jsonl"),
+}
+CHECKPOINT_FILE = re.compile(r"[^/]+\.pt|rng_rank\d+\.json|manifest\.json|run_state\.json|latest")
+# The temporary twins our writers leave when a kill interrupts them (files.py, checkpoint.py):
+# `.NAME.<random>.tmp`, `.NAME.old.<random>`, `.NAME.new.<random>` and `NAME.tmp`.
+TWIN_ENDINGS = re.compile(r"[^/]*\.tmp|old\.[^/]+|new\.[^/]+")
+
+
 def is_run_file(name: str) -> bool:
-    return name.startswith(OURS_PREFIX) or any(
-        name in (known, f"{known}.tmp") or name.startswith(f".{known}.") for known in RUN_FILES)
+    """A top-level name that training (or a writer of ours interrupted by a kill) may have made."""
+    if name in (MARKER, LOCK) or name.startswith(f"{LOCK}.stale.") or name.startswith(f"{OURS_PREFIX}old."):
+        return True
+    return name in RUN_FILES or _twin_of(name, lambda known: known in RUN_FILES or known == MARKER)
+
+
+def _twin_of(name: str, allowed) -> bool:
+    """`name` is a temporary twin (an interrupted write) of a name `allowed` accepts."""
+    if name.endswith(".tmp") and not name.startswith(".") and allowed(name[:-4]):
+        return True
+    if not name.startswith("."):
+        return False
+    dots = [i for i, c in enumerate(name) if c == "." and i > 0]
+    return any(TWIN_ENDINGS.fullmatch(name[i + 1:]) and allowed(name[1:i]) for i in dots)
+
+
+def _foreign_inside(path: Path, folder: str) -> list[str]:
+    """Files under a run's subfolder that no run writes (a user's notes, a manual backup, a link)."""
+    root, pattern = path / folder, RUN_SUBFOLDERS[folder]
+    if root.is_symlink():
+        return [folder]
+    if not root.is_dir():
+        return []
+    foreign = []
+    for entry in root.iterdir():
+        rel, ours = f"{folder}/{entry.name}", bool(pattern.fullmatch(entry.name))
+        if entry.is_symlink() or not (ours or _twin_of(entry.name, pattern.fullmatch)):
+            foreign.append(rel)
+        elif folder == "checkpoints" and ours and entry.is_dir():
+            foreign += [f"{rel}/{f.name}" for f in entry.iterdir() if f.is_symlink() or not (
+                CHECKPOINT_FILE.fullmatch(f.name) or _twin_of(f.name, CHECKPOINT_FILE.fullmatch))]
+    return foreign
+
+
+def foreign_files(path: Path, names: list[str]) -> list[str]:
+    """What in a run folder training did not write; an old run moved aside by a killed commit is ours."""
+    foreign = [name for name in names if not is_run_file(name)]
+    for name in names:
+        if name in RUN_SUBFOLDERS:
+            foreign += _foreign_inside(path, name)
+    return foreign
 
 
 def _protected(real: Path) -> str | None:
@@ -313,7 +382,7 @@ def check_replaceable(path: Path, names: list[str]) -> None:
     if not (isinstance(marker, dict) and "version" in marker):
         raise RunError(f"output_dir {path} was not created by dist_finetune (no readable {MARKER} in it), so "
                        "--overwrite will not delete it; remove it yourself or choose another output_dir")
-    foreign = [name for name in names if not is_run_file(name)]
+    foreign = foreign_files(path, names)
     if foreign:
         listed = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
         raise RunError(f"output_dir {path} holds files a run does not write ({listed}), so --overwrite will not "
@@ -349,6 +418,7 @@ def _bytes_under(paths: list[Path]) -> int:
 
 HEARTBEAT_SECONDS = 30.0  # the holder touches its lock file this often
 STALE_SECONDS = 300.0  # a lock from another host not touched for this long belongs to a dead run
+EMPTY_LOCK_SECONDS = 30.0  # a lock file still empty this long after its creation: its writer died
 
 
 def _proc_stat(pid: int) -> tuple[str, int] | None:
@@ -430,7 +500,7 @@ def abandoned(holder: Holder) -> bool:
     or (another host) its heartbeat stopped STALE_SECONDS ago."""
     r = holder.record
     if not r:
-        return holder.age > STALE_SECONDS  # its writer died between creating and filling it
+        return holder.age > EMPTY_LOCK_SECONDS  # its writer died between creating and filling it
     if r.get("host") == socket.gethostname():
         return not _alive(r.get("pid"), r.get("pid_start"))
     return _earlier_incarnation(r.get("launch") or {}) or holder.age > STALE_SECONDS
@@ -438,15 +508,45 @@ def abandoned(holder: Holder) -> bool:
 
 def _in_use(folder: Path, holder: Holder, what: str) -> RunError:
     return RunError(
-        f"{what} {folder} is in use by a training run ({holder.describe()}); wait for it to end or stop it, "
-        f"or choose another folder (its lock {folder / LOCK} is ignored once that process is gone)")
+        f"{what} {folder} is in use by another dist_finetune process ({holder.describe()}); wait for it to "
+        f"end or stop it, or choose another folder (its lock {folder / LOCK} is ignored once that process is "
+        "gone)")
+
+
+def _same_launch(holder: Holder) -> bool:
+    """The lock is held by rank 0 of the torchrun / SLURM launch this process belongs to."""
+    theirs, mine = holder.record.get("launch") or {}, _launch_ids()
+    return any(mine[job] not in (None, "", "none") and theirs.get(job) == mine[job] and
+               theirs.get(count) == mine[count]
+               for job, count in (("torchelastic_run_id", "torchelastic_restart"), ("slurm_job_id", "slurm_restart")))
 
 
 def check_not_in_use(folder: Path, what: str = "run folder") -> None:
-    """For commands that read a run folder (evaluate, export): refuse one a training run holds."""
+    """Refuse a run folder another process holds (a training run, an evaluate or export reading it)."""
     holder = read_holder(Path(folder) / LOCK)
-    if holder is not None and not abandoned(holder):
+    if holder is not None and not abandoned(holder) and not _same_launch(holder):
         raise _in_use(Path(folder), holder, what)
+
+
+@contextlib.contextmanager
+def reading_run(folder: Path, what: str = "--run") -> Iterator[None]:
+    """evaluate / export: while they read a run folder, training may not replace it. The first rank of the
+    launch holds the folder's lock; the others only check it (it is their own launch's)."""
+    folder = Path(folder)
+    first = os.environ.get("RANK", "0") == "0"
+    if not (first and folder.is_dir() and (folder / MARKER).is_file()):
+        check_not_in_use(folder, what)
+        yield
+        return
+    try:
+        held = RunLock.acquire(folder)
+    except RunError:
+        check_not_in_use(folder, what)  # the holder's own message, for a reader
+        raise
+    try:
+        yield
+    finally:
+        held.release()
 
 
 def _break(lock: Path, stale: Holder) -> None:
@@ -570,7 +670,7 @@ def _restartable(cfg: Config, path: Path) -> bool:
 
 def decide(cfg: Config, path: Path, overwrite: bool, world_size: int) -> Plan:
     """Rank 0, holding the lock. Checks everything about the folder; changes nothing in it."""
-    names = sorted(p.name for p in path.iterdir() if p.name != LOCK)
+    names = sorted(p.name for p in path.iterdir() if p.name not in (LOCK, MARKER))  # a bare marker: empty
     tag = find_resume_tag(cfg, path)
     if tag is not None:
         _check_resumable(cfg, path, tag, world_size)
@@ -636,17 +736,26 @@ class RunDir:
             self.lock.release()
             self.lock = None
         if self.created and not self.committed:
+            (self.path / MARKER).unlink(missing_ok=True)
             _remove_if_empty(self.path)  # the run wrote nothing
 
 
-def _start_run(path: Path, old: tuple[str, ...], cfg: Config) -> None:
-    aside = Path(tempfile.mkdtemp(prefix=f"{OURS_PREFIX}old.", dir=path)) if old else None
-    for name in old:
-        if os.path.lexists(path / name):
-            os.rename(path / name, aside / name)
+def write_marker(path: Path) -> None:
     marker = {"version": MARKER_VERSION, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
               "host": socket.gethostname()}
     atomic_write_text(path / MARKER, json.dumps(marker) + "\n")
+
+
+def _start_run(path: Path, old: tuple[str, ...], cfg: Config) -> None:
+    """The marker stays in place throughout: a kill at any moment leaves a folder --overwrite recognises."""
+    old = tuple(name for name in old if name != MARKER)
+    aside = Path(tempfile.mkdtemp(prefix=f"{OURS_PREFIX}old.", dir=path)) if old else None
+    if not (path / MARKER).is_file():
+        write_marker(path)
+    for name in old:
+        if os.path.lexists(path / name):
+            os.rename(path / name, aside / name)
+    write_marker(path)
     atomic_write_text(path / "config.yaml", to_yaml(cfg))
     if aside is not None:
         shutil.rmtree(aside)  # made just above, holding only the old run's files
@@ -657,11 +766,14 @@ def _claim_on_main(cfg: Config, path: Path, overwrite: bool, world_size: int) ->
     created = not path.exists()
     path.mkdir(parents=True, exist_ok=True)
     lock = RunLock.acquire(path)  # a folder just made holds no lock
+    if created:
+        write_marker(path)  # ours from its first moment: a kill before the first files leaves a run folder
     try:
         return decide(cfg, path, overwrite, world_size), lock, created
     except BaseException:
         lock.release()
         if created:
+            (path / MARKER).unlink(missing_ok=True)
             _remove_if_empty(path)
         raise
 

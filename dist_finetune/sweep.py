@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import io
 import json
 import os
 import re
@@ -22,7 +23,12 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
+from .cli import run_command
+from .config import safe_load_unique
+from .distributed import leave
 from .errors import UserError
+from .files import atomic_write_text
 
 COLUMNS = ("setting", "status", "train_acc", "val_acc", "test_acc", "train_seconds", "samples_per_second",
            "trainable_parameters", "error")
@@ -91,7 +97,7 @@ def load_grid(path: Path) -> list[Setting]:
     if not path.is_file():
         raise GridError(f"grid file {path} not found")
     try:
-        return parse_grid(yaml.safe_load(path.read_text(encoding="utf-8")))
+        return parse_grid(safe_load_unique(path.read_text(encoding="utf-8"), str(path)))
     except yaml.YAMLError as exc:
         raise GridError(f"grid file {path} is not valid YAML: {exc}") from None
 
@@ -127,11 +133,40 @@ def read_summary(run_dir: Path) -> dict[str, Any]:
             "trainable_parameters": s["trainable_parameters"]}
 
 
+LOG_HEADER = "# dist_finetune sweep setting "  # the first line of every log a sweep writes
+
+
+def _ours(path: Path) -> bool:
+    """A log or table an earlier sweep wrote (its first line says so)."""
+    try:
+        with path.open(encoding="utf-8", errors="replace") as f:
+            first = f.readline()
+    except OSError:
+        return False
+    return first.startswith(LOG_HEADER) or first.startswith("| setting |") or first.startswith("setting,status,")
+
+
+def check_out(out: Path, settings: list[Setting], overwrite: bool) -> None:
+    """Before any setting runs: the sweep's logs and tables replace only what an earlier sweep wrote, and
+    only with --overwrite (the run folders themselves are checked by each training run)."""
+    if out.exists() and not out.is_dir():
+        raise GridError(f"--out {out} is a file; pass a folder for the sweep's runs, logs and tables")
+    files = [out / f"{s.name}.log" for s in settings] + [out / name for name in RESERVED]
+    present = [f for f in files if os.path.lexists(f)]
+    foreign = [f.name for f in present if f.is_symlink() or not f.is_file() or not _ours(f)]
+    if foreign:
+        raise GridError(f"--out {out} holds {', '.join(foreign[:5])}, which no sweep wrote; the sweep would "
+                        "replace it: move it away or choose another --out")
+    if present and not overwrite:
+        raise GridError(f"--out {out} holds an earlier sweep's logs or tables ({', '.join(f.name for f in present[:5])}); "
+                        "pass --overwrite to replace them and its run folders, or choose another --out")
+
+
 def run_setting(base: Path, out: Path, setting: Setting, nproc: int, overwrite: bool = False) -> Result:
     log_path = out / f"{setting.name}.log"
     cmd = command(base, out, setting, nproc, overwrite)
     with log_path.open("w", encoding="utf-8") as log:
-        log.write("$ " + " ".join(cmd) + "\n")
+        log.write(f"{LOG_HEADER}{setting.name}\n$ " + " ".join(cmd) + "\n")
         log.flush()
         rc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=os.environ.copy()).returncode
     text = log_path.read_text(encoding="utf-8", errors="replace")
@@ -157,12 +192,13 @@ def markdown(results: list[Result]) -> str:
 
 def write_tables(results: list[Result], out: Path) -> str:
     table = markdown(results)
-    (out / "comparison.md").write_text(table, encoding="utf-8")
-    with (out / "comparison.csv").open("w", encoding="utf-8", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=COLUMNS)
-        writer.writeheader()
-        for r in results:
-            writer.writerow({c: r.row().get(c, "") for c in COLUMNS})
+    atomic_write_text(out / "comparison.md", table)
+    rows = io.StringIO()
+    writer = csv.DictWriter(rows, fieldnames=COLUMNS)
+    writer.writeheader()
+    for r in results:
+        writer.writerow({c: r.row().get(c, "") for c in COLUMNS})
+    atomic_write_text(out / "comparison.csv", rows.getvalue())
     return table
 
 
@@ -190,17 +226,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    return run_command(lambda: run(args))
+
+
+def run(args: argparse.Namespace) -> int:
     if args.nproc < 1:
-        print(f"error: --nproc must be >= 1, got {args.nproc}", file=sys.stderr)
-        return 2
+        raise GridError(f"--nproc must be >= 1, got {args.nproc}")
     if not args.base.is_file():
-        print(f"error: --base {args.base} not found; pass a run config YAML", file=sys.stderr)
-        return 2
-    try:
-        settings = load_grid(args.grid)
-    except GridError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        raise GridError(f"--base {args.base} not found; pass a run config YAML")
+    settings = load_grid(args.grid)
+    check_out(args.out, settings, args.overwrite)
     results = sweep(args.base, settings, args.out, args.nproc, args.overwrite)
     print(write_tables(results, args.out), end="")
     print(f"tables: {args.out / 'comparison.md'} {args.out / 'comparison.csv'}")
@@ -208,4 +243,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    leave(main())

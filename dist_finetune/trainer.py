@@ -157,7 +157,8 @@ class Trainer:
 
     @property
     def interrupted(self) -> bool:
-        return self.signals.received == signal.SIGINT
+        """Ctrl-C stopped the run (a Ctrl-C during the final evaluation changes nothing: the run is done)."""
+        return self.state.preempted and self.signals.received == signal.SIGINT
 
     def train(self) -> None:
         s = self.state
@@ -342,8 +343,7 @@ class Trainer:
         tag = self.folder.resume_tag
         if tag is not None:
             client = checkpoint.load(self.engine, self.run_dir, self.env, tag)
-            self.state = TrainState(**client["train_state"])
-            self.stopper = EarlyStopper(**self.state.stopper)
+            self.state, self.stopper = self.restored_state(client, tag)
             self.engine.micro_steps = self.state.micro_steps
             self.last_saved_step = self.state.global_step
             self.reporter.truncate_after(self.state.global_step)
@@ -353,6 +353,16 @@ class Trainer:
         self.flushed_micro = self.state.micro_steps
         self.guard_skipped = self.guard.skipped
         self.done = self.state.global_step >= self.total_steps or self.state.stopped_early
+
+    def restored_state(self, client: dict[str, Any], tag: str) -> tuple[TrainState, EarlyStopper]:
+        """The loop's state as the checkpoint recorded it (the same on every rank: a shared file)."""
+        try:
+            state = TrainState(**client["train_state"])
+            return state, EarlyStopper(**state.stopper)
+        except (KeyError, TypeError) as exc:
+            raise RunError(
+                f"checkpoint {self.run_dir / 'checkpoints' / tag} records no usable training state ({exc}); resume "
+                "from another one with resume=RUN/checkpoints/step_N, or start again with --overwrite") from None
 
     def headline(self) -> str:
         cfg, plan = self.cfg, self.plan
@@ -499,7 +509,8 @@ class Trainer:
             self.reporter.event("nonfinite", step=last, epoch=s.epoch, count=int(nonfinite), action="stop",
                                 check="deferred")
             raise NonFiniteError(
-                f"{int(nonfinite)} non-finite loss(es) or update(s) between steps {self.checked_step + 1} and "
+                f"non-finite numbers (losses, gradients or parameters: {int(nonfinite)} tensor(s)) between steps "
+                f"{self.checked_step + 1} and "
                 f"{last} (train.nonfinite_check=deferred: found after the update); last good state: "
                 f"{self.last_good()}. Lower train.lr, check the data, or use train.nonfinite_check=micro_batch "
                 "with train.on_nonfinite=skip to drop such steps")

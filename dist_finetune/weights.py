@@ -742,7 +742,12 @@ def load_export(folder: Path) -> tuple[GPTClassifier, Any]:
         if isinstance(exc, WeightsError):
             raise
         raise WeightsError(f"{folder / EXPORT_CONFIG}: {exc}; {_REEXPORT}") from None
-    model.load_state_dict(read_state_dict(folder / EXPORT_WEIGHTS), strict=True)
+    state = read_state_dict(folder / EXPORT_WEIGHTS)
+    bad = [name for name, t in state.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    if bad:
+        raise WeightsError(f"{folder / EXPORT_WEIGHTS} holds non-finite weights ({', '.join(bad[:3])}); it is not "
+                           "a usable model: export a good checkpoint again")
+    model.load_state_dict(state, strict=True)
     return model.eval(), spec.raw_labels
 
 

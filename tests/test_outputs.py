@@ -167,6 +167,20 @@ def test_weights_that_are_not_safetensors_are_one_line(tmp_path, capsys):
     one_line_error(rc, capsys.readouterr().err, "model.safetensors", "safetensors")
 
 
+def test_an_export_with_nonfinite_weights_is_refused_not_predicted_from(tmp_path, capsys):
+    """Before: `predict` printed `ham ham=nan spam=nan` with exit 0."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    folder = make_export(tmp_path / "export")
+    state = load_file(folder / "model.safetensors")
+    state["head.weight"][0, 0] = float("nan")
+    save_file(state, folder / "model.safetensors", metadata={"format": "pt"})
+    rc = predict.main(["--model", str(folder), "--device", "cpu", "hello"])
+    one_line_error(rc, capsys.readouterr().err, "model.safetensors", "non-finite", "head.weight")
+    assert torch.isnan(load_file(folder / "model.safetensors")["head.weight"]).any()  # nothing rewritten
+
+
 # ---------------------------------------------------------------- the export folder
 
 

@@ -102,13 +102,22 @@ def refusal_case(case: str, tmp: Path, finished: Path) -> tuple[Path, Path, list
         run = copy_run(finished, tmp)
         (tmp / "link").symlink_to(run)
         return run, tmp / "link", [], runner.REPO, {}, "symbolic link"
+    if case in INSIDE:
+        run = copy_run(finished, tmp)
+        (run / INSIDE[case]).parent.mkdir(exist_ok=True)  # eval/ exists once evaluate ran
+        (run / INSIDE[case]).write_text("mine\n")
+        return run, run, [], runner.REPO, {}, INSIDE[case]
     assert case == "a file"
     (tmp / "afile").write_text("data\n")
     return tmp, tmp / "afile", [], runner.REPO, {}, "is a file"
 
 
+# A user's file inside a run's own folders, or a backup named like one of ours: never deleted.
+INSIDE = {"user file in eval/": "eval/my_analysis.ipynb", "user file in checkpoints/": "checkpoints/NOTES.txt",
+          "user file in a checkpoint": "checkpoints/step_0000002/notes.txt", "a manual backup": ".summary.json.orig"}
 REFUSALS = ["project checkout", "current folder", "parent of the current folder", "home folder",
-            "folder without the marker", "run folder with a user file", "symlink to a run folder", "a file"]
+            "folder without the marker", "run folder with a user file", "symlink to a run folder", "a file",
+            *INSIDE]
 
 
 @pytest.mark.parametrize("case", REFUSALS)
@@ -242,7 +251,7 @@ def write_lock(folder: Path, age: float, **record) -> Path:
 
 def test_lock_from_another_host_is_stale_only_after_its_heartbeat_stops(tmp_path):
     write_lock(tmp_path, 10, host="node-elsewhere", pid=4242)
-    with pytest.raises(runs.RunError, match=r"in use by a training run \(host node-elsewhere, pid 4242"):
+    with pytest.raises(runs.RunError, match=r"in use by another dist_finetune process \(host node-elsewhere, pid 4242"):
         runs.check_not_in_use(tmp_path)
     write_lock(tmp_path, runs.STALE_SECONDS + 60, host="node-elsewhere", pid=4242)
     runs.check_not_in_use(tmp_path)
@@ -268,8 +277,9 @@ def test_lock_of_a_dead_process_on_this_host_or_an_earlier_restart_is_stale(tmp_
     write_lock(tmp_path, 1, host="node-elsewhere", pid=1, launch=launch)
     runs.check_not_in_use(tmp_path)  # the same launch before its restart: gone
     write_lock(tmp_path, 1, host="node-elsewhere", pid=1, launch={**launch, "torchelastic_restart": 1})
+    runs.check_not_in_use(tmp_path)  # rank 0 of this very launch holds it (evaluate under torchrun): ours
     with pytest.raises(runs.RunError):
-        runs.check_not_in_use(tmp_path)
+        runs.RunLock.acquire(tmp_path)  # but nobody takes it from a live holder
 
 
 def test_lock_is_exclusive_refreshed_and_released(tmp_path, monkeypatch):
@@ -293,3 +303,45 @@ def test_what_counts_as_a_run_file():
         assert runs.is_run_file(name), name
     for name in ("notes.txt", "config.yaml.bak", ".git", "data", "summary.json.mine"):
         assert not runs.is_run_file(name), name
+
+
+def test_a_commit_killed_after_moving_the_old_run_aside_leaves_a_folder_overwrite_takes(tmp_path, finished):
+    """The marker never leaves the folder: an old run moved aside by a killed commit is ours to replace."""
+    run = copy_run(finished, tmp_path)
+    aside = run / ".dist_finetune_old.k1ll3d"
+    aside.mkdir()
+    for name in ("summary.json", "checkpoints", "export"):
+        (run / name).rename(aside / name)
+    (run / "..dist_finetune_run.x7.tmp").write_text("{")  # a marker write cut short
+    assert runs.foreign_files(run, sorted(p.name for p in run.iterdir())) == []
+    proc = train(tmp_path, run, "--overwrite")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert not aside.exists() and (run / runs.MARKER).is_file() and (run / "summary.json").is_file()
+
+
+def test_a_folder_being_read_by_evaluate_or_export_cannot_be_replaced(tmp_path, finished):
+    run = copy_run(finished, tmp_path)
+    with runs.reading_run(run):
+        with pytest.raises(runs.RunError, match=f"pid {os.getpid()}"):
+            runs.RunLock.acquire(run)  # what a training run on this folder would try first
+        proc = train(tmp_path, run, "--overwrite", "seed=7")
+        assert f"pid {os.getpid()}" in error_line(proc)
+    assert not (run / runs.LOCK).exists()
+
+
+def test_evaluate_refuses_a_checkpoint_with_nonfinite_weights(tmp_path, finished):
+    """Before: evaluate reported `loss: nan` with exit 0 for such a checkpoint."""
+    import torch
+
+    from dist_finetune.checkpoint import read_pointer, write_manifest
+    from dist_finetune.safe_load import torch_load
+
+    run = copy_run(finished, tmp_path)
+    folder = run / "checkpoints" / read_pointer(run, "best")
+    states = torch_load(folder / "mp_rank_00_model_states.pt")
+    name = next(k for k, v in states["module"].items() if v.is_floating_point())
+    states["module"][name].view(-1)[0] = float("nan")
+    torch.save(states, folder / "mp_rank_00_model_states.pt")
+    write_manifest(folder)
+    line = error_line(cli("evaluate", ["--run", str(run)]))
+    assert "non-finite weights" in line and str(folder) in line

@@ -46,3 +46,27 @@ def test_sweep_of_three_settings_and_a_broken_one(tmp_path):
     table = (out / "comparison.md").read_text()
     assert table.count("| ok |") == 3 and "| failed |" in table and table in proc.stdout
     assert (out / "broken.log").is_file() and (out / "lora" / "summary.json").is_file()
+
+
+def test_a_sweep_never_replaces_an_earlier_sweeps_results_or_a_users_files(tmp_path):
+    base = runner.write_config(tmp_path / "base.yaml", {**runner.TINY, "train": {**runner.TINY["train"], "max_steps": 2}})
+    (tmp_path / "grid.yaml").write_text(yaml.safe_dump([{"name": "notes", "overrides": []}]))
+    out = tmp_path / "sweep"
+    args = ["--base", str(base), "--grid", str(tmp_path / "grid.yaml"), "--out", str(out)]
+
+    def sweep(*extra: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "dist_finetune.sweep", *args, *extra], cwd=runner.REPO,
+                              env=runner.child_env(), capture_output=True, text=True, timeout=600)
+
+    out.mkdir()
+    (out / "notes.log").write_text("precious\n")
+    refused = sweep("--overwrite")
+    assert refused.returncode == 2 and "notes.log" in refused.stderr, refused.stderr
+    assert (out / "notes.log").read_text() == "precious\n" and not (out / "notes").exists()
+    (out / "notes.log").unlink()
+    assert sweep().returncode == 0
+    log, table = (out / "notes.log").read_text(), (out / "comparison.md").read_text()
+    again = sweep()
+    assert again.returncode == 2 and "--overwrite" in again.stderr, again.stderr
+    assert (out / "notes.log").read_text() == log and (out / "comparison.md").read_text() == table
+    assert sweep("--overwrite").returncode == 0

@@ -135,3 +135,46 @@ def test_an_fp16_overflow_step_is_not_counted_as_a_step(dist_env):
     assert not t.after_window()
     assert t.state.global_step == 1 and t.state.overflow_steps == 1
     assert t.after_window() and t.state.global_step == 2
+
+
+def test_a_checkpoint_with_an_unusable_training_state_is_one_user_error(dist_env):
+    from dist_finetune.runs import RunError
+
+    t = Trainer(load_config(None, ["output_dir=/nonexistent"]), dist_env)
+    t.run_dir = Path("/nonexistent")
+    state, stopper = t.restored_state({"train_state": {"global_step": 3, "stopper": {"mode": "min", "patience": 2,
+                                                                                      "min_delta": 0.0}}}, "step_3")
+    assert state.global_step == 3 and stopper.patience == 2
+    for client in ({}, {"train_state": {"no_such_key": 1}}, {"train_state": {"stopper": {"mode": "min"}}}):
+        with pytest.raises(RunError, match="step_3 records no usable training state"):
+            t.restored_state(client, "step_3")
+
+
+def test_ctrl_c_counts_only_when_it_stopped_the_run(dist_env):
+    """A Ctrl-C that arrives during the final evaluation or export does not turn a finished run into 130."""
+    t = Trainer(load_config(None, ["output_dir=/nonexistent"]), dist_env)
+    t.signals.received = signal.SIGINT
+    assert not t.interrupted
+    t.state.preempted = True
+    assert t.interrupted
+    t.signals.received = signal.SIGUSR1
+    assert not t.interrupted
+
+
+@pytest.mark.parametrize("manifest", ["[]", '{"files": []}', '{"files": {"a.pt": {}}}', '{"files": {"a.pt": 3}}',
+                                      '{"files": {"../../etc/passwd": {"size": 1}}}'])
+def test_a_malformed_manifest_is_a_damaged_checkpoint_not_a_crash(tmp_path, manifest):
+    from dist_finetune.checkpoint import verify
+
+    (tmp_path / "a.pt").write_bytes(b"x")
+    (tmp_path / "manifest.json").write_text(manifest)
+    assert verify(tmp_path) is not None
+
+
+def test_a_damaged_run_state_is_one_user_error(tmp_path):
+    from dist_finetune.runs import RunError, saved_world_size
+
+    (tmp_path / "checkpoints" / "step_1").mkdir(parents=True)
+    (tmp_path / "checkpoints" / "step_1" / "run_state.json").write_text("{not json")
+    with pytest.raises(RunError, match="run_state.json is damaged"):
+        saved_world_size(tmp_path, "step_1")
