@@ -435,9 +435,11 @@ def _launch_ids() -> dict[str, Any]:
     """Which launch this process belongs to: a restarted torchrun or requeued SLURM job keeps its id and
     counts up, so a lock from an earlier incarnation of the same launch is known to be abandoned."""
     env = os.environ
+    master = f"{env['MASTER_ADDR']}:{env['MASTER_PORT']}" if env.get("MASTER_ADDR") and env.get("MASTER_PORT") else None
     return {"torchelastic_run_id": env.get("TORCHELASTIC_RUN_ID"),
             "torchelastic_restart": int(env.get("TORCHELASTIC_RESTART_COUNT") or 0),
-            "slurm_job_id": env.get("SLURM_JOB_ID"), "slurm_restart": int(env.get("SLURM_RESTART_COUNT") or 0)}
+            "slurm_job_id": env.get("SLURM_JOB_ID"), "slurm_restart": int(env.get("SLURM_RESTART_COUNT") or 0),
+            "slurm_step_id": env.get("SLURM_STEP_ID"), "master": master}
 
 
 def _lock_record(token: str) -> dict[str, Any]:
@@ -514,11 +516,13 @@ def _in_use(folder: Path, holder: Holder, what: str) -> RunError:
 
 
 def _same_launch(holder: Holder) -> bool:
-    """The lock is held by rank 0 of the torchrun / SLURM launch this process belongs to."""
+    """The lock is held by the first rank of the launch this process belongs to (the same torchrun
+    rendezvous, torchrun run id or SLURM job step, in the same restart)."""
     theirs, mine = holder.record.get("launch") or {}, _launch_ids()
-    return any(mine[job] not in (None, "", "none") and theirs.get(job) == mine[job] and
-               theirs.get(count) == mine[count]
-               for job, count in (("torchelastic_run_id", "torchelastic_restart"), ("slurm_job_id", "slurm_restart")))
+    same = lambda *keys: all(mine[k] not in (None, "", "none") and theirs.get(k) == mine[k] for k in keys)
+    restart = theirs.get("torchelastic_restart") == mine["torchelastic_restart"]
+    return (same("master") and restart) or (same("torchelastic_run_id") and restart) or \
+        same("slurm_job_id", "slurm_step_id", "slurm_restart")
 
 
 def check_not_in_use(folder: Path, what: str = "run folder") -> None:
