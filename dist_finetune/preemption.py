@@ -42,6 +42,10 @@ class PreemptionFlag:
         if self.received is None or signum == signal.SIGINT:
             self.received = signum
 
+    def flag(self) -> float:
+        """1.0 when this rank got a signal; summed over the ranks by the trainer at its sync points."""
+        return 1.0 if self.received is not None else 0.0
+
     def agreed(self, env: DistEnv) -> bool:
         """True on every rank when any rank got a signal. Every rank calls it at the same step."""
-        return all_reduce_sum([1.0 if self.received is not None else 0.0], env)[0].item() > 0
+        return all_reduce_sum([self.flag()], env)[0].item() > 0

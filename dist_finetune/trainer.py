@@ -224,7 +224,7 @@ class Trainer:
         self.tick = now
         faults.poison_parameters(self.guard.params(), s.global_step, self.env.rank)
         if self.deferred:
-            self.sums.sums[NONFINITE] += self.guard.take_pending() + self.guard.params_nonfinite()
+            self.sums.sums[NONFINITE] += self.guard.take_pending()
         else:
             self.check_update()
         return True
@@ -234,24 +234,42 @@ class Trainer:
         save, stop. Every rank calls it at the same point; rank 0's verdict is broadcast."""
         s, cfg, step = self.state, self.cfg, self.state.global_step
         end_of_run = step >= self.total_steps
-        sync = epoch_end or end_of_run or step % cfg.train.sync_every_steps == 0
-        if sync and self.deferred:  # a bad update is never logged as good, evaluated or saved
-            self.verify(self.sums.nonfinite(self.env))
-        if step % cfg.train.log_every_steps == 0 and step != self.last_log_step:
-            self.log_line()
         every = cfg.eval.every_steps
         due = epoch_end or end_of_run or bool(every and step % every == 0)
+        periodic = bool(cfg.checkpoint.every_steps and step % cfg.checkpoint.every_steps == 0)
+        log_due = step % cfg.train.log_every_steps == 0 and step != self.last_log_step
+        sync = due or periodic or log_due or step % cfg.train.sync_every_steps == 0
+        signalled = sync and self.agree()  # a bad state is never logged, evaluated or saved
+        if log_due:
+            self.log_line()
         decision = self.evaluate_and_decide() if due and s.last_eval_step != step else CONTINUE
         s.stopped_early = s.stopped_early or decision == STOP
         finished = end_of_run or s.stopped_early
-        s.preempted = not finished and sync and self.signals.agreed(self.env)  # agreed: a collective
-        periodic = bool(cfg.checkpoint.every_steps and step % cfg.checkpoint.every_steps == 0)
+        s.preempted = signalled and not finished
         if decision == NEW_BEST or (self.last_saved_step != step and
                                     (periodic or epoch_end or finished or s.preempted)):
             self.save(is_best=decision == NEW_BEST)
         self.done = finished or s.preempted
 
     # ------------------------------------------------------------ set-up
+
+    def agree(self) -> bool:
+        """One all-reduce at a sync point: did any rank get a signal, and is every number finite (the
+        parameters; under deferred checks also the losses and gradients since the last check)?"""
+        bad = self.guard.params_nonfinite()
+        if self.deferred:
+            bad = bad + self.sums.sums[NONFINITE]
+        flags = torch.stack([torch.tensor(self.signals.flag(), dtype=torch.float64, device=bad.device), bad])
+        signalled, nonfinite = all_reduce_sum(flags, self.env).tolist()
+        if self.deferred:
+            self.verify(nonfinite)
+        elif nonfinite > 0:  # an applied update cannot be dropped: stop
+            self.reporter.event("nonfinite", step=self.state.global_step, epoch=self.state.epoch,
+                                what="parameters", action="stop")
+            raise NonFiniteError(
+                f"the parameters became non-finite at step {self.state.global_step} (the update overflowed); last "
+                f"good state: {self.last_good()}. Lower train.lr (now {self.cfg.train.lr:g}) or check the data")
+        return signalled > 0
 
     def setup(self) -> None:
         cfg, env = self.cfg, self.env
@@ -480,13 +498,9 @@ class Trainer:
             f"non-finite micro-batches in this run); last good state: {self.last_good()}. {self.fix_advice()}")
 
     def check_update(self) -> None:
-        """After an optimizer step: the guard's verdict on its gradients and the updated parameters."""
+        """After an optimizer step: the guard's verdict on its gradients (the parameters are checked at the
+        next sync point, before anything is logged, evaluated or saved)."""
         s, guard = self.state, self.guard
-        if guard.params_nonfinite_on_any_rank():  # an applied update cannot be dropped: stop
-            self.reporter.event("nonfinite", step=s.global_step, epoch=s.epoch, what="parameters", action="stop")
-            raise NonFiniteError(
-                f"the parameters became non-finite at step {s.global_step} (the update overflowed); last good "
-                f"state: {self.last_good()}. Lower train.lr (now {self.cfg.train.lr:g}) or check the data")
         if guard.skipped == self.guard_skipped:  # (windows dropped for a non-finite loss are counted already)
             return
         s.nonfinite_skipped += guard.skipped - self.guard_skipped

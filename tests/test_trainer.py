@@ -7,7 +7,10 @@ from pathlib import Path
 
 import pytest
 
+import torch
+
 from dist_finetune.config import load_config
+from dist_finetune.nonfinite import StepGuard
 from dist_finetune.report import Reporter
 from dist_finetune.step import RunningSums
 from dist_finetune.trainer import CONTINUE, NEW_BEST, STOP, EarlyStopper, Trainer, TrainState
@@ -33,6 +36,7 @@ class Recorder:
         t.state, t.total_steps, t.deferred, t.done = TrainState(), total_steps, False, False
         t.sums, t.last_log_step, t.last_saved_step = RunningSums(env.device), -1, -1
         t.reporter = Reporter(Path("/nonexistent"), enabled=False)
+        t.guard = StepGuard(torch.optim.SGD([torch.nn.Parameter(torch.zeros(2))], lr=0.1), env, True)
         self.trainer, self.verdicts = t, verdicts
         self.saves: list[tuple[int, bool]] = []
         self.evals: list[int] = []
@@ -178,3 +182,16 @@ def test_a_damaged_run_state_is_one_user_error(tmp_path):
     (tmp_path / "checkpoints" / "step_1" / "run_state.json").write_text("{not json")
     with pytest.raises(RunError, match="run_state.json is damaged"):
         saved_world_size(tmp_path, "step_1")
+
+
+def test_decide_checks_the_parameters_before_it_logs_evaluates_or_saves(dist_env):
+    from dist_finetune.nonfinite import NonFiniteError
+
+    r = Recorder(dist_env, ["checkpoint.every_steps=2", "eval.every_steps=2"], verdicts={2: NEW_BEST})
+    r.trainer.last_good = lambda: "checkpoint step_0000002"
+    r.steps(2)
+    with torch.no_grad():
+        r.trainer.guard.params()[0][0] = float("inf")
+    with pytest.raises(NonFiniteError, match="parameters became non-finite at step 3.*step_0000002"):
+        r.steps(3)
+    assert r.saves == [(2, True)] and r.evals == [2] and r.logs == []
