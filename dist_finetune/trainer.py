@@ -238,8 +238,10 @@ class Trainer:
         due = epoch_end or end_of_run or bool(every and step % every == 0)
         periodic = bool(cfg.checkpoint.every_steps and step % cfg.checkpoint.every_steps == 0)
         log_due = step % cfg.train.log_every_steps == 0 and step != self.last_log_step
-        sync = due or periodic or log_due or step % cfg.train.sync_every_steps == 0
-        signalled = sync and self.agree()  # a bad state is never logged, evaluated or saved
+        acts = due or periodic or log_due
+        signalled = (acts or step % cfg.train.sync_every_steps == 0) and self.agree(check_params=acts)
+        if signalled and not acts:
+            self.agree(check_params=True)  # about to save for the signal: the parameters first
         if log_due:
             self.log_line()
         decision = self.evaluate_and_decide() if due and s.last_eval_step != step else CONTINUE
@@ -253,13 +255,15 @@ class Trainer:
 
     # ------------------------------------------------------------ set-up
 
-    def agree(self) -> bool:
+    def agree(self, check_params: bool) -> bool:
         """One all-reduce at a sync point: did any rank get a signal, and is every number finite (the
-        parameters; under deferred checks also the losses and gradients since the last check)?"""
-        bad = self.guard.params_nonfinite()
+        parameters when something is about to be logged, evaluated or saved; under deferred checks also the
+        losses and gradients since the last check)?"""
+        zero = torch.zeros((), dtype=torch.float64, device=self.env.device)
+        bad = self.guard.params_nonfinite() if check_params else zero
         if self.deferred:
             bad = bad + self.sums.sums[NONFINITE]
-        flags = torch.stack([torch.tensor(self.signals.flag(), dtype=torch.float64, device=bad.device), bad])
+        flags = torch.stack([zero + self.signals.flag(), bad])
         signalled, nonfinite = all_reduce_sum(flags, self.env).tolist()
         if self.deferred:
             self.verify(nonfinite)

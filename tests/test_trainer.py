@@ -192,6 +192,7 @@ def test_decide_checks_the_parameters_before_it_logs_evaluates_or_saves(dist_env
     r.steps(2)
     with torch.no_grad():
         r.trainer.guard.params()[0][0] = float("inf")
-    with pytest.raises(NonFiniteError, match="parameters became non-finite at step 3.*step_0000002"):
-        r.steps(3)
+    r.steps(3)  # nothing is logged, evaluated or saved at step 3: no check needed yet
+    with pytest.raises(NonFiniteError, match="parameters became non-finite at step 4.*step_0000002"):
+        r.steps(4)
     assert r.saves == [(2, True)] and r.evals == [2] and r.logs == []
