@@ -12,7 +12,6 @@ import signal
 import sys
 from types import FrameType
 
-from .distributed import DistEnv, all_reduce_sum
 
 SIGNALS = (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT)
 
@@ -43,9 +42,6 @@ class PreemptionFlag:
             self.received = signum
 
     def flag(self) -> float:
-        """1.0 when this rank got a signal; summed over the ranks by the trainer at its sync points."""
+        """1.0 when this rank got a signal; the trainer sums it over the ranks at its sync points, so
+        every rank agrees at the same step."""
         return 1.0 if self.received is not None else 0.0
-
-    def agreed(self, env: DistEnv) -> bool:
-        """True on every rank when any rank got a signal. Every rank calls it at the same step."""
-        return all_reduce_sum([self.flag()], env)[0].item() > 0
