@@ -137,9 +137,12 @@ def latest_weights(run_dir: Path) -> dict:
     return consolidated_state_dict(run_dir, read_pointer(run_dir, "latest"))
 
 
-def assert_same_weights(a: dict, b: dict, atol: float = 0.0) -> None:
+def assert_same_weights(a: dict, b: dict, atol: float = 0.0, fp32: bool = False) -> None:
+    """The same tensor names, equal to `atol` (0: bit for bit); `fp32`: every tensor of `a` is float32."""
     import torch
 
     assert a.keys() == b.keys()
     for name in a:
+        if fp32:
+            assert a[name].dtype == torch.float32, name
         torch.testing.assert_close(a[name], b[name], atol=atol, rtol=0, msg=lambda m: f"{name}: {m}")

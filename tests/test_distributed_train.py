@@ -16,16 +16,6 @@ pytestmark = pytest.mark.slow
 FOUR_STEPS = ["train.max_steps=4", "early_stopping.enabled=false", "checkpoint.export=false"]
 
 
-def weights_at_latest(run: runner.Run) -> dict[str, torch.Tensor]:
-    return consolidated_state_dict(run.dir, read_pointer(run.dir, "latest"))
-
-
-def assert_same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], atol: float) -> None:
-    assert a.keys() == b.keys()
-    for name in a:
-        torch.testing.assert_close(a[name], b[name], atol=atol, rtol=0, msg=lambda m: f"{name}: {m}")
-
-
 def step_losses(run: runner.Run) -> list[float]:
     return [e["train_loss"] for e in run.events("train")]
 
@@ -93,7 +83,7 @@ def test_data_parallel_and_accumulation_are_equivalent(tmp_path):
     assert len(reference) == 4
     for run in (ranks, accum):
         assert step_losses(run) == pytest.approx(reference, rel=1e-5, abs=1e-6)
-        assert_same_weights(weights_at_latest(run), weights_at_latest(single), atol=1e-5)
+        runner.assert_same_weights(runner.latest_weights(run.dir), runner.latest_weights(single.dir), atol=1e-5)
 
 
 @pytest.mark.parametrize("stage", [1, 2, 3])
@@ -104,7 +94,7 @@ def test_zero_stages_give_the_same_weights(tmp_path, stage):
     assert zero0.ok, zero0.output()
     assert other.ok, other.output()
     assert step_losses(other) == pytest.approx(step_losses(zero0), rel=1e-5, abs=1e-6)
-    assert_same_weights(weights_at_latest(other), weights_at_latest(zero0), atol=1e-5)
+    runner.assert_same_weights(runner.latest_weights(other.dir), runner.latest_weights(zero0.dir), atol=1e-5)
 
 
 def test_killed_run_resumes_to_the_same_result(tmp_path):
@@ -129,7 +119,7 @@ def test_killed_run_resumes_to_the_same_result(tmp_path):
     resumed = runner.train(tmp_path, "killed", overrides=[*steps, "resume=auto"])
     assert resumed.ok, resumed.output()
     assert f"resumed from step_{killed_at:07d}" in resumed.proc.stdout
-    assert_same_weights(weights_at_latest(resumed), weights_at_latest(full), atol=0)
+    runner.assert_same_weights(runner.latest_weights(resumed.dir), runner.latest_weights(full.dir))
     a, b = full.summary(), resumed.summary()
     for key in ("train", "val", "test", "best_step", "global_step", "stopped_early"):
         assert a[key] == b[key], key
@@ -173,7 +163,7 @@ def test_bf16_export_holds_the_fp32_master_weights(tmp_path, stage):
     exported = {k: v for k, v in model.state_dict().items()}
     best = consolidated_state_dict(run.dir, read_pointer(run.dir, "best"))
     assert all(v.dtype == torch.float32 for v in exported.values())
-    assert_same_weights(exported, best, atol=0)
+    runner.assert_same_weights(exported, best)
     trained = exported["backbone.blocks.1.mlp.fc.weight"]
     # fp32 masters: not every value is representable in bf16 after a few AdamW steps
     assert not torch.equal(trained, trained.bfloat16().float())

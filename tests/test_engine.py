@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -12,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dist_finetune.config import Config, ConfigError, load_config
-from dist_finetune.distributed import DistEnv, init_distributed, shutdown
+from dist_finetune.distributed import DistEnv
 from dist_finetune.engine import (
     OWNED_KEYS,
     BatchPlan,

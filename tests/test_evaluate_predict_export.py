@@ -10,7 +10,6 @@ import subprocess
 import sys
 import pandas as pd
 import pytest
-import torch
 
 import runner
 from dist_finetune import evaluate, export, predict
@@ -212,7 +211,7 @@ def test_export_command_equals_the_runs_own_export(trained, tmp_path):
     mine, labels = load_export(tmp_path / "again")
     own, own_labels = load_export(trained.dir / "export")
     assert labels == own_labels == ["ham", "spam"]
-    assert_same_weights(mine.state_dict(), own.state_dict(), atol=0)
+    runner.assert_same_weights(mine.state_dict(), own.state_dict(), fp32=True)
     config = json.loads((tmp_path / "again" / "model_config.json").read_text())
     assert config == json.loads((trained.dir / "export" / "model_config.json").read_text())
     assert (config["tokenizer"], config["pad_id"], config["max_length"]) == ("gpt2", 50256, 64)
@@ -241,13 +240,6 @@ def test_evaluate_replaces_its_own_report_only_with_overwrite(trained, evaluated
     assert sorted(p.name for p in report.parent.iterdir()) == ["confusion_test.png", "test.json"]
 
 
-def assert_same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], atol: float) -> None:
-    assert a.keys() == b.keys()
-    for name in a:
-        assert a[name].dtype == torch.float32
-        torch.testing.assert_close(a[name], b[name], atol=atol, rtol=0, msg=lambda m: f"{name}: {m}")
-
-
 @pytest.mark.slow
 def test_export_from_zero2_and_zero3_checkpoints_of_two_ranks(tmp_path):
     common = ["train.max_steps=4", "train.micro_batch_size=4", "model.trainable=last_block",
@@ -259,8 +251,8 @@ def test_export_from_zero2_and_zero3_checkpoints_of_two_ranks(tmp_path):
         folder = run.dir / "checkpoints" / read_pointer(run.dir, "best")
         ok(cli("export", "--run", run.dir, "--checkpoint", folder, "--out", tmp_path / f"export{stage}"))
         exported[stage] = load_export(tmp_path / f"export{stage}")[0].state_dict()
-        assert_same_weights(exported[stage], load_export(run.dir / "export")[0].state_dict(), atol=0)
-    assert_same_weights(exported[2], exported[3], atol=1e-5)
+        runner.assert_same_weights(exported[stage], load_export(run.dir / "export")[0].state_dict(), fp32=True)
+    runner.assert_same_weights(exported[2], exported[3], atol=1e-5, fp32=True)
 
 
 # ---------------------------------------------------------------- class imbalance

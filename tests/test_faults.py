@@ -118,17 +118,6 @@ SHORT = ["train.max_steps=20", "eval.every_steps=5", "checkpoint.every_steps=5",
          "early_stopping.patience=100"]
 
 
-def latest_weights(run_dir: Path) -> dict[str, torch.Tensor]:
-    return checkpoint.consolidated_state_dict(run_dir, checkpoint.read_pointer(run_dir, "latest"))
-
-
-def assert_same_weights(a: Path, b: Path) -> None:
-    wa, wb = latest_weights(a), latest_weights(b)
-    assert wa.keys() == wb.keys()
-    for name in wa:
-        torch.testing.assert_close(wa[name], wb[name], atol=0, rtol=0, msg=lambda m: f"{name}: {m}")
-
-
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory) -> runner.Run:
     run = runner.train(tmp_path_factory.mktemp("ref"), "run", nproc=2, overrides=[*SHORT, "resume=auto"])
@@ -163,7 +152,7 @@ def test_killed_rank_restarts_resumes_and_matches(tmp_path, reference):
         runner.kill_tree(proc.pid)
     assert proc.returncode == 0, out[-4000:]
     assert "resumed from step_" in out
-    assert_same_weights(run_dir, reference.dir)
+    runner.assert_same_weights(runner.latest_weights(run_dir), runner.latest_weights(reference.dir))
     assert runner.Run(run_dir, None).summary()["test"] == reference.summary()["test"]
 
 

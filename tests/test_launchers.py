@@ -12,24 +12,12 @@ from pathlib import Path
 
 import psutil
 import pytest
-import torch
 
 import runner
-from dist_finetune.checkpoint import consolidated_state_dict, read_pointer
+from dist_finetune.checkpoint import read_pointer
 
 pytestmark = pytest.mark.slow
 LONG = ["train.max_steps=40", "eval.every_steps=10", "early_stopping.patience=100"]
-
-
-def weights(run_dir: Path) -> dict[str, torch.Tensor]:
-    return consolidated_state_dict(run_dir, read_pointer(run_dir, "latest"))
-
-
-def assert_same_weights(a: Path, b: Path) -> None:
-    wa, wb = weights(a), weights(b)
-    assert wa.keys() == wb.keys()
-    for name in wa:
-        torch.testing.assert_close(wa[name], wb[name], atol=0, rtol=0, msg=lambda m: f"{name}: {m}")
 
 
 def kill_tree(proc: subprocess.Popen) -> None:
@@ -122,7 +110,7 @@ def test_sigusr1_to_a_torchrun_job_saves_and_rerun_resumes(tmp_path, reference):
     rerun = runner.run_to_end([*cmd, "resume=auto"], env, timeout=300)
     assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
     assert f"resumed from step_{step:07d}" in rerun.stdout
-    assert_same_weights(run_dir, reference.dir)
+    runner.assert_same_weights(runner.latest_weights(run_dir), runner.latest_weights(reference.dir))
     assert runner.Run(run_dir, None).summary()["test"] == reference.summary()["test"]
 
 
@@ -237,5 +225,5 @@ def test_sbatch_job_preempted_requeues_resumes_and_matches(slurm, tmp_path, refe
     assert 8 <= preempted_at < 40
     summary = runner.Run(run_dir, None).summary()
     assert summary["global_step"] == 40 and summary["world_size"] == 2
-    assert_same_weights(run_dir, reference.dir)
+    runner.assert_same_weights(runner.latest_weights(run_dir), runner.latest_weights(reference.dir))
     assert summary["test"] == reference.summary()["test"]

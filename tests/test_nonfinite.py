@@ -6,7 +6,6 @@ from __future__ import annotations
 import resource
 import signal
 import subprocess
-import sys
 import time
 
 import pytest

@@ -11,7 +11,7 @@ from torch import nn
 
 from dist_finetune.config import Config, LoraConfig, load_config
 from dist_finetune.engine import BatchPlan, deepspeed_config, make_optimizer, param_group_names, param_groups
-from dist_finetune.lora import LoRALinear, apply_lora
+from dist_finetune.lora import LoRALinear
 from dist_finetune.model import GPTClassifier, GPTConfig, build_model, set_trainable
 
 REPO = Path(__file__).resolve().parents[1]
