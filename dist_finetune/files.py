@@ -107,5 +107,5 @@ def building_dir(target: Path) -> Iterator[Path]:
         yield new
         replace_dir(new, target)
     except BaseException:
-        shutil.rmtree(new, ignore_errors=True)
+        shutil.rmtree(new, ignore_errors=True)  # the fresh folder made above, never put in place
         raise
