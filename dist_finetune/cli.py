@@ -7,13 +7,17 @@ device choice of the single-process commands, and the `dist-finetune` dispatcher
 from __future__ import annotations
 
 import importlib
+import json
 import os
 import sys
+import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 
 from .errors import UserError
+from .files import atomic_write_text
 
 COMMANDS = {
     "train": "finetune a classifier (a YAML config + key=value overrides)",
@@ -45,16 +49,37 @@ def _rank_prefix() -> str:
     return ""
 
 
+def record_for_torchrun(line: str, exc: BaseException) -> None:
+    """Write `line` to the error file torchrun gave this worker (TORCHELASTIC_ERROR_FILE), in the layout
+    torch's `ErrorHandler.record_exception` writes, with our line where the traceback would be: the
+    agent's closing summary then shows it under "Root Cause", the last thing on the console."""
+    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if not path:
+        return
+    data = {"message": {"message": f"{type(exc).__name__}: {exc}",
+                        "extraInfo": {"py_callstack": line, "timestamp": str(int(time.time()))}}}
+    try:
+        atomic_write_text(Path(path), json.dumps(data))
+    except OSError as err:
+        print(f"warning: cannot write torchrun's error file {path}: {err}", file=sys.stderr, flush=True)
+
+
 def run_command(body: Callable[[], int]) -> int:
     """Run a command's body. A `UserError` (raised by every rank at the same point) becomes one
     `error: ...` line and its exit code; a failed collective (a peer died) exits 4 at once, without the
-    collectives a clean shutdown would need; anything else is a bug and keeps its traceback."""
+    collectives a clean shutdown would need; anything else is a bug and keeps its traceback. Under
+    torchrun the error line (or a bug's traceback) is also recorded as the worker's failure; a failed
+    collective is not, as it is the consequence of another rank's failure, not the cause."""
+    from torch.distributed.elastic.multiprocessing.errors import ErrorHandler
+
     from .distributed import collective_failure, shutdown
 
     try:
         code = body()
     except UserError as exc:
-        print(f"error{_rank_prefix()}: {exc}", file=sys.stderr, flush=True)
+        line = f"error{_rank_prefix()}: {exc}"
+        print(line, file=sys.stderr, flush=True)
+        record_for_torchrun(line, exc)
         code = exc.exit_code
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr, flush=True)
@@ -62,6 +87,7 @@ def run_command(body: Callable[[], int]) -> int:
     except Exception as exc:
         message = collective_failure(exc)
         if message is None:
+            ErrorHandler().record_exception(exc)
             raise
         print(f"error: {message}", file=sys.stderr, flush=True)
         os._exit(4)

@@ -1,11 +1,14 @@
 """The `dist-finetune` dispatcher and the one runner every command shares."""
 from __future__ import annotations
 
+import json
+import re
 import shutil
 import subprocess
 import sys
 
 import pytest
+from torch.distributed.elastic.multiprocessing.errors import ProcessFailure
 
 import runner
 from dist_finetune import cli
@@ -55,6 +58,48 @@ def test_anything_else_keeps_its_traceback():
 
     with pytest.raises(KeyError):
         cli.run_command(body)
+
+
+def test_under_torchrun_the_error_line_is_the_workers_recorded_failure(tmp_path, monkeypatch, capsys):
+    """The error file holds our line where torch's own reader (the agent's ProcessFailure) looks for
+    the traceback; a bug records its traceback there through torch's ErrorHandler."""
+    error_file = tmp_path / "error.json"
+    monkeypatch.setenv("TORCHELASTIC_ERROR_FILE", str(error_file))
+
+    def user_error() -> int:
+        raise UserError("data.csv, row 4: the label is empty; fill it in")
+
+    assert cli.run_command(user_error) == 2
+    line = "error: data.csv, row 4: the label is empty; fill it in"
+    assert capsys.readouterr().err == line + "\n"
+    failure = ProcessFailure(local_rank=0, pid=1, exitcode=2, error_file=str(error_file))
+    assert failure.message["extraInfo"]["py_callstack"] == line and failure.timestamp > 0
+
+    def bug() -> int:
+        raise KeyError("a bug")
+
+    with pytest.raises(KeyError):
+        cli.run_command(bug)
+    recorded = json.loads(error_file.read_text())["message"]
+    assert "Traceback" in recorded["extraInfo"]["py_callstack"] and "KeyError" in recorded["message"]
+
+
+@pytest.mark.slow
+def test_torchrun_shows_a_ranks_user_error_as_the_root_cause_at_the_end(tmp_path):
+    config = runner.write_config(tmp_path / "c.yaml", {
+        **runner.TINY, "data": {**runner.TINY["data"], "train_file": str(tmp_path / "missing.csv"),
+                                "val_file": str(tmp_path / "missing.csv"), "test_file": str(tmp_path / "missing.csv")}})
+    proc = runner.run_to_end(runner.command(2, config, [f"output_dir={tmp_path / 'run'}"]), runner.child_env(),
+                             timeout=300)
+    console = proc.stdout + proc.stderr
+    assert proc.returncode != 0, console
+    message = f"{tmp_path / 'missing.csv'}: file not found (set by data.train_file)"
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert any(message in ln for ln in lines[-3:]), "\n".join(lines[-15:])
+    root_cause = proc.stderr.split("Root Cause")[-1]
+    assert "exitcode  : 2" in root_cause and re.search(r"traceback : error \(rank [01]\): " + re.escape(message),
+                                                       root_cause), root_cause
+    assert "To enable traceback" not in proc.stderr, proc.stderr[-3000:]
 
 
 def test_device_choice():
