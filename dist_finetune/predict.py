@@ -1,7 +1,8 @@
-"""`python -m dist_finetune.predict --model RUN_DIR/export "some text" ...` or `--input FILE --output FILE`
+"""`python -m dist_finetune.predict --model RUN_DIR "some text" ...`, `--input FILE --output FILE`, or
+texts on standard input, one per line.
 
-Predicted label and class probabilities per text, from an exported model alone (no DeepSpeed, no run
-config): texts are tokenized, truncated to the export's max_length and padded as in training.
+The command line of `classifier.Classifier`: predicted label and class probabilities per text, from an
+exported model alone (no DeepSpeed, no run config).
 """
 from __future__ import annotations
 
@@ -9,72 +10,79 @@ import argparse
 import json
 import os
 import sys
-from dataclasses import dataclass
 from pathlib import Path
+from typing import TextIO
 
 import pandas as pd
-import torch
 
-from .cli import pick_device, run_command
+from .classifier import Classifier, Prediction
+from .cli import run_command
 from .distributed import leave
 from . import files
-from .data import FORMATS, DataError, make_collate, read_texts
-from .tokenizer import encode_batch
-from .weights import ExportInfo, load_export, read_export_info
+from .data import FORMATS, DataError, read_texts
 
 PREDICTED = "predicted_label"
+STDIN = "-"
 
+DESCRIPTION = "Predict the label of each text with a finetuned model, with the probability of every class."
+EPILOG = """examples:
+  python -m dist_finetune.predict --model runs/quickstart "WINNER! Claim your prize" "see you at 8"
+  python -m dist_finetune.predict --model runs/quickstart --input texts.csv --output predictions.csv
+  cat texts.txt | python -m dist_finetune.predict --model runs/quickstart --json
 
-@dataclass(frozen=True)
-class Predictions:
-    labels: list  # the predicted label of each text
-    probabilities: list[list[float]]  # per text, one probability per class in `classes` order
-    classes: list
-    truncated: int  # texts longer than max_length (cut to their first max_length tokens)
-
-
-def predict(model: torch.nn.Module, info: ExportInfo, texts: list[str], batch_size: int = 32,
-            device: torch.device = torch.device("cpu")) -> Predictions:
-    tokens = encode_batch(texts)
-    for row, ids in enumerate(tokens, 1):
-        if not ids:
-            raise DataError(f"text {row}: it is empty (zero tokens); give a non-empty text")
-    truncated = sum(len(ids) > info.max_length for ids in tokens)
-    collate = make_collate(info.padding, info.max_length, info.pad_id)
-    if info.padding == "none":  # trained without padding: predict one text at a time
-        batch_size = 1
-    model = model.to(device).eval()
-    probabilities: list[list[float]] = []
-    with torch.no_grad():
-        for start in range(0, len(tokens), batch_size):
-            batch = collate([(ids[: info.max_length], 0) for ids in tokens[start:start + batch_size]])
-            logits = model(batch["input_ids"].to(device), batch["lengths"].to(device)).float()
-            probabilities += torch.softmax(logits, dim=-1).cpu().tolist()
-    predicted = [info.labels[max(range(len(p)), key=p.__getitem__)] for p in probabilities]
-    return Predictions(predicted, probabilities, list(info.labels), truncated)
+Each text prints one line: the predicted label, then label=probability for every class.
+Texts longer than the model's max_length keep their first max_length tokens, as in training.
+"""
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m dist_finetune.predict", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m dist_finetune.predict", description=DESCRIPTION, epilog=EPILOG,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", required=True, type=Path, help="an export folder (RUN_DIR/export)")
-    p.add_argument("texts", nargs="*", help="texts to classify (one line of output each)")
-    p.add_argument("--input", type=Path, help="a CSV / TSV / JSONL file of texts")
-    p.add_argument("--text-column", default="text", help="--input's text column (default: text)")
-    p.add_argument("--output", type=Path, help="where to write --input with predicted_label and prob_<label> added")
+    p.add_argument("--model", required=True, type=Path,
+                   help="a run folder (its export/ folder is used) or an export folder")
+    p.add_argument("texts", nargs="*", metavar="TEXT",
+                   help="texts to classify; none, or -, reads them from standard input, one per line "
+                        "(empty lines skipped)")
+    p.add_argument("--input", type=Path, metavar="FILE",
+                   help="a CSV / TSV / JSONL file of texts, instead of TEXT arguments")
+    p.add_argument("--text-column", default="text", metavar="NAME",
+                   help="the column of --input that holds the texts (default: text)")
+    p.add_argument("--output", type=Path, metavar="FILE",
+                   help="write --input with predicted_label and prob_<label> columns added (CSV / TSV / JSONL, "
+                        "by extension) instead of printing; default: print")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --output file")
-    p.add_argument("--json", action="store_true", help="one JSON object per text instead of a text line")
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--json", action="store_true",
+                   help="print one JSON object per text (text, predicted_label, probabilities)")
+    p.add_argument("--batch-size", type=int, default=32, metavar="N",
+                   help="texts per forward pass; larger is faster and uses more memory (default: 32)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
-                   help="auto (default): CUDA when available, else CPU")
+                   help="where the model runs: auto uses CUDA when available, else CPU (default: auto)")
     args = p.parse_args(argv)
-    if bool(args.texts) == bool(args.input):
-        p.error("give texts as arguments or --input FILE (exactly one of the two)")
+    if args.texts and args.input:
+        p.error("give texts as arguments or --input FILE, not both")
+    if STDIN in args.texts and len(args.texts) > 1:
+        p.error("- reads the texts from standard input: give it alone, without other texts")
     if args.output is not None and args.input is None:
         p.error("--output needs --input")
     if args.batch_size < 1:
         p.error(f"--batch-size must be >= 1, got {args.batch_size}")
     return args
+
+
+def read_stdin(stream: TextIO) -> list[str]:
+    """One text per line, in order; empty (or blank) lines are skipped and counted on stderr."""
+    if stream.isatty():
+        print("reading texts from standard input, one per line (end with Ctrl-D)", file=sys.stderr, flush=True)
+    lines = [line.rstrip("\r") for line in stream.read().split("\n")]
+    if lines and lines[-1] == "":
+        lines.pop()  # the newline that ends the last line
+    texts = [line for line in lines if line.strip()]
+    if not texts:
+        raise DataError("standard input held no text: give one text per line, or texts as arguments, or "
+                        "--input FILE")
+    if len(texts) < len(lines):
+        print(f"note: skipped {len(lines) - len(texts)} empty or blank line(s) of standard input", file=sys.stderr)
+    return texts
 
 
 def _same_file(a: Path, b: Path) -> bool:
@@ -104,12 +112,12 @@ def _check_output(path: Path, source: Path, overwrite: bool) -> str:
     return fmt
 
 
-def with_predictions(frame: pd.DataFrame, result: Predictions) -> pd.DataFrame:
+def with_predictions(frame: pd.DataFrame, predictions: list[Prediction], labels: list) -> pd.DataFrame:
     """The input columns, then predicted_label and prob_<label> (replacing columns of those names)."""
     out = frame.copy()
-    out[PREDICTED] = result.labels
-    for i, label in enumerate(result.classes):
-        out[f"prob_{label}"] = [p[i] for p in result.probabilities]
+    out[PREDICTED] = [p.label for p in predictions]
+    for label in labels:
+        out[f"prob_{label}"] = [p.probabilities[label] for p in predictions]
     return out
 
 
@@ -122,8 +130,9 @@ def write_table(frame: pd.DataFrame, path: Path, fmt: str) -> None:
             frame.to_csv(tmp, sep="," if fmt == "csv" else "\t", index=False)
 
 
-def line(text: str, label, probabilities: list[float], classes: list, as_json: bool) -> str:
-    probs = {str(c): p for c, p in zip(classes, probabilities)}
+def line(text: str, prediction: Prediction, as_json: bool) -> str:
+    probs = {str(c): p for c, p in prediction.probabilities.items()}
+    label = prediction.label
     if as_json:
         return json.dumps({"text": text, PREDICTED: label, "probabilities": probs}, ensure_ascii=False)
     shown = " ".join(text.split())
@@ -138,21 +147,25 @@ def main(argv: list[str] | None = None) -> int:
 
 def run(args: argparse.Namespace) -> int:
     fmt = _check_output(args.output, args.input, args.overwrite) if args.output is not None else None
-    info = read_export_info(args.model)
-    model, _ = load_export(args.model)
-    frame, texts = read_texts(args.input, args.text_column) if args.input else (None, list(args.texts))
-    result = predict(model, info, texts, args.batch_size, pick_device(args.device))
-    if result.truncated:
-        print(f"warning: {result.truncated} of {len(texts)} text(s) are longer than the model's max_length "
-              f"({info.max_length} tokens) and were truncated to their first {info.max_length} tokens, as in "
-              "training", file=sys.stderr)
+    classifier = Classifier.load(args.model, args.device)
+    frame, texts = read_texts(args.input, args.text_column) if args.input else (None, _texts(args.texts))
+    predictions = classifier.predict(texts, args.batch_size)
+    truncated = sum(p.truncated for p in predictions)
+    if truncated:
+        n = classifier.max_length
+        print(f"warning: {truncated} of {len(texts)} text(s) are longer than the model's max_length ({n} tokens) "
+              f"and were truncated to their first {n} tokens, as in training", file=sys.stderr)
     if args.output is not None:
-        write_table(with_predictions(frame, result), args.output, fmt)
+        write_table(with_predictions(frame, predictions, classifier.labels), args.output, fmt)
         print(f"wrote {len(texts)} prediction(s) to {args.output}")
         return 0
-    for text, label, probs in zip(texts, result.labels, result.probabilities):
-        print(line(text, label, probs, result.classes, args.json))
+    for text, prediction in zip(texts, predictions):
+        print(line(text, prediction, args.json))
     return 0
+
+
+def _texts(given: list[str]) -> list[str]:
+    return read_stdin(sys.stdin) if given in ([], [STDIN]) else list(given)
 
 
 if __name__ == "__main__":

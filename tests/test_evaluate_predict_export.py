@@ -12,11 +12,11 @@ import pandas as pd
 import pytest
 
 import runner
-from dist_finetune import evaluate, export, predict
+from dist_finetune import Classifier, evaluate, export, predict
 from dist_finetune.checkpoint import read_pointer
 from dist_finetune.config import DataConfig
 from dist_finetune.data import load_data
-from dist_finetune.weights import load_export, read_export_info
+from dist_finetune.weights import load_export
 
 PNG = b"\x89PNG\r\n\x1a\n"
 # Obvious messages of the held-out (test) split of the bundled collection, by their first words.
@@ -197,10 +197,9 @@ def test_predict_round_trips_a_csv_with_quoting_commas_and_newlines(trained, tmp
     back = pd.read_csv(tmp_path / "out.csv", dtype=str, keep_default_na=False)
     assert list(back.columns) == ["id", "text", "note", "predicted_label", "prob_ham", "prob_spam"]
     assert back[["id", "text", "note"]].equals(frame)
-    model, _ = load_export(trained.dir / "export")
-    direct = predict.predict(model, read_export_info(trained.dir / "export"), frame["text"].tolist())
-    assert back["predicted_label"].tolist() == direct.labels
-    assert back["prob_spam"].astype(float).tolist() == pytest.approx([p[1] for p in direct.probabilities], abs=1e-7)
+    direct = Classifier.load(trained.dir / "export", device="cpu").predict(frame["text"].tolist())
+    assert back["predicted_label"].tolist() == [p.label for p in direct]
+    assert back["prob_spam"].astype(float).tolist() == pytest.approx([p.probabilities["spam"] for p in direct], abs=1e-7)
 
 
 # ---------------------------------------------------------------- export
@@ -320,6 +319,9 @@ def test_bad_input_is_one_line_naming_the_fix(trained, other_arch, tmp_path, cap
          ["no column 'text'", "--text-column"]),
         (predict.main, ["--model", export_dir, "--input", str(empty)], [str(empty), "empty"]),
         (predict.main, ["--model", str(tmp_path / "nomodel"), "hello"], ["not found", "export"]),
+        (predict.main, ["--model", str(other_arch.dir), "hello"],  # a run folder without its export
+         [f"{other_arch.dir} (", f"{other_arch.dir / 'export'} (not found)", "training to finish",
+          f"dist_finetune.export --run {other_arch.dir}"]),
     ]
     for main, argv, words in cases:
         rc = main(argv)

@@ -1,0 +1,115 @@
+"""Using a finetuned model from Python: `Classifier.load(folder).predict(texts)`.
+
+    from dist_finetune import Classifier
+
+    clf = Classifier.load("runs/quickstart")          # a run folder or its export folder
+    for p in clf.predict(["WINNER! Claim your prize", "see you at 8"]):
+        print(p.label, p.probabilities)              # spam {'ham': 0.01, 'spam': 0.99}
+
+Needs only the export (no DeepSpeed, no run config). Texts are tokenized with the GPT-2 BPE, truncated
+to the export's max_length (their first tokens, as in training) and padded as in training.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .cli import pick_device
+from .data import DataError, make_collate
+from .tokenizer import encode_batch
+from .weights import EXPORT_FILES, EXPORT_WEIGHTS, ExportInfo, WeightsError, load_export, read_export_info
+
+EXPORT_SUBDIR = "export"  # where training writes a run's export
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """One text's prediction."""
+
+    label: Any  # the most probable class (as in labels.json)
+    index: int  # its class id (position in `Classifier.labels`)
+    probabilities: dict[Any, float]  # label -> probability, in class id order; they sum to 1
+    truncated: bool  # the text was longer than max_length and only its first max_length tokens were used
+
+
+def find_export(path: str | Path) -> Path:
+    """`path` itself when it is an export folder, else `path/export` (a run folder's export)."""
+    path = Path(path)
+    inner = path / EXPORT_SUBDIR
+    if not path.is_dir():
+        what = "is not a folder" if path.exists() else "not found"
+        raise WeightsError(f"model folder {path} {what}: give a run folder (its export/ is used) or an export "
+                           "folder")
+    if any((path / name).exists() for name in EXPORT_FILES):
+        return path  # an export folder (checked file by file when it is read)
+    if inner.is_dir():
+        return inner
+    raise WeightsError(
+        f"no exported model in {path} ({EXPORT_WEIGHTS} not found) nor in {inner} (not found): if {path} is a "
+        "run folder, wait for its training to finish (the export is written at the end), or write the export "
+        f"with python -m dist_finetune.export --run {path} --out {inner}"
+    )
+
+
+class Classifier:
+    """An exported classifier, ready to predict: `Classifier.load(folder)`, then `.predict(texts)`."""
+
+    def __init__(self, model: torch.nn.Module, info: ExportInfo, device: torch.device):
+        self.model = model.to(device).eval()
+        self.info = info
+        self.device = device
+
+    @classmethod
+    def load(cls, path: str | Path, device: str | torch.device = "auto") -> Classifier:
+        """From an export folder or a run folder (its `export/`); device `auto` (CUDA when available),
+        `cpu`, `cuda` or a torch.device. A missing or damaged export raises a `WeightsError`."""
+        folder = find_export(path)
+        info = read_export_info(folder)  # checks the JSON files before any model is built
+        model, _ = load_export(folder)
+        device = device if isinstance(device, torch.device) else pick_device(device)
+        return cls(model, info, device)
+
+    @property
+    def labels(self) -> list:
+        """The classes, in class id order."""
+        return list(self.info.labels)
+
+    @property
+    def max_length(self) -> int:
+        """Tokens of a text the model sees; longer texts keep their first max_length tokens."""
+        return self.info.max_length
+
+    def predict(self, texts: Sequence[str], batch_size: int = 32) -> list[Prediction]:
+        """One `Prediction` per text, in the order given."""
+        if isinstance(texts, str):
+            raise TypeError("predict takes a list of texts; for one text, write predict([text])")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        tokens = encode_batch(list(texts))
+        for row, ids in enumerate(tokens, 1):
+            if not ids:
+                raise DataError(f"text {row}: it is empty (zero tokens); give a non-empty text")
+        rows = self._probabilities(tokens, batch_size)
+        return [self._prediction(p, len(ids) > self.max_length) for p, ids in zip(rows, tokens)]
+
+    def _probabilities(self, tokens: list[list[int]], batch_size: int) -> list[list[float]]:
+        info = self.info
+        collate = make_collate(info.padding, info.max_length, info.pad_id)
+        if info.padding == "none":  # trained without padding: one text at a time
+            batch_size = 1
+        rows: list[list[float]] = []
+        with torch.no_grad():
+            for start in range(0, len(tokens), batch_size):
+                batch = collate([(ids[: info.max_length], 0) for ids in tokens[start:start + batch_size]])
+                logits = self.model(batch["input_ids"].to(self.device), batch["lengths"].to(self.device)).float()
+                rows += torch.softmax(logits, dim=-1).cpu().tolist()
+        return rows
+
+    def _prediction(self, probabilities: list[float], truncated: bool) -> Prediction:
+        index = max(range(len(probabilities)), key=probabilities.__getitem__)
+        labels = self.info.labels
+        return Prediction(labels[index], index, dict(zip(labels, probabilities)), truncated)
