@@ -48,12 +48,15 @@ import gc
 import itertools
 import json
 import math
+import os
 import platform
 import re
+import subprocess
 import sys
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -94,6 +97,8 @@ class Setting:
     steps: int | None = None  # caps the matrix's timed steps (slow settings)
     warmup: int | None = None
     plain_twin: str | None = None  # a plain setting of the matrix to compare step time with
+    threads: int | None = None  # intra-op threads while it runs (None: as dist_finetune sets them)
+    busy_neighbour: bool = False  # another process keeps one core busy meanwhile
 
 
 @dataclass(frozen=True)
@@ -132,12 +137,23 @@ def tiny_matrix(with_compile: bool) -> Matrix:
     return Matrix("tiny", TINY_BASE, tuple(settings), steps=5, warmup=1)
 
 
+BUSY_ALL = "engine-8x128-busy-neighbour-all-threads"
+BUSY_SHARED = "engine-8x128-busy-neighbour-shared-threads"
+
+
 def cpu_matrix(with_compile: bool) -> Matrix:
     settings = [
         BASELINE,
         Setting("plain-fp32-8x128", seq=128, engine=False),
         Setting("engine-zero0-fp32-8x128", seq=128, plain_twin="plain-fp32-8x128"),
         Setting("engine-longest-8", padding="longest"),
+    ]
+    # Another busy process on the machine (a second rank, a data job): all cores' threads against the
+    # share dist_finetune picks for two ranks on the node (cores // 2), in the same run.
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    settings += [
+        Setting(BUSY_ALL, seq=128, threads=cores, busy_neighbour=True),
+        Setting(BUSY_SHARED, seq=128, threads=max(1, cores // 2), busy_neighbour=True),
     ]
     if with_compile:
         settings.append(Setting("engine-zero0-fp32-8x128-compiled", ("train.compile=true",), seq=128,
@@ -385,8 +401,11 @@ class Result:
     total_parameters: int
     overrides: list[str]
     plain_twin: str | None = None
+    threads: int = 1
+    busy_neighbour: bool = False
     ratio_vs_baseline: float | None = None
     ratio_step_time_vs_twin: float | None = None
+    ratio_busy_shared_vs_all_threads: float | None = None
 
 
 def describe_model(cfg: Config) -> str:
@@ -455,7 +474,25 @@ def run_setting(matrix: Matrix, setting: Setting, env: DistEnv, data: DataBundle
         total_parameters=total,
         overrides=list(setting.overrides),
         plain_twin=setting.plain_twin,
+        threads=torch.get_num_threads(),
+        busy_neighbour=setting.busy_neighbour,
     )
+
+
+@contextmanager
+def threads_and_neighbour(setting: Setting) -> Iterator[None]:
+    before = torch.get_num_threads()
+    neighbour = None
+    if setting.busy_neighbour:
+        neighbour = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    torch.set_num_threads(setting.threads or before)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+        if neighbour is not None:
+            neighbour.kill()
+            neighbour.wait()
 
 
 def error_line(exc: BaseException) -> str:
@@ -476,7 +513,8 @@ def run_matrix(matrix: Matrix, settings: list[Setting], env: DistEnv, args: argp
         warmup = min(warmup, setting.warmup) if setting.warmup is not None else warmup
         print(f"[{setting.name}] {steps} timed steps after {warmup} warm-up", file=sys.stderr, flush=True)
         try:
-            results.append(asdict(run_setting(matrix, setting, env, data, steps, warmup, peak)))
+            with threads_and_neighbour(setting):
+                results.append(asdict(run_setting(matrix, setting, env, data, steps, warmup, peak)))
         except Exception as exc:  # noqa: BLE001 - a failing setting (OOM, compile error) is a result too
             traceback.print_exc()
             results.append({"name": setting.name, "error": error_line(exc)})
@@ -495,6 +533,9 @@ def add_ratios(results: list[dict[str, Any]]) -> None:
         twin = ok.get(r["plain_twin"]) if r["plain_twin"] else None
         if twin is not None:
             r["ratio_step_time_vs_twin"] = r["step_ms"] / twin["step_ms"]
+    if BUSY_ALL in ok and BUSY_SHARED in ok:
+        ok[BUSY_SHARED]["ratio_busy_shared_vs_all_threads"] = (
+            ok[BUSY_SHARED]["samples_per_second"] / ok[BUSY_ALL]["samples_per_second"])
 
 
 # ---------------------------------------------------------------- output
@@ -522,6 +563,9 @@ def table(results: list[dict[str, Any]]) -> str:
     for r in results:
         if r.get("ratio_step_time_vs_twin") is not None:
             lines.append(f"step time {r['name']} / {r['plain_twin']}: {r['ratio_step_time_vs_twin']:.3f}x")
+        if r.get("ratio_busy_shared_vs_all_threads") is not None:
+            lines.append(f"busy neighbour: samples/s with {r['threads']} thread(s) / with all cores' threads: "
+                         f"{r['ratio_busy_shared_vs_all_threads']:.2f}x")
     return "\n".join(lines)
 
 

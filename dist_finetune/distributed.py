@@ -52,6 +52,7 @@ class Launch:
     launcher: str
     master_addr: str
     master_port: str
+    local_world_size: int = 1  # ranks on this node
 
 
 MPI_MARKERS = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK", "MV2_COMM_WORLD_SIZE")
@@ -64,7 +65,8 @@ def discover() -> Launch:
     env = os.environ
     if "RANK" in env and "WORLD_SIZE" in env:
         return Launch(int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0)), "torchrun",
-                      env.get("MASTER_ADDR", "127.0.0.1"), env.get("MASTER_PORT", "29500"))
+                      env.get("MASTER_ADDR", "127.0.0.1"), env.get("MASTER_PORT", "29500"),
+                      int(env.get("LOCAL_WORLD_SIZE", 1)))
     if any(key in env for key in MPI_MARKERS):
         return _from_mpi()
     if "SLURM_STEP_NUM_TASKS" in env and "SLURM_PROCID" in env:
@@ -87,7 +89,7 @@ def _from_mpi() -> Launch:
     local_rank, one_node = node.Get_rank(), node.Get_size() == size
     addr = os.environ.get("MASTER_ADDR") or comm.bcast(_own_address(one_node) if rank == 0 else None, root=0)
     port = os.environ.get("MASTER_PORT") or comm.bcast(str(free_port()) if rank == 0 else None, root=0)
-    return Launch(rank, size, local_rank, "mpi", addr, port)
+    return Launch(rank, size, local_rank, "mpi", addr, port, node.Get_size())
 
 
 def _own_address(one_node: bool) -> str:
@@ -99,7 +101,18 @@ def _from_slurm() -> Launch:
     addr = env.get("MASTER_ADDR") or first_slurm_host(env.get("SLURM_STEP_NODELIST") or env["SLURM_JOB_NODELIST"])
     port = env.get("MASTER_PORT") or str(20000 + int(env.get("SLURM_JOB_ID", "0")) % 20000)
     return Launch(int(env["SLURM_PROCID"]), int(env.get("SLURM_NTASKS", env["SLURM_STEP_NUM_TASKS"])),
-                  int(env.get("SLURM_LOCALID", 0)), "slurm", addr, port)
+                  int(env.get("SLURM_LOCALID", 0)), "slurm", addr, port, _slurm_tasks_on_node(env))
+
+
+def _slurm_tasks_on_node(env: os._Environ | dict[str, str]) -> int:
+    """SLURM_STEP_TASKS_PER_NODE looks like "2(x3),1": the count of the node this task runs on."""
+    counts = []
+    for part in env.get("SLURM_STEP_TASKS_PER_NODE", env.get("SLURM_TASKS_PER_NODE", "1")).split(","):
+        match = re.match(r"^(\d+)(?:\(x(\d+)\))?$", part.strip())
+        if match:
+            counts += [int(match.group(1))] * int(match.group(2) or 1)
+    node = int(env.get("SLURM_NODEID", 0))
+    return counts[node] if node < len(counts) else 1
 
 
 def first_slurm_host(nodelist: str) -> str:
@@ -128,7 +141,19 @@ def _pick_device(local_rank: int, debug: bool) -> tuple[torch.device, str]:
     if torch.cuda.is_available() and not debug:
         torch.cuda.set_device(local_rank)
         return torch.device("cuda", local_rank), "nccl"
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")  # said, not detected: DeepSpeed then warns of nothing
     return torch.device("cpu"), "gloo"
+
+
+def cpu_threads(ranks_on_node: int) -> int:
+    """Intra-op threads of one CPU rank: OMP_NUM_THREADS when set (torchrun sets 1 for several ranks
+    per node), else the cores this process may use, shared by the ranks on this node. More threads
+    than cores make every rank wait for a busy neighbour's core at each parallel region."""
+    wanted = os.environ.get("OMP_NUM_THREADS", "")
+    if wanted.isdigit() and int(wanted) > 0:
+        return int(wanted)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, cores // max(1, ranks_on_node))
 
 
 def init_distributed(timeout_seconds: float = 1800.0, debug: bool = False) -> DistEnv:
@@ -137,6 +162,8 @@ def init_distributed(timeout_seconds: float = 1800.0, debug: bool = False) -> Di
     _export(launch)
     rank, world_size, local_rank, launcher = launch.rank, launch.world_size, launch.local_rank, launch.launcher
     device, backend = _pick_device(local_rank, debug)
+    if device.type == "cpu":
+        torch.set_num_threads(cpu_threads(launch.local_world_size))
     timeout = datetime.timedelta(seconds=timeout_seconds)
     global _timeout_seconds
     _timeout_seconds = timeout_seconds

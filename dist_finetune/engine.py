@@ -213,11 +213,23 @@ def lr_multiplier(step: int, cfg: Config, total_steps: int) -> float:
     return t.min_lr_ratio + (1.0 - t.min_lr_ratio) * shape
 
 
+def skip_shm_comm_op(env: DistEnv) -> None:
+    """DeepSpeed compiles its CPU shared-memory op (~30 s on a fresh install) when it sets up
+    communication on the CPU, yet uses it only in `inference_all_reduce` (tensor-parallel inference),
+    which training never calls: mark it unavailable, so gloo's all-reduce serves every collective."""
+    if env.device.type != "cpu":
+        return
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+
+
 def build_engine(model: nn.Module, cfg: Config, env: DistEnv, plan: BatchPlan, total_steps: int):
     """deepspeed.initialize with the trainable parameters only; returns (engine, precision)."""
     import deepspeed
 
     ensure_cuda_arch_list()
+    skip_shm_comm_op(env)
     precision = resolve_precision(cfg.precision, env.device)
     ds_config = deepspeed_config(cfg, plan, precision)
     model = model.to(env.device)
