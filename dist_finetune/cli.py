@@ -20,14 +20,18 @@ from .errors import UserError
 from .files import atomic_write_text
 
 COMMANDS = {
-    "train": "finetune a classifier (a YAML config + key=value overrides)",
-    "evaluate": "metrics of a run's checkpoint on a split or a labelled file",
-    "predict": "labels for texts or a file, from an exported model",
-    "export": "a checkpoint of a run into the export format",
-    "generate": "continue a prompt with a GPT-2 language model",
-    "zeroshot": "classify by prompting a GPT-2 language model",
-    "sweep": "run a grid of settings and tabulate the results",
+    "train": "finetune a GPT-2 classifier on labelled texts (a YAML config + key=value settings)",
+    "evaluate": "measure a trained run on a split or a labelled file (accuracy, F1, confusion matrix)",
+    "predict": "label new texts (arguments, a file or standard input) with a trained model",
+    "export": "write a run's checkpoint as a standalone model folder for predict",
+    "generate": "continue a prompt with pretrained GPT-2 weights (checks that they load)",
+    "zeroshot": "classify by prompting pretrained GPT-2 without finetuning (a baseline)",
+    "sweep": "train a grid of settings one after another and compare the results in one table",
 }
+EXAMPLES = """examples:
+  dist-finetune train --config configs/quickstart.yaml
+  dist-finetune predict --model runs/quickstart "WINNER! Claim your prize" "see you at 8"
+  dist-finetune evaluate --run runs/quickstart --split val"""
 
 
 class DeviceError(UserError):
@@ -98,8 +102,10 @@ def run_command(body: Callable[[], int]) -> int:
 def usage() -> str:
     width = max(map(len, COMMANDS))
     lines = [f"  {name.ljust(width)}  {what}" for name, what in COMMANDS.items()]
-    return "usage: dist-finetune COMMAND [options]\n\ncommands:\n" + "\n".join(lines) + \
-        "\n\n`dist-finetune COMMAND --help` shows a command's options."
+    return ("usage: dist-finetune COMMAND [options]\n\nFinetune GPT-2 models as text classifiers, and use them.\n\n"
+            "commands:\n" + "\n".join(lines) + f"\n\n{EXAMPLES}\n\n"
+            "`dist-finetune COMMAND --help` shows a command's options; `dist-finetune X` is "
+            "`python -m dist_finetune.X`.")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -37,22 +37,44 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 # ---------------------------------------------------------------- the command
 
 
+EPILOG = """examples:
+  python -m dist_finetune.evaluate --run runs/quickstart
+  python -m dist_finetune.evaluate --run runs/quickstart --split val --checkpoint latest
+  python -m dist_finetune.evaluate --run runs/quickstart --data more.csv --text-column message
+  torchrun --nproc_per_node=2 -m dist_finetune.evaluate -- --run runs/quickstart
+
+Prints the metrics and writes them as JSON to RUN_DIR/eval/<split or file stem>.json, with the confusion
+matrix as confusion_<name>.png beside it. Under torchrun, put -- before the arguments (or write
+--run-dir): torchrun takes --run for its own --run-path.
+"""
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m dist_finetune.evaluate", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--run", "--run-dir", dest="run", required=True, type=Path,
-                   help="the run folder (the training output_dir)")
+    p = argparse.ArgumentParser(
+        prog="python -m dist_finetune.evaluate", epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Measure a trained run on a labelled split or file: accuracy, per-class F1, confusion matrix.")
+    p.add_argument("--run", "--run-dir", dest="run", required=True, type=Path, metavar="RUN_DIR",
+                   help="the run folder to evaluate (the training's output_dir)")
     which = p.add_mutually_exclusive_group()
-    which.add_argument("--split", choices=SPLITS, help="a split of the run's data (default: test)")
-    which.add_argument("--data", type=Path, help="a labelled CSV / TSV / JSONL file")
-    p.add_argument("--text-column", help="--data's text column (default: the run's data.text_column)")
-    p.add_argument("--label-column", help="--data's label column (default: the run's data.label_column)")
-    p.add_argument("--checkpoint", default="best", help="best (default), latest, or a RUN/checkpoints/step_* folder")
-    p.add_argument("--batch-size", type=int, help="evaluation batch size per rank (default: the run's)")
-    p.add_argument("--out", type=Path, help="the JSON to write (default: RUN/eval/<split or file stem>.json)")
+    which.add_argument("--split", choices=SPLITS,
+                       help="a split of the run's own data, as training split it (default: test)")
+    which.add_argument("--data", type=Path, metavar="FILE",
+                       help="a labelled CSV / TSV / JSONL file instead of a split; its labels must be the run's")
+    p.add_argument("--text-column", metavar="NAME",
+                   help="the column of --data that holds the texts (default: the run's data.text_column)")
+    p.add_argument("--label-column", metavar="NAME",
+                   help="the column of --data that holds the labels (default: the run's data.label_column)")
+    p.add_argument("--checkpoint", default="best", metavar="best|latest|PATH",
+                   help="which weights: best (the best validation score), latest, or a RUN_DIR/checkpoints/step_* "
+                        "folder (default: best)")
+    p.add_argument("--batch-size", type=int, metavar="N",
+                   help="texts per forward pass in each process (default: the run's evaluation batch size)")
+    p.add_argument("--out", type=Path, metavar="FILE",
+                   help="the JSON report to write (default: RUN_DIR/eval/<split or file stem>.json)")
     p.add_argument("--overwrite", action="store_true",
-                   help="replace an existing report (and its confusion PNG) written by this command")
-    p.add_argument("--debug", action="store_true", help="CPU + gloo even where CUDA exists")
+                   help="replace a report (and its confusion PNG) that an earlier evaluate wrote")
+    p.add_argument("--debug", action="store_true",
+                   help="run on the CPU even where a GPU is available (default: a GPU when there is one)")
     args = p.parse_args(argv)
     if args.batch_size is not None and args.batch_size < 1:
         p.error(f"--batch-size must be >= 1, got {args.batch_size}")

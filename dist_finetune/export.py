@@ -17,15 +17,28 @@ from .runs import (RunError, reading_run, load_checkpoint_model, load_run_config
 from .weights import export_leftovers
 
 
+EPILOG = """examples:
+  python -m dist_finetune.export --run runs/quickstart --out exported/
+  python -m dist_finetune.export --run runs/quickstart --checkpoint latest --out exported_latest/
+
+The export folder holds model.safetensors, model_config.json and labels.json. It is what predict and
+Classifier.load use, without DeepSpeed. Training already writes the best model to RUN_DIR/export.
+"""
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m dist_finetune.export", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--run", "--run-dir", dest="run", required=True, type=Path,
-                   help="the run folder (the training output_dir)")
-    p.add_argument("--checkpoint", default="best", help="best (default), latest, or a RUN/checkpoints/step_* folder")
-    p.add_argument("--out", required=True, type=Path, help="the export folder to write")
+    p = argparse.ArgumentParser(
+        prog="python -m dist_finetune.export", epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Write a checkpoint of a run as a standalone model folder for predict and the Python API.")
+    p.add_argument("--run", "--run-dir", dest="run", required=True, type=Path, metavar="RUN_DIR",
+                   help="the run folder (the training's output_dir)")
+    p.add_argument("--checkpoint", default="best", metavar="best|latest|PATH",
+                   help="which weights: best (the best validation score), latest, or a RUN_DIR/checkpoints/step_* "
+                        "folder (default: best)")
+    p.add_argument("--out", required=True, type=Path, metavar="DIR",
+                   help="the folder to write the export into (new or empty)")
     p.add_argument("--overwrite", action="store_true",
-                   help="replace an existing export in --out (a folder holding anything else is never replaced)")
+                   help="replace an export already in --out (a folder holding anything else is never replaced)")
     return p.parse_args(argv)
 
 

@@ -84,22 +84,39 @@ def stop_reason(prompt_tokens: int, new_tokens: int, max_new_tokens: int, contex
 # ---------------------------------------------------------------- the command
 
 
+EPILOG = """examples:
+  python -m dist_finetune.generate --weights gpt2 "Every effort moves"
+  python -m dist_finetune.generate --weights path/to/gpt2-folder --temperature 1.0 --top-k 40 --seed 1 "Hello"
+
+Use it to check that pretrained weights load correctly before finetuning: sensible English means they
+did. Prints the continuation alone on standard output; details go to standard error.
+"""
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m dist_finetune.generate", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m dist_finetune.generate", epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Continue a prompt with a pretrained GPT-2 language model.")
     p.add_argument("prompt", help='the text to continue, e.g. "Every effort moves"')
     p.add_argument("--weights", required=True,
-                   help="pretrained GPT-2 weights: a folder, a file, or a hub id such as gpt2 (local cache)")
-    p.add_argument("--download", action="store_true", help="download a hub id missing from the local cache")
-    p.add_argument("--n-head", type=int, help="attention heads, for weights with no config beside them "
-                                              "that match no GPT-2 preset")
-    p.add_argument("--max-new-tokens", type=int, default=DEFAULT_MAX_NEW_TOKENS,
-                   help=f"at most this many new tokens (default {DEFAULT_MAX_NEW_TOKENS})")
-    p.add_argument("--temperature", type=float, default=0.0, help="0 (default): greedy; > 0: sample")
-    p.add_argument("--top-k", type=int, help="sample from the K most likely tokens only (needs --temperature)")
-    p.add_argument("--seed", type=int, help="seed of the sampling (needs --temperature; default: random, printed)")
+                   help="pretrained GPT-2 weights: a folder, a file, or a Hugging Face id such as gpt2 (found in the "
+                        "local cache)")
+    p.add_argument("--download", action="store_true", help="download a Hugging Face id missing from the local cache")
+    p.add_argument("--n-head", type=int, metavar="N",
+                   help="attention heads, for weights without a config.json beside them that match no GPT-2 size "
+                        "(default: from the config or the GPT-2 size)")
+    p.add_argument("--max-new-tokens", type=int, default=DEFAULT_MAX_NEW_TOKENS, metavar="N",
+                   help="stop after this many new tokens; it also stops at <|endoftext|> or the model's context "
+                        f"(default: {DEFAULT_MAX_NEW_TOKENS})")
+    p.add_argument("--temperature", type=float, default=0.0, metavar="T",
+                   help="0 picks the most likely token each time (deterministic); above 0 samples, more varied as T "
+                        "grows (default: 0)")
+    p.add_argument("--top-k", type=int, metavar="K",
+                   help="sample from the K most likely tokens only; needs --temperature (default: all tokens)")
+    p.add_argument("--seed", type=int,
+                   help="seed of the sampling, to repeat a result; needs --temperature (default: random, printed)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
-                   help="auto (default): CUDA when available, else CPU")
+                   help="where the model runs: auto uses CUDA when available, else CPU (default: auto)")
     return p.parse_args(argv)
 
 

@@ -38,7 +38,7 @@ Texts longer than the model's max_length keep their first max_length tokens, as 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m dist_finetune.predict", description=DESCRIPTION, epilog=EPILOG,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", required=True, type=Path,
+    p.add_argument("--model", required=True, type=Path, metavar="DIR",
                    help="a run folder (its export/ folder is used) or an export folder")
     p.add_argument("texts", nargs="*", metavar="TEXT",
                    help="texts to classify; none, or -, reads them from standard input, one per line "
@@ -49,7 +49,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="the column of --input that holds the texts (default: text)")
     p.add_argument("--output", type=Path, metavar="FILE",
                    help="write --input with predicted_label and prob_<label> columns added (CSV / TSV / JSONL, "
-                        "by extension) instead of printing; default: print")
+                        "by extension) instead of printing (default: print to the terminal)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --output file")
     p.add_argument("--json", action="store_true",
                    help="print one JSON object per text (text, predicted_label, probabilities)")

@@ -207,27 +207,46 @@ def label_ids(examples: Examples, label_map: LabelMap, answers_given: bool) -> t
 # ---------------------------------------------------------------- the command
 
 
+EPILOG = """examples:
+  python -m dist_finetune.zeroshot --weights gpt2
+  python -m dist_finetune.zeroshot --weights gpt2 --data reviews.csv --template "Review: {text} Positive?" \\
+      --answers pos=" yes" neg=" no"
+
+Each text goes into the prompt; the label whose answer word the model finds most likely next is the
+prediction. Prints the metrics of evaluate and writes them as JSON (see --out).
+"""
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m dist_finetune.zeroshot", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m dist_finetune.zeroshot", epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Classify by prompting a pretrained GPT-2, without finetuning: the baseline to beat.")
     p.add_argument("--weights", required=True,
-                   help="pretrained GPT-2 weights: a folder, a file, or a hub id such as gpt2 (local cache)")
-    p.add_argument("--download", action="store_true", help="download a hub id missing from the local cache")
-    p.add_argument("--n-head", type=int, help="attention heads, for weights with no config beside them "
-                                              "that match no GPT-2 preset")
+                   help="pretrained GPT-2 weights: a folder, a file, or a Hugging Face id such as gpt2 (found in the "
+                        "local cache)")
+    p.add_argument("--download", action="store_true", help="download a Hugging Face id missing from the local cache")
+    p.add_argument("--n-head", type=int, metavar="N",
+                   help="attention heads, for weights without a config.json beside them that match no GPT-2 size "
+                        "(default: from the config or the GPT-2 size)")
     which = p.add_mutually_exclusive_group()
     which.add_argument("--split", choices=SPLITS, help="a split of the bundled SMS Spam Collection (default: test)")
-    which.add_argument("--data", type=Path, help="a labelled CSV / TSV / JSONL file")
-    p.add_argument("--text-column", default="text", help="--data's text column (default: text)")
-    p.add_argument("--label-column", default="label", help="--data's label column (default: label)")
+    which.add_argument("--data", type=Path, metavar="FILE",
+                       help="a labelled CSV / TSV / JSONL file instead of the bundled data")
+    p.add_argument("--text-column", default="text", metavar="NAME",
+                   help="the column of --data that holds the texts (default: text)")
+    p.add_argument("--label-column", default="label", metavar="NAME",
+                   help="the column of --data that holds the labels (default: label)")
     p.add_argument("--template", default=DEFAULT_TEMPLATE,
                    help=f"the prompt, with {TEXT} where the text goes (default: {DEFAULT_TEMPLATE!r})")
     p.add_argument("--answers", nargs="+", metavar="LABEL=WORD",
-                   help="the answer token of each label (default: ham=' no' spam=' yes')")
-    p.add_argument("--batch-size", type=int, default=16, help="prompts per forward pass (default 16)")
+                   help="the answer word of each label, one GPT-2 token each, usually with a leading space "
+                        "(default: ham=' no' spam=' yes')")
+    p.add_argument("--batch-size", type=int, default=16, metavar="N",
+                   help="prompts per forward pass; larger is faster and uses more memory (default: 16)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
-                   help="auto (default): CUDA when available, else CPU")
-    p.add_argument("--out", type=Path, help="the JSON to write (default: ./zeroshot_<split or file stem>.json)")
+                   help="where the model runs: auto uses CUDA when available, else CPU (default: auto)")
+    p.add_argument("--out", type=Path, metavar="FILE",
+                   help="the JSON report to write (default: ./zeroshot_<split or file stem>.json)")
     args = p.parse_args(argv)
     if args.data is None:
         args.split = args.split or "test"
