@@ -7,6 +7,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import logging
 import os
 import math
 import resource
@@ -18,7 +19,7 @@ from typing import Any
 
 import torch
 
-from . import files
+from . import files, logs
 from .runs import RunError
 
 HISTORY_FIELDS = (
@@ -85,6 +86,7 @@ class Reporter:
     total_steps: int = 0
     history: list[dict[str, Any]] = field(default_factory=list)
     _bar: Any = None
+    _use_bar: bool = False
     _tb: Any = None
     _last_line: float = 0.0
 
@@ -92,11 +94,7 @@ class Reporter:
         if not self.enabled:
             return
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        use_bar = self.progress == "on" or (self.progress == "auto" and sys.stderr.isatty())
-        if use_bar:
-            from tqdm import tqdm
-
-            self._bar = tqdm(total=self.total_steps, desc="train", unit="step", dynamic_ncols=True)
+        self._use_bar = self.progress == "on" or (self.progress == "auto" and sys.stderr.isatty())
         if self.tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -150,14 +148,38 @@ class Reporter:
                 if isinstance(value, (int, float)) and key not in ("step", "epoch"):
                     self._tb.add_scalar(f"{kind}/{key}", value, values["step"])
 
+    def open_progress(self, step: int) -> None:
+        """The progress bar (when one is wanted) from `step` on: 0, or where a resumed run starts."""
+        if not self.enabled or not self._use_bar or self._bar is not None:
+            return
+        from tqdm import tqdm
+
+        self._bar = tqdm(total=self.total_steps, initial=step, desc="train", unit="step", dynamic_ncols=True)
+
+    def advance(self, step: int) -> None:
+        """Every optimizer step: moves the bar to `step`; reads nothing from the device (no host sync)."""
+        if self._bar is not None and step > self._bar.n:
+            self._bar.update(step - self._bar.n)
+
     def step(self, step: int, message: str) -> None:
+        """A log step: the numbers (already on the host) beside the bar, or as a line without one."""
         if not self.enabled:
             return
         if self._bar is not None:
-            self._bar.n = step
+            self.advance(step)
             self._bar.set_postfix_str(message, refresh=True)
         else:
             print(f"step {step}/{self.total_steps} {message}", flush=True)
+        logs.echo(f"step {step}/{self.total_steps} {message}")
+
+    def close_progress(self, note: str = "") -> None:
+        """The bar stays where the run ended: 100% when every step ran, else the stop point and `note`."""
+        if self._bar is None:
+            return
+        if note:
+            self._bar.set_postfix_str(note, refresh=False)
+        self._bar.close()
+        self._bar = None
 
     def say(self, message: str) -> None:
         if not self.enabled:
@@ -166,10 +188,16 @@ class Reporter:
             self._bar.write(message)
         else:
             print(message, flush=True)
+        logs.echo(message)
 
     def warn(self, message: str) -> None:
-        if self.enabled:
+        if not self.enabled:
+            return
+        if self._bar is not None:
+            self._bar.write(f"warning: {message}", file=sys.stderr)
+        else:
             print(f"warning: {message}", file=sys.stderr, flush=True)
+        logs.echo(f"warning: {message}", logging.WARNING)
 
     def eval_point(self, row: dict[str, Any]) -> None:
         if not self.enabled:
@@ -188,8 +216,7 @@ class Reporter:
     def finish(self, summary: dict[str, Any], plots: bool = True) -> None:
         if not self.enabled:
             return
-        if self._bar is not None:
-            self._bar.close()
+        self.close_progress()
         if plots and self.history:
             plot_history(self.history, self.run_dir)
         test = summary.get("test") or {}
@@ -244,7 +271,7 @@ def save_figure(fig: Any, path: Path) -> None:
 
     try:
         with files.writing(path) as tmp:
-            fig.savefig(tmp, dpi=120, format="png")
+            fig.savefig(tmp, dpi=120, format="png", bbox_inches="tight")  # no label cut off at an edge
     finally:
         plt.close(fig)
 
@@ -260,22 +287,26 @@ def plot_confusion(confusion: list[list[int]], labels: list, path: Path, title: 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from matplotlib.ticker import MaxNLocator
+
     names = [str(label) for label in labels]
     size = max(3.0, 0.6 * len(names) + 2.0)
-    fig, ax = plt.subplots(figsize=(size, size * 0.85))
+    fig, ax = plt.subplots(figsize=(size + 0.6, size * 0.85), layout="constrained")
     image = ax.imshow(confusion, cmap="Blues")
     peak = max((v for row in confusion for v in row), default=0)
     for i, row in enumerate(confusion):
         for j, value in enumerate(row):
             ax.text(j, i, str(value), ha="center", va="center", color="white" if value > peak / 2 else "black")
-    ax.set_xticks(range(len(names)), names)
+    long = max(map(len, names), default=0) > 6
+    ax.set_xticks(range(len(names)), names, rotation=30 if long else 0, ha="right" if long else "center")
     ax.set_yticks(range(len(names)), names)
     ax.set_xlabel("predicted label")
     ax.set_ylabel("true label")
     if title:
         ax.set_title(title)
-    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04)
-    fig.tight_layout()
+    bar = fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04)
+    bar.locator = MaxNLocator(integer=True)  # whole counts: no 0.5 ticks
+    bar.update_ticks()
     save_figure(fig, path)
 
 

@@ -285,7 +285,7 @@ MARKER_VERSION = 1
 # marker and only these (and their temporary twins `NAME.tmp`, `.NAME.*` of an interrupted write).
 RUN_FILES = frozenset({"config.yaml", "checkpoints", "metrics.jsonl", "history.csv", "loss.png", "accuracy.png",
                        "confusion_test.png", "summary.json", "report.md", "tensorboard", "export", "samples",
-                       "eval", ".write_probe"})
+                       "eval", "logs", ".write_probe"})
 PACKAGE_DIR = Path(__file__).resolve().parent
 
 
@@ -296,6 +296,7 @@ RUN_SUBFOLDERS = {
     "export": re.compile(r"model\.safetensors|model_config\.json|labels\.json"),
     "tensorboard": re.compile(r"events\.out\.tfevents\.[^/]+"),
     "samples": re.compile(r"rank\d+\.jsonl"),
+    "logs": re.compile(r"train_rank\d+\.log"),
 }
 CHECKPOINT_FILE = re.compile(r"[^/]+\.pt|rng_rank\d+\.json|manifest\.json|run_state\.json|latest")
 # The temporary twins our writers leave when a kill interrupts them (files.py, checkpoint.py):

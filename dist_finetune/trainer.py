@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import checkpoint, faults
+from . import checkpoint, faults, logs
 from .config import Config, ConfigError
 from .data import load_data, make_collate
 from .distributed import DistEnv, all_reduce_sum, broadcast_decision, broadcast_object, set_activity
@@ -137,6 +137,7 @@ class Trainer:
         self.signals = PreemptionFlag()
         self.folder = None
         self.state = TrainState()
+        self.reporter: Reporter | None = None
         self.done = False
 
     # ------------------------------------------------------------ the run
@@ -152,6 +153,8 @@ class Trainer:
             return self.finish()
         finally:
             self.signals.ignore_from_now()
+            if self.reporter is not None:
+                self.reporter.close_progress()  # a failed run's error line starts on a line of its own
             if self.folder is not None:
                 self.folder.release()
 
@@ -164,6 +167,7 @@ class Trainer:
         s = self.state
         self.engine.train()
         self.tick = time.perf_counter()
+        self.reporter.open_progress(s.global_step)
         while not self.done and s.epoch < self.cfg.train.epochs:
             self.loader.sampler.set_epoch(s.epoch)  # every rank reshuffles the same way
             self.train_epoch()
@@ -173,6 +177,7 @@ class Trainer:
             if self.done:
                 break
             s.epoch, s.batches_in_epoch = s.epoch + 1, 0
+        self.reporter.close_progress("early stop" if s.stopped_early else "stopped by a signal" if s.preempted else "")
 
     def train_epoch(self) -> None:
         s = self.state
@@ -219,6 +224,7 @@ class Trainer:
             self.reporter.event("overflow", step=s.global_step + 1, epoch=s.epoch, total=s.overflow_steps)
             return False
         s.global_step += 1
+        self.reporter.advance(s.global_step)
         now = time.perf_counter()
         s.train_seconds += now - self.tick
         self.tick = now
@@ -292,10 +298,12 @@ class Trainer:
         self.deferred = cfg.train.nonfinite_check == "deferred"
         self.guard = StepGuard(self.engine.basic_optimizer, env, agree_each_step=not self.deferred)
         self.folder.commit()  # everything that can fail before training passed: only now replace an old run
+        logs.open_file(logs.log_file(self.run_dir, env.rank))
         self.reporter = self.open_reporter()
         self.warn_truncated()
         self.restore()
         self.reporter.say(self.headline())
+        self.reporter.say(self.plan_line())
 
     def open_reporter(self) -> Reporter:
         """Rank 0 reads the run's reports back (a resume); what it finds wrong stops every rank."""
@@ -369,7 +377,7 @@ class Trainer:
             self.engine.micro_steps = self.state.micro_steps
             self.last_saved_step = self.state.global_step
             self.reporter.truncate_after(self.state.global_step)
-            self.reporter.say(f"resumed from {tag} (step {self.state.global_step}, epoch {self.state.epoch})")
+            self.reporter.say(f"resumed from {tag} (step {self.state.global_step}, epoch {self.state.epoch + 1})")
         self.ds_skipped = self.engine.skipped_steps
         self.checked_step = self.state.global_step
         self.flushed_micro = self.state.micro_steps
@@ -392,6 +400,17 @@ class Trainer:
                 f"zero={cfg.zero.stage} micro={plan.micro_batch_size} accum={plan.grad_accum_steps} "
                 f"global={plan.global_batch_size} steps={self.total_steps} "
                 f"trainable={self.trainable:,}/{self.total_params:,}")
+
+    def plan_line(self) -> str:
+        """What the headline's step count means: at most, with the evaluations and the early stop."""
+        cfg, es = self.cfg, self.cfg.early_stopping
+        full = self.steps_per_epoch * cfg.train.epochs
+        length = (f"{cfg.train.epochs} epoch(s) of {self.steps_per_epoch} steps" if self.total_steps == full else
+                  f"train.max_steps; an epoch is {self.steps_per_epoch} steps")
+        every = f"every {cfg.eval.every_steps} steps and " if cfg.eval.every_steps else ""
+        stop = (f"stops early after {es.patience} evaluation(s) without a better {es.metric}" if es.enabled
+                else "early stopping is off")
+        return f"plan: up to {self.total_steps} steps ({length}); evaluates {every}at each epoch's end; {stop}"
 
     def sample_log(self) -> SampleLog | None:
         if not self.cfg.report.sample_log:
@@ -444,7 +463,18 @@ class Trainer:
             "val_loss": val["loss"], "val_accuracy": val["accuracy"], "lr": self.engine.get_lr()[0],
             "decision": ("continue", "new_best", "stop")[decision],
         })
+        best = " (new best)" if decision == NEW_BEST else ""
+        self.reporter.say(f"eval step {s.global_step}: val_loss {val['loss']:.4f} val_accuracy "
+                          f"{val['accuracy']:.4f}{best}")
+        if decision == STOP:
+            self.reporter.say(self.stop_reason())
         return decision
+
+    def stop_reason(self) -> str:
+        es, stopper = self.cfg.early_stopping, self.stopper
+        by = f" by more than {es.min_delta:g}" if es.min_delta else ""
+        return (f"early stop at step {self.state.global_step}: no improvement in {es.metric}{by} for "
+                f"{stopper.bad_evals} evaluations (best {stopper.best:.4f} at step {self.state.best_step})")
 
     def save(self, is_best: bool) -> None:
         s = self.state
@@ -550,21 +580,36 @@ class Trainer:
         lap = time.perf_counter()
         best_tag = broadcast_object(best_valid_tag(run_dir) if env.is_main else None, env)
         if best_tag is not None:
-            checkpoint.load(self.engine, run_dir, env, best_tag, weights_only=True)
+            with logs.captured_output("deepspeed.checkpoint"):  # ZeRO-3 consolidation prints as it goes
+                checkpoint.load(self.engine, run_dir, env, best_tag, weights_only=True)
         results = {split: evaluate(self.engine, getattr(self.data, split), self.cfg, env, self.collate)
                    for split in ("train", "val", "test")}
         self.phases["final_eval_seconds"] = time.perf_counter() - lap
         lap = time.perf_counter()
-        if env.is_main and self.cfg.checkpoint.export and best_tag is not None:
-            export_checkpoint(self.cfg, run_dir, best_tag, run_dir / "export", self.data.label_map.to_json(),
-                              self.data.max_length)
+        exported = env.is_main and self.cfg.checkpoint.export and best_tag is not None
+        if exported:
+            with logs.captured_output("deepspeed.checkpoint"):  # the ZeRO consolidation's prints
+                export_checkpoint(self.cfg, run_dir, best_tag, run_dir / "export", self.data.label_map.to_json(),
+                                  self.data.max_length)
         self.phases["export_seconds"] = time.perf_counter() - lap
         summary = self.summary(results, best_tag)
         self.reporter.finish(summary, plots=self.cfg.report.plots)
+        self.reporter.say(self.outcome(best_tag, exported))
         self.reporter.say(
             f"done: test accuracy {summary['test']['accuracy']:.4f}, val {summary['val']['accuracy']:.4f}, "
             f"best step {self.state.best_step}, {summary['wall_seconds']:.1f} s -> {run_dir}")
         return summary
+
+    def outcome(self, best_tag: str | None, exported: bool) -> str:
+        """How the run ended and where its model is."""
+        s, total = self.state, self.total_steps
+        ended = f"stopped early at step {s.global_step} of {total}" if s.stopped_early else f"ran all {total} steps"
+        if best_tag is None:
+            return f"{ended}; no checkpoint was saved"
+        where = f"{ended}; best checkpoint: {self.run_dir / 'checkpoints' / best_tag}"
+        if exported:
+            return f"{where}; exported model: {self.run_dir / 'export'}"
+        return f"{where}; not exported (checkpoint.export=false)"
 
     def summary(self, results: dict[str, dict[str, Any]], best_tag: str | None) -> dict[str, Any]:
         s, cfg, labels = self.state, self.cfg, self.data.label_map.to_json()
