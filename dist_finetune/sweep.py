@@ -1,11 +1,13 @@
-"""`python -m dist_finetune.sweep --base CONFIG --grid GRID.yaml [--out DIR] [--nproc N]`
+"""`python -m dist_finetune.sweep --base CONFIG --grid GRID.yaml [--out DIR] [--nproc N] [--resume | --overwrite]`
 
 Runs one training per setting of the grid, in turn, each as its own process (`python -m
 dist_finetune.train`, or torchrun with N ranks on 127.0.0.1), then prints a comparison table and
 writes it to OUT/comparison.md and OUT/comparison.csv. A failed setting is a `failed` row with the
 last error line of its log (OUT/NAME.log); the other settings still run.
 
-GRID.yaml is a list of {name: ..., overrides: [key=value, ...]} or a mapping {name: [key=value, ...]}.
+An --out that holds an earlier sweep is refused before anything runs, unless --resume (keep the
+settings it finished, continue the others from their checkpoints, run the missing ones) or
+--overwrite (run every setting again).
 """
 from __future__ import annotations
 
@@ -25,7 +27,7 @@ from typing import Any
 import yaml
 
 from .cli import run_command
-from .config import safe_load_unique
+from .config import load_config, read_yaml, safe_load_unique
 from .distributed import leave
 from .errors import UserError
 from .files import atomic_write_text
@@ -108,14 +110,17 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def command(base: Path, out: Path, setting: Setting, nproc: int, overwrite: bool = False) -> list[str]:
+def command(base: Path, out: Path, setting: Setting, nproc: int, overwrite: bool = False,
+            resume: bool = False) -> list[str]:
+    """The training command of one setting; with `resume`, it continues the setting's run folder from its
+    latest checkpoint when it has one (train's resume=auto), else starts it."""
     launch = [sys.executable]
     if nproc > 1:
         launch += ["-m", "torch.distributed.run", "--nnodes=1", f"--nproc_per_node={nproc}",
                    "--master_addr=127.0.0.1", f"--master_port={_free_port()}"]
     flags = ["--overwrite"] if overwrite else []
     return [*launch, "-m", "dist_finetune.train", "--config", str(base), *flags,
-            f"output_dir={out / setting.name}", *setting.overrides]
+            f"output_dir={out / setting.name}", *setting.overrides, *(["resume=auto"] if resume else [])]
 
 
 def last_error_line(log: str) -> str:
@@ -146,9 +151,10 @@ def _ours(path: Path) -> bool:
     return first.startswith(LOG_HEADER) or first.startswith("| setting |") or first.startswith("setting,status,")
 
 
-def check_out(out: Path, settings: list[Setting], overwrite: bool) -> None:
-    """Before any setting runs: the sweep's logs and tables replace only what an earlier sweep wrote, and
-    only with --overwrite (the run folders themselves are checked by each training run)."""
+def check_out(out: Path, settings: list[Setting], overwrite: bool, resume: bool = False) -> None:
+    """Before any setting runs: the sweep's logs and tables replace only what an earlier sweep wrote, and an
+    earlier sweep (its logs, tables or run folders) is kept or replaced only when asked: --resume or
+    --overwrite (the run folders themselves are checked by each training run)."""
     if out.exists() and not out.is_dir():
         raise GridError(f"--out {out} is a file; pass a folder for the sweep's runs, logs and tables")
     files = [out / f"{s.name}.log" for s in settings] + [out / name for name in RESERVED]
@@ -157,19 +163,55 @@ def check_out(out: Path, settings: list[Setting], overwrite: bool) -> None:
     if foreign:
         raise GridError(f"--out {out} holds {', '.join(foreign[:5])}, which no sweep wrote; the sweep would "
                         "replace it: move it away or choose another --out")
-    if present and not overwrite:
-        raise GridError(f"--out {out} holds an earlier sweep's logs or tables ({', '.join(f.name for f in present[:5])}); "
-                        "pass --overwrite to replace them and its run folders, or choose another --out")
+    present += [out / s.name for s in settings if os.path.lexists(out / s.name)]
+    if present and not (overwrite or resume):
+        names = [f.name + ("/" if f.is_dir() else "") for f in present]
+        raise GridError(f"--out {out} holds an earlier sweep ({', '.join(names[:5])}); pass "
+                        "--resume to keep the settings it finished and run the rest, --overwrite to run every "
+                        "setting again, or choose another --out")
 
 
-def run_setting(base: Path, out: Path, setting: Setting, nproc: int, overwrite: bool = False) -> Result:
+def finished_result(base: Path, out: Path, setting: Setting, nproc: int) -> Result | None:
+    """For --resume: the row of a setting an earlier sweep finished (its run folder has summary.json), read
+    back from that run, once it is checked to be a run of this very setting (same base config and overrides,
+    same number of processes); None when the setting has not finished."""
+    run_dir = out / setting.name
+    if not os.path.lexists(run_dir / "summary.json"):
+        return None
+    from .runs import result_changing_differences  # only here: it imports the model code
+
+    fix = (f"pass --overwrite to run every setting again, delete {run_dir} to run this one again, or choose "
+           "another --out")
+    try:
+        wanted = load_config(base, [f"output_dir={run_dir}", *setting.overrides])
+        recorded = read_yaml(run_dir / "config.yaml")
+        values = read_summary(run_dir)
+        ranks = json.loads((run_dir / "summary.json").read_text(encoding="utf-8"))["world_size"]
+    except (OSError, KeyError, TypeError, ValueError) as exc:
+        raise GridError(f"--resume: {run_dir} holds a finished run whose records cannot be read or compared "
+                        f"with setting {setting.name!r} ({' '.join(str(exc).split())[:200]}); {fix}") from None
+    differences = result_changing_differences(recorded, wanted)
+    if ranks != nproc:
+        differences.append(f"processes: {ranks} -> {nproc} (--nproc)")
+    if differences:
+        raise GridError(f"--resume: {run_dir} is a finished run of other settings than {setting.name!r} now "
+                        f"has ({'; '.join(differences[:3])}); {fix}")
+    return Result(setting.name, "ok", values)
+
+
+def run_setting(base: Path, out: Path, setting: Setting, nproc: int, overwrite: bool = False,
+                resume: bool = False) -> Result:
+    """Run one setting, its output in OUT/NAME.log (with `resume`, added after an earlier attempt's)."""
     log_path = out / f"{setting.name}.log"
-    cmd = command(base, out, setting, nproc, overwrite)
-    with log_path.open("w", encoding="utf-8") as log:
+    cmd = command(base, out, setting, nproc, overwrite, resume)
+    with log_path.open("a" if resume else "w", encoding="utf-8") as log:
+        start = log.tell()
         log.write(f"{LOG_HEADER}{setting.name}\n$ " + " ".join(cmd) + "\n")
         log.flush()
         rc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=os.environ.copy()).returncode
-    text = log_path.read_text(encoding="utf-8", errors="replace")
+    with log_path.open("rb") as log:
+        log.seek(start)
+        text = log.read().decode("utf-8", errors="replace")  # this attempt's output only
     if rc != 0:
         return Result(setting.name, "failed", error=f"exit {rc}: {last_error_line(text)}")
     try:
@@ -202,25 +244,65 @@ def write_tables(results: list[Result], out: Path) -> str:
     return table
 
 
-def sweep(base: Path, settings: list[Setting], out: Path, nproc: int = 1, overwrite: bool = False) -> list[Result]:
+def sweep(base: Path, settings: list[Setting], out: Path, nproc: int = 1, overwrite: bool = False,
+          kept: dict[str, Result] | None = None) -> list[Result]:
+    """Run the settings in turn; `kept` (--resume) holds the rows of settings finished earlier, which do not
+    run again, and makes every other setting continue from its checkpoints if it has any."""
+    resume = kept is not None
+    kept = kept or {}
     out.mkdir(parents=True, exist_ok=True)
     results = []
     for i, setting in enumerate(settings, 1):
+        if setting.name in kept:
+            print(f"[{i}/{len(settings)}] {setting.name}: finished earlier, kept ({out / setting.name})", flush=True)
+            results.append(kept[setting.name])
+            continue
         print(f"[{i}/{len(settings)}] {setting.name}: {' '.join(setting.overrides) or '(base config)'}", flush=True)
-        result = run_setting(base, out, setting, nproc, overwrite)
+        result = run_setting(base, out, setting, nproc, overwrite, resume)
         print(f"[{i}/{len(settings)}] {setting.name}: {result.status} {result.error}".rstrip(), flush=True)
         results.append(result)
     return results
 
 
+DESCRIPTION = "Train once per setting of a grid, in turn, and compare the results in one table."
+EXAMPLES = """\
+examples:
+  python -m dist_finetune.sweep --base configs/quickstart.yaml --grid sweeps/quickstart_methods.yaml --out runs/sweep
+  python -m dist_finetune.sweep --base configs/quickstart.yaml --grid sweeps/quickstart_methods.yaml --out runs/sweep --resume
+  python -m dist_finetune.sweep --base configs/quickstart.yaml --grid sweeps/quickstart_methods.yaml --nproc 2 --out runs/sweep2
+
+A grid file lists the settings, each a name and key=value changes to the base config:
+  - name: last_layer
+    overrides: [model.trainable=last_layer]
+  - name: lora
+    overrides: [model.trainable=lora, lora.rank=8]
+(or a mapping, name: [key=value, ...]). Each setting trains in OUT/NAME, its output in OUT/NAME.log.
+The table (one row per setting: status, train/val/test accuracy, training seconds, samples/s, trainable
+parameters, error) is printed and written to OUT/comparison.md and OUT/comparison.csv. A setting that
+fails is a "failed" row with its error; the others still run. Exit status: 0 every setting finished, 1
+some failed, 2 a problem with the grid, the base config or --out (one "error:" line names it and the fix)."""
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m dist_finetune.sweep", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m dist_finetune.sweep", description=DESCRIPTION, epilog=EXAMPLES,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--base", required=True, type=Path, help="the base run config (YAML)")
-    p.add_argument("--grid", required=True, type=Path, help="the settings: a YAML list of {name, overrides}")
-    p.add_argument("--out", type=Path, default=Path("runs/sweep"), help="where runs, logs and tables go")
-    p.add_argument("--nproc", type=int, default=1, help="processes per run (>1: torchrun on this machine)")
-    p.add_argument("--overwrite", action="store_true", help="replace run folders a previous sweep left in --out")
+    p.add_argument("--base", required=True, type=Path, metavar="CONFIG",
+                   help="the run config (YAML) every setting starts from (required)")
+    p.add_argument("--grid", required=True, type=Path, metavar="GRID",
+                   help="YAML file of the settings to compare, each a name and key=value changes (required)")
+    p.add_argument("--out", type=Path, default=Path("runs/sweep"), metavar="DIR",
+                   help="folder for the settings' runs, their logs and the tables (default: runs/sweep)")
+    p.add_argument("--nproc", type=int, default=1, metavar="N",
+                   help="processes per setting: N > 1 trains each setting with N processes on this machine "
+                        "(torchrun) (default: 1)")
+    again = p.add_mutually_exclusive_group()
+    again.add_argument("--resume", action="store_true",
+                       help="continue an earlier sweep in --out: keep the settings it finished (their rows and "
+                            "logs), run the others, continuing from their last checkpoint where they have one "
+                            "(default: an earlier sweep in --out is refused)")
+    again.add_argument("--overwrite", action="store_true",
+                       help="run every setting again, replacing an earlier sweep's runs, logs and tables in --out "
+                            "(default: an earlier sweep in --out is refused)")
     return p.parse_args(argv)
 
 
@@ -235,8 +317,12 @@ def run(args: argparse.Namespace) -> int:
     if not args.base.is_file():
         raise GridError(f"--base {args.base} not found; pass a run config YAML")
     settings = load_grid(args.grid)
-    check_out(args.out, settings, args.overwrite)
-    results = sweep(args.base, settings, args.out, args.nproc, args.overwrite)
+    check_out(args.out, settings, args.overwrite, args.resume)
+    kept = None
+    if args.resume:  # every finished setting is checked before anything runs
+        found = {s.name: finished_result(args.base, args.out, s, args.nproc) for s in settings}
+        kept = {name: result for name, result in found.items() if result is not None}
+    results = sweep(args.base, settings, args.out, args.nproc, args.overwrite, kept)
     print(write_tables(results, args.out), end="")
     print(f"tables: {args.out / 'comparison.md'} {args.out / 'comparison.csv'}")
     return 0 if all(r.status == "ok" for r in results) else 1

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import shlex
 import shutil
 import signal
 import subprocess
@@ -127,6 +128,9 @@ needs_slurm = pytest.mark.skipif(not slurm_ready() and not os.environ.get("CI"),
                                  reason="no SLURM cluster here (CI starts one with .ci/slurm-up.sh)")
 
 
+NEVER_SCHEDULED = ("PartitionConfig", "BadConstraints", "PartitionNodeLimit", "PartitionTimeLimit")
+
+
 class Slurm:
     def __init__(self, tmp: Path) -> None:
         self.tmp = tmp
@@ -134,19 +138,41 @@ class Slurm:
 
     def submit(self, *sbatch_args: str, overrides: list[str], wait: bool,
                config: str = "configs/quickstart.yaml") -> tuple[str, subprocess.CompletedProcess]:
+        return self.submit_line(["sbatch", "--gpus-per-node=0", *sbatch_args, "slurm/finetune.sh", config],
+                                overrides=overrides, wait=wait)
+
+    def submit_line(self, line: list[str], overrides: list[str], wait: bool,
+                    env: dict[str, str] | None = None) -> tuple[str, subprocess.CompletedProcess]:
+        """Submit `sbatch OPTIONS SCRIPT CONFIG` as given, from the repository; only the test's own
+        options (where the log goes, wait, print the job id) go after `sbatch`, and overrides at the end."""
+        assert line[0] == "sbatch", line
         cmd = ["sbatch", "--parsable", f"--chdir={runner.REPO}", f"--output={self.tmp}/slurm-%j.out",
-               "--gpus-per-node=0", *(["--wait"] if wait else []), *sbatch_args,
-               str(runner.REPO / "slurm" / "finetune.sh"), config, *overrides]
-        proc = subprocess.run(cmd, env=runner.child_env(), capture_output=True, text=True, timeout=600)
+               *(["--wait"] if wait else []), *line[1:], *overrides]
+        proc = subprocess.run(cmd, cwd=runner.REPO, env=env or runner.child_env(), capture_output=True, text=True,
+                              timeout=600)
         job = proc.stdout.strip().splitlines()[0].split(";")[0] if proc.stdout.strip() else ""
         if job:
             self.jobs.append(job)
         return job, proc
 
     def state(self, job: str) -> str:
+        return self.state_and_reason(job)[0]
+
+    def state_and_reason(self, job: str) -> tuple[str, str]:
         out = subprocess.run(["scontrol", "show", "job", job], capture_output=True, text=True, timeout=30).stdout
-        match = re.search(r"JobState=(\w+)", out)
-        return match.group(1) if match else "UNKNOWN"
+        state, reason = re.search(r"JobState=(\w+)", out), re.search(r"Reason=(\w+)", out)
+        return (state.group(1) if state else "UNKNOWN"), (reason.group(1) if reason else "")
+
+    def wait_until_done(self, job: str, timeout: float = 300) -> str:
+        """The job's final state; a job pending for a reason that never clears fails at once."""
+        deadline = time.time() + timeout
+        while True:
+            state, reason = self.state_and_reason(job)
+            if state in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY"):
+                return state
+            assert reason not in NEVER_SCHEDULED, f"job {job} pends for good (reason {reason}): it asks for more than a node has"
+            assert time.time() < deadline, f"job {job} still {state} ({reason}) after {timeout} s\n{self.log(job)}"
+            time.sleep(1)
 
     def node_idle(self) -> bool:
         out = subprocess.run(["sinfo", "-h", "-o", "%T"], capture_output=True, text=True, timeout=30).stdout
@@ -177,18 +203,47 @@ def tiny(run_dir: Path) -> list[str]:
             "train.log_every_steps=1", "report.plots=false"]
 
 
+README_CPU_MARKER = "<!-- slurm-cpu-line"  # README.md: the next `sbatch` line is the CPU-node command
+
+
+def readme_cpu_line() -> list[str] | None:
+    """The README's SLURM command for CPU nodes, as written (without a leading `mkdir -p logs &&`)."""
+    text = (runner.REPO / "README.md").read_text(encoding="utf-8")
+    if README_CPU_MARKER not in text:
+        return None
+    after = text.split(README_CPU_MARKER, 1)[1].split("\n", 1)[1]  # the lines after the marker's
+    line = next(ln for ln in after.splitlines() if "sbatch " in ln)
+    words = shlex.split(line, comments=True)
+    return words[words.index("sbatch"):]
+
+
 @needs_slurm
-@pytest.mark.parametrize("style", ["torchrun", "srun"])
-def test_sbatch_runs_the_quickstart(slurm, tmp_path, style):
+def test_the_readmes_cpu_node_line_runs_on_a_two_cpu_node(slurm, tmp_path):
+    """The line a user copies from the README (the torchrun style: one task running 2 gloo ranks) gets
+    scheduled on this 2-CPU node and finishes; its ranks share the task's CPUs."""
+    line = readme_cpu_line()
+    if line is None:
+        pytest.skip(f"README.md has no {README_CPU_MARKER} ...--> marker before the SLURM CPU-node command yet")
     run_dir = tmp_path / "run"
-    tasks = ["--ntasks-per-node=1", "--cpus-per-task=2"] if style == "torchrun" else \
-        ["--ntasks-per-node=2", "--cpus-per-task=1"]
-    job, proc = slurm.submit(*tasks, overrides=[*tiny(run_dir), "train.max_steps=5"], wait=True)
+    env = runner.child_env()
+    env.pop("OMP_NUM_THREADS")  # as in a user's shell: the script picks the threads per rank
+    job, proc = slurm.submit_line(line, overrides=[*tiny(run_dir), "train.max_steps=5"], wait=False, env=env)
+    assert proc.returncode == 0 and job, " ".join(line) + "\n" + proc.stderr
+    assert slurm.wait_until_done(job) == "COMPLETED", " ".join(line) + "\n" + slurm.log(job)[-4000:]
+    summary = runner.Run(run_dir, None).summary()
+    assert summary["world_size"] == 2 and summary["global_step"] == 5
+    assert "gpus/node=0 tasks/node=1 threads/rank=1" in slurm.log(job), slurm.log(job)
+
+
+@needs_slurm
+def test_sbatch_srun_style_one_task_per_rank(slurm, tmp_path):
+    run_dir = tmp_path / "run"
+    job, proc = slurm.submit("--ntasks-per-node=2", "--cpus-per-task=1",
+                             overrides=[*tiny(run_dir), "train.max_steps=5"], wait=True)
     assert proc.returncode == 0, proc.stderr + slurm.log(job)
     summary = runner.Run(run_dir, None).summary()
     assert summary["world_size"] == 2 and summary["global_step"] == 5
-    log = slurm.log(job)
-    assert f"tasks/node={1 if style == 'torchrun' else 2}" in log
+    assert "tasks/node=2 threads/rank=1" in slurm.log(job)
 
 
 @needs_slurm

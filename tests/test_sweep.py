@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import subprocess
 import sys
 
@@ -67,6 +68,60 @@ def test_a_sweep_never_replaces_an_earlier_sweeps_results_or_a_users_files(tmp_p
     assert sweep().returncode == 0
     log, table = (out / "notes.log").read_text(), (out / "comparison.md").read_text()
     again = sweep()
-    assert again.returncode == 2 and "--overwrite" in again.stderr, again.stderr
+    assert again.returncode == 2 and "--overwrite" in again.stderr and "--resume" in again.stderr, again.stderr
     assert (out / "notes.log").read_text() == log and (out / "comparison.md").read_text() == table
     assert sweep("--overwrite").returncode == 0
+
+
+def rows_of(out) -> dict[str, dict[str, str]]:
+    return {r["setting"]: r for r in csv.DictReader((out / "comparison.csv").open())}
+
+
+@pytest.mark.slow
+def test_resume_keeps_finished_settings_continues_unfinished_and_runs_missing_ones(tmp_path):
+    """A sweep that finished `a`, crashed `b` after a checkpoint and never got to `c`: a plain rerun is
+    refused before anything runs; --resume keeps a (its row, log and run), continues b from its
+    checkpoint (its log keeps the crash), runs c; a finished run of other settings is refused."""
+    base = runner.write_config(tmp_path / "base.yaml", {
+        **runner.TINY, "train": {**runner.TINY["train"], "max_steps": 4}, "eval": {"max_batches": 2},
+        "checkpoint": {"every_steps": 2, "export": False}})
+    out = tmp_path / "sweep"
+
+    def sweep(grid: dict, *flags: str, faults: str = "") -> subprocess.CompletedProcess:
+        (tmp_path / "grid.yaml").write_text(yaml.safe_dump(grid))
+        env = {**runner.child_env(), **({"DIST_FINETUNE_FAULTS": faults} if faults else {})}
+        return subprocess.run([sys.executable, "-m", "dist_finetune.sweep", "--base", str(base), "--grid",
+                               str(tmp_path / "grid.yaml"), "--out", str(out), *flags], cwd=runner.REPO, env=env,
+                              capture_output=True, text=True, timeout=600)
+
+    a, b, c = ["model.trainable=last_layer"], ["train.lr=2e-3"], ["seed=5"]
+    first = sweep({"a": a})
+    assert first.returncode == 0, first.stdout + first.stderr
+    a_row, a_log = rows_of(out)["a"], (out / "a.log").read_text()
+
+    crashed = sweep({"a": a, "b": b}, "--resume", faults="exit@step=4")  # b dies after its step-2 checkpoint
+    assert crashed.returncode == 1, crashed.stdout + crashed.stderr
+    assert "a: finished earlier, kept" in crashed.stdout
+    assert rows_of(out)["a"] == a_row and rows_of(out)["b"]["status"] == "failed"
+    assert not (out / "b" / "summary.json").exists() and (out / "b" / "checkpoints" / "step_0000002").is_dir()
+    tables, b_log = (out / "comparison.csv").read_text(), (out / "b.log").read_text()
+
+    refused = sweep({"a": a, "b": b, "c": c})
+    assert refused.returncode == 2, refused.stdout + refused.stderr
+    assert str(out) in refused.stderr and "--resume" in refused.stderr and "--overwrite" in refused.stderr
+    assert (out / "comparison.csv").read_text() == tables and not (out / "c").exists()
+
+    changed = sweep({"a": ["model.trainable=all"], "b": b, "c": c}, "--resume")
+    assert changed.returncode == 2 and str(out / "a") in changed.stderr and "model.trainable" in changed.stderr, \
+        changed.stderr
+    assert (out / "b.log").read_text() == b_log and not (out / "c").exists()
+
+    resumed = sweep({"a": a, "b": b, "c": c}, "--resume")
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    rows = rows_of(out)
+    assert list(rows) == ["a", "b", "c"] and [r["status"] for r in rows.values()] == ["ok", "ok", "ok"]
+    assert rows["a"] == a_row and (out / "a.log").read_text() == a_log
+    log = (out / "b.log").read_text()
+    assert log.startswith(b_log) and "resumed from step_0000002" in log[len(b_log):]
+    assert json.loads((out / "b" / "summary.json").read_text())["global_step"] == 4
+    assert (out / "c" / "summary.json").is_file()
