@@ -76,8 +76,10 @@ def run_command(body: Callable[[], int]) -> int:
     collective is not, as it is the consequence of another rank's failure, not the cause."""
     from torch.distributed.elastic.multiprocessing.errors import ErrorHandler
 
-    from .distributed import collective_failure, shutdown
+    from .distributed import collective_failure, shutdown, tell_deepspeed_cpu
 
+    if not torch.cuda.is_available():
+        tell_deepspeed_cpu()
     try:
         code = body()
     except UserError as exc:

@@ -141,8 +141,13 @@ def _pick_device(local_rank: int, debug: bool) -> tuple[torch.device, str]:
     if torch.cuda.is_available() and not debug:
         torch.cuda.set_device(local_rank)
         return torch.device("cuda", local_rank), "nccl"
-    os.environ.setdefault("DS_ACCELERATOR", "cpu")  # said, not detected: DeepSpeed then warns of nothing
+    tell_deepspeed_cpu()
     return torch.device("cpu"), "gloo"
+
+
+def tell_deepspeed_cpu() -> None:
+    """Before DeepSpeed is imported: told the accelerator, it does not guess aloud (a warning per rank)."""
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 
 def cpu_threads(ranks_on_node: int) -> int:
