@@ -74,12 +74,42 @@ class Trainable:
 LORA_TARGETS = ("attn", "mlp", "head")
 
 
+def _split_fractions(path: str, value: Any) -> tuple[float, ...] | None:
+    if value is None or (isinstance(value, str) and value.strip().lower() in ("none", "null")):
+        return None
+    if isinstance(value, (list, tuple)) and len(value) in (2, 3):
+        fractions = tuple(_coerce(f"{path}[{i}]", float, v) for i, v in enumerate(value))
+        _check(all(0 < f < 1 for f in fractions),
+               f"{path}: {list(value)!r}: each fraction must be between 0 and 1 (exclusive); drop a split you do "
+               "not want (two fractions [train, val]: no test split)")
+        _check(abs(sum(fractions) - 1) <= 1e-6,
+               f"{path}: {list(value)!r} sums to {sum(fractions):g}, not 1; give fractions that add up to 1, "
+               "e.g. [0.8, 0.1, 0.1]")
+        return fractions
+    raise ConfigError(
+        f"{path}: {value!r} is not allowed; give [train, val, test] fractions of data.train_file (e.g. "
+        "[0.8, 0.1, 0.1]) or [train, val] (no test split, e.g. [0.9, 0.1]), or null for the defaults"
+    )
+
+
+SPLIT_DEFAULT = (0.8, 0.1, 0.1)  # data.train_file alone: train / val / test
+SPLIT_DEFAULT_VAL = (0.9, 0.1)  # data.train_file and data.test_file: train / val
+
+
 @dataclass(frozen=True)
 class DataConfig:
     # None for all three files: the bundled SMS Spam Collection (balanced, split 70/10/20).
+    # train_file alone: split into train / val / test by data.split; train_file + test_file: val is split
+    # off train_file; train_file + val_file: no test split; all three: each split its own file.
     train_file: str | None = _path(None)
     val_file: str | None = _path(None)
     test_file: str | None = _path(None)
+    # Fractions of data.train_file: [train, val, test], or [train, val] (no test split, or the test split
+    # from data.test_file). Unset: [0.8, 0.1, 0.1] for train_file alone, [0.9, 0.1] with a test_file.
+    # Stratified by label, seeded by split_seed, written to RUN/data_split.json (evaluate reuses it).
+    split: tuple[float, ...] | None = field(default=None, metadata={"coerce": _split_fractions})
+    # Which rows go where; apart from `seed`, so a sweep over seeds keeps the same val and test rows.
+    split_seed: int = 123
     text_column: str = "text"
     label_column: str = "label"
     # None: the longest training example, capped at the model's context length.
@@ -101,6 +131,14 @@ class DataConfig:
     # false: a label cell spelled NA / NaN / None / null / N/A ... (what pandas reads as missing) is
     # refused with its file and row; true: those spellings are ordinary labels.
     na_labels: bool = False
+
+    def split_fractions(self) -> tuple[float, ...] | None:
+        """The fractions data.train_file is split into (train, val[, test]); None: nothing is split."""
+        if self.train_file is None or self.val_file is not None:
+            return None
+        if self.split is not None:
+            return self.split
+        return SPLIT_DEFAULT_VAL if self.test_file is not None else SPLIT_DEFAULT
 
 
 @dataclass(frozen=True)
@@ -561,10 +599,7 @@ def _validate_model(m: ModelConfig) -> None:
 
 def _validate_data(cfg: Config) -> None:
     d, t, arch = cfg.data, cfg.train, cfg.model.arch()
-    files = (d.train_file, d.val_file, d.test_file)
-    _check(all(f is None for f in files) or all(f is not None for f in files),
-           "data.train_file, data.val_file and data.test_file: set all three, or none of them "
-           "to use the bundled SMS Spam Collection")
+    _validate_split(d)
     if d.max_length is not None:
         _check(1 <= d.max_length <= arch["context_length"],
                f"data.max_length: {d.max_length} must be between 1 and the model's context length "
@@ -583,6 +618,29 @@ def _validate_data(cfg: Config) -> None:
     _check(lo.alpha > 0, f"lora.alpha: must be > 0, got {lo.alpha}")
     _check(0.0 <= lo.dropout < 1.0, f"lora.dropout: must be in [0, 1), got {lo.dropout}")
     _check(d.num_workers >= 0, f"data.num_workers: must be >= 0, got {d.num_workers}")
+
+
+def _validate_split(d: DataConfig) -> None:
+    _check(0 <= d.split_seed <= SEED_MAX,
+           f"data.split_seed: must be in 0..{SEED_MAX} (numpy's seed range), got {d.split_seed}")
+    if d.train_file is None:
+        given = [f"data.{k}" for k in ("val_file", "test_file") if getattr(d, k) is not None]
+        _check(not given, f"{' and '.join(given)} set without data.train_file: set data.train_file too (alone it "
+                          "is split by data.split), or none of the three for the bundled SMS Spam Collection")
+        _check(d.split is None, f"data.split: {list(d.split or ())} splits data.train_file, which is not set; set "
+                                "data.train_file, or remove data.split (the bundled SMS Spam Collection has its "
+                                "fixed 70/10/20 split)")
+        return
+    if d.split is None:
+        return
+    split = list(d.split)
+    _check(d.val_file is None,
+           f"data.split: {split} has nothing to split: data.val_file is given"
+           f"{' (and data.test_file)' if d.test_file else ''}; remove data.split, or remove data.val_file to "
+           "split the validation rows off data.train_file")
+    _check(d.test_file is None or len(split) == 2,
+           f"data.split: {split} has three fractions but data.test_file is given, so data.train_file is split "
+           "into [train, val] only: give two fractions (e.g. [0.9, 0.1]), or remove data.test_file")
 
 
 def _validate_train(t: TrainConfig) -> None:

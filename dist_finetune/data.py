@@ -11,6 +11,7 @@ refused unless data.na_labels=true), JSON numbers stay numbers.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import json
 import math
@@ -29,6 +30,7 @@ from torch.utils.data import Dataset
 from .config import DataConfig
 from .tokenizer import PAD_ID, encode_batch
 from .errors import UserError
+from .splits import DataSplit
 
 SPLITS = ("train", "val", "test")
 BUNDLED_SMS_PATH = Path(__file__).resolve().parent / "datasets" / "sms_spam_collection" / "SMSSpamCollection"
@@ -173,10 +175,15 @@ class ClassificationDataset(Dataset):
 class DataBundle:
     train: ClassificationDataset
     val: ClassificationDataset
-    test: ClassificationDataset
+    test: ClassificationDataset | None  # None: the run has no test split
     label_map: LabelMap
     max_length: int
-    truncated: dict[str, int]
+    truncated: dict[str, int]  # per split present
+    split: DataSplit | None = None  # how data.train_file was split (written to the run folder), if it was
+
+    def splits(self) -> tuple[str, ...]:
+        """The splits the run has: train, val, and test unless it has none."""
+        return tuple(name for name in SPLITS if getattr(self, name) is not None)
 
 
 # ---------------------------------------------------------------- reading
@@ -191,8 +198,11 @@ class _Source:
     label_column: str = "label"
     lines: tuple[int, ...] | None = None  # file line of each data row (the header is line 1), where known
     na_labels: bool = False  # data.na_labels: NA / NaN / None ... are labels
+    rows: tuple[int, ...] | None = None  # a split of a file: each of its rows' row number in the file
 
     def at(self, row: int, column: str | None = None) -> str:
+        if self.rows is not None:
+            row = self.rows[row - 1]
         where = f"{self.name}, row {row}"
         if self.lines is not None:
             where += f" (line {self.lines[row - 1]})"
@@ -534,9 +544,13 @@ def bundled_sms_splits(seed: int = 123, balance: str = "undersample") -> dict[st
 # ---------------------------------------------------------------- load_data
 
 
-def load_data(cfg: DataConfig, context_length: int) -> DataBundle:
-    """Read, validate, map labels, tokenize and truncate all three splits (before any training)."""
-    tables = _load_tables(cfg)
+def load_data(cfg: DataConfig, context_length: int, saved_split: DataSplit | None = None) -> DataBundle:
+    """Read, validate, map labels, tokenize and truncate every split (before any training).
+
+    A data.train_file that is split (cfg.split_fractions()) is split as `saved_split` records (a run's
+    own record: resume, evaluate), else afresh (a new run; the bundle's `split` is then written to the
+    run folder)."""
+    tables, record = _load_tables(cfg, saved_split)
     check_label_spellings(list(tables.values()))
     for split, table in tables.items():
         if len(table.frame) == 0:
@@ -555,30 +569,50 @@ def load_data(cfg: DataConfig, context_length: int) -> DataBundle:
     max_length = _max_length(cfg, context_length, tokens["train"])
     datasets: dict[str, ClassificationDataset] = {}
     truncated: dict[str, int] = {}
-    for split in SPLITS:
-        truncated[split] = sum(len(ids) > max_length for ids in tokens[split])
-        ids = [seq[:max_length] for seq in tokens[split]]
-        datasets[split] = ClassificationDataset(ids, labels[split], texts[split])
-    return DataBundle(datasets["train"], datasets["val"], datasets["test"], label_map, max_length, truncated)
+    for name in tables:
+        truncated[name] = sum(len(ids) > max_length for ids in tokens[name])
+        ids = [seq[:max_length] for seq in tokens[name]]
+        datasets[name] = ClassificationDataset(ids, labels[name], texts[name])
+    return DataBundle(datasets["train"], datasets["val"], datasets.get("test"), label_map, max_length, truncated,
+                      record)
 
 
-def _load_tables(cfg: DataConfig) -> dict[str, _Table]:
+def _load_tables(cfg: DataConfig, saved: DataSplit | None) -> tuple[dict[str, _Table], DataSplit | None]:
+    """The tables of the splits the config gives (train, val, and test unless there is none), in that order."""
     files = {"train": cfg.train_file, "val": cfg.val_file, "test": cfg.test_file}
     if all(f is None for f in files.values()):
         return {
             split: _bundled_table(split, frame)
             for split, frame in bundled_sms_splits(balance="none" if cfg.balance == "none" else "undersample").items()
-        }
-    missing = [f"data.{split}_file" for split, f in files.items() if f is None]
-    if missing:
-        raise DataError(
-            f"{', '.join(missing)} not set: set data.train_file, data.val_file and data.test_file "
-            "all three, or none of them for the bundled SMS Spam Collection."
-        )
-    return {
+        }, None
+    if cfg.train_file is None:  # the config refuses it; a DataConfig built by hand may not
+        raise DataError("data.val_file / data.test_file set without data.train_file: set data.train_file too, or "
+                        "none of the three for the bundled SMS Spam Collection.")
+    tables = {
         split: _read_file(path, cfg.text_column, cfg.label_column, key=f"data.{split}_file", na_labels=cfg.na_labels)
-        for split, path in files.items()
+        for split, path in files.items() if path is not None
     }
+    fractions = cfg.split_fractions()
+    if fractions is None:
+        return tables, None
+    whole = tables.pop("train")
+    check_label_spellings([whole])  # before the labels are grouped for stratification
+    if saved is None:
+        split = DataSplit.make(cfg.train_file, whole.frame["label"].tolist(), fractions, cfg.split_seed)
+    else:
+        saved.check_source(cfg.train_file, len(whole.frame))
+        split = saved
+    parts = {name: _rows_of(whole, name, rows) for name, rows in split.indices.items()}
+    return {name: parts[name] if name in parts else tables[name] for name in SPLITS
+            if name in parts or name in tables}, split
+
+
+def _rows_of(table: _Table, name: str, rows: Sequence[int]) -> _Table:
+    """The split `name` of a file: its rows at these 0-based positions, named by their rows in the file."""
+    frame = table.frame.iloc[list(rows)].reset_index(drop=True)
+    source = dataclasses.replace(table.source, name=f"{table.source.name} ({name} split)",
+                                 rows=tuple(i + 1 for i in rows))
+    return _Table(frame, source)
 
 
 def undersample_indices(labels: Sequence[int], seed: int = BALANCE_SEED) -> list[int]:

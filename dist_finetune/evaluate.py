@@ -22,14 +22,13 @@ from typing import Any
 import torch
 from .cli import run_command
 from .config import Config, replace
-from .data import SPLITS, ClassificationDataset, load_data, load_eval_file, make_collate
+from .data import SPLITS, ClassificationDataset, load_eval_file, make_collate
 from .distributed import leave, DistEnv, init_distributed
 from .metrics import format_table
 from .step import evaluate
-from .model import GPTConfig
 from .report import plot_confusion, write_json
 from .runs import (RunError, reading_run, check_same_labels, load_checkpoint_model, load_run_config,
-                   resolve_checkpoint, run_facts)
+                   load_run_data, resolve_checkpoint, run_facts)
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -111,7 +110,10 @@ def prepare(args: argparse.Namespace) -> EvalJob:
         name, max_length, labels = args.data.stem, facts.max_length, facts.labels
     else:
         split = args.split or "test"
-        bundle = load_data(cfg.data, GPTConfig.from_model_config(cfg.model).context_length)
+        bundle = load_run_data(cfg, run_dir)  # a split data.train_file: the rows RUN/data_split.json records
+        if getattr(bundle, split) is None:
+            raise RunError(f"{run_dir} has no {split} split (its config has no data.test_file and splits no test "
+                           "rows off data.train_file); evaluate --split val, or a labelled file with --data FILE")
         facts = run_facts(run_dir, cfg, bundle)
         check_same_labels(run_dir, facts.labels, bundle.label_map)
         dataset, truncated = getattr(bundle, split), bundle.truncated[split]

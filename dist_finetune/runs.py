@@ -33,6 +33,7 @@ from .distributed import DistEnv, broadcast_object
 from .files import atomic_write_text
 from .data import DataBundle, LabelMap, load_data
 from .model import GPTClassifier, GPTConfig, build_model
+from .splits import SPLIT_FILE, DataSplit, read_split
 from .weights import EXPORT_CONFIG, EXPORT_LABELS, load_state_strict
 from .errors import UserError
 
@@ -138,12 +139,19 @@ def recorded_facts(run_dir: Path) -> tuple[list | None, int | None, str | None]:
     return labels, max_length, summary.get("precision")
 
 
+def load_run_data(cfg: Config, run_dir: Path, saved: bool = True) -> DataBundle:
+    """The run's data. A split data.train_file is split as RUN/data_split.json records when `saved`
+    (resume, evaluate), afresh otherwise (a new run, which writes the record when it commits)."""
+    split = read_split(run_dir) if saved and cfg.data.split_fractions() is not None else None
+    return load_data(cfg.data, GPTConfig.from_model_config(cfg.model).context_length, split)
+
+
 def run_facts(run_dir: Path, cfg: Config, bundle: DataBundle | None = None) -> RunFacts:
     """From the run's records; a run that recorded nothing (stopped early) re-reads its training data
     (or takes `bundle`, the run's data already loaded)."""
     labels, max_length, precision = recorded_facts(run_dir)
     if labels is None or max_length is None:
-        bundle = bundle or load_data(cfg.data, GPTConfig.from_model_config(cfg.model).context_length)
+        bundle = bundle or load_run_data(cfg, run_dir)
         labels = labels or bundle.label_map.to_json()
         max_length = max_length or bundle.max_length
     return RunFacts(LabelMap.from_json(labels), int(max_length), precision or cfg.precision)
@@ -283,9 +291,9 @@ OURS_PREFIX = ".dist_finetune_"  # the marker, the lock, a lock being broken, an
 MARKER_VERSION = 1
 # What training and evaluate write at the top of a run folder. `--overwrite` replaces a folder holding the
 # marker and only these (and their temporary twins `NAME.tmp`, `.NAME.*` of an interrupted write).
-RUN_FILES = frozenset({"config.yaml", "checkpoints", "metrics.jsonl", "history.csv", "loss.png", "accuracy.png",
-                       "confusion_test.png", "summary.json", "report.md", "tensorboard", "export", "samples",
-                       "eval", "logs", ".write_probe"})
+RUN_FILES = frozenset({"config.yaml", SPLIT_FILE, "checkpoints", "metrics.jsonl", "history.csv", "loss.png",
+                       "accuracy.png", "confusion_test.png", "summary.json", "report.md", "tensorboard", "export",
+                       "samples", "eval", "logs", ".write_probe"})
 PACKAGE_DIR = Path(__file__).resolve().parent
 
 
@@ -666,11 +674,17 @@ def _check_resumable(cfg: Config, path: Path, tag: str, world_size: int) -> None
             "in a new output_dir with model.weights=WEIGHTS")
 
 
-def _restartable(cfg: Config, path: Path) -> bool:
-    """resume=auto on a run that stopped before its first checkpoint: it starts again, in its own folder."""
-    saved = path / "config.yaml"
-    return (cfg.resume == "auto" and saved.is_file() and not _step_tags(path)
-            and not result_changing_differences(read_yaml(saved), cfg))
+# What a run writes that holds a result: a folder with one of them (or a checkpoint) needs --overwrite.
+RESULTS = ("summary.json", "report.md", "export", "eval")
+
+
+def _never_saved(path: Path, names: list[str]) -> bool:
+    """A run of ours that stopped before its first checkpoint (a config or data error found after it
+    started, a crash, a kill): nothing in it can be resumed or read as a result, so the next run takes
+    the folder without --overwrite (its files are checked as --overwrite checks them)."""
+    marker = _read_json(path / MARKER)
+    return (isinstance(marker, dict) and "version" in marker and not _step_tags(path)
+            and not any(name in RESULTS for name in names))
 
 
 def decide(cfg: Config, path: Path, overwrite: bool, world_size: int) -> Plan:
@@ -685,11 +699,15 @@ def decide(cfg: Config, path: Path, overwrite: bool, world_size: int) -> Plan:
         raise RunError(f"resume=auto: no checkpoint of {checkpoint_dir(path)} is complete: {damaged}; nothing "
                        "was deleted. Pass --overwrite to start the run again, or resume=PATH with a complete "
                        "checkpoint folder of this run")
-    if names and not (overwrite or _restartable(cfg, path)):
+    never_saved = bool(names) and _never_saved(path, names)
+    if names and not (overwrite or never_saved):
         raise RunError(f"output_dir {path} already exists and is not empty; pass --overwrite to replace it, "
                        "resume=auto to continue it, or choose another output_dir")
     if names:
         check_replaceable(path, names)
+    if never_saved and not overwrite:
+        log.warning("output_dir %s holds a run that stopped before its first checkpoint; this run replaces its "
+                    "files (%s) once it starts", path, ", ".join(names))
     _check_writable(path)
     check_free_space(cfg, path, reclaimable=_bytes_under([path / n for n in names]))
     return Plan(None, tuple(names))
@@ -725,12 +743,13 @@ class RunDir:
     lock: RunLock | None = None
     committed: bool = False
 
-    def commit(self) -> None:
-        """Every rank calls it. A new run: rank 0 moves the old run's files aside, writes the marker and
-        config.yaml, then deletes what it moved aside. A resume: nothing changes on disk."""
+    def commit(self, split: DataSplit | None = None) -> None:
+        """Every rank calls it. A new run: rank 0 moves the old run's files aside, writes the marker,
+        the data split (`split`, when data.train_file was split) and config.yaml, then deletes what it
+        moved aside. A resume: nothing changes on disk."""
         outcome = None
         if self.env.is_main and self.resume_tag is None:
-            outcome = _as_outcome(self.path, lambda: _start_run(self.path, self.old, self.cfg))
+            outcome = _as_outcome(self.path, lambda: _start_run(self.path, self.old, self.cfg, split))
         outcome = broadcast_object(outcome, self.env)
         self.committed = True
         if isinstance(outcome, RunError):
@@ -751,7 +770,7 @@ def write_marker(path: Path) -> None:
     atomic_write_text(path / MARKER, json.dumps(marker) + "\n")
 
 
-def _start_run(path: Path, old: tuple[str, ...], cfg: Config) -> None:
+def _start_run(path: Path, old: tuple[str, ...], cfg: Config, split: DataSplit | None = None) -> None:
     """The marker stays in place throughout: a kill at any moment leaves a folder --overwrite recognises."""
     old = tuple(name for name in old if name != MARKER)
     aside = Path(tempfile.mkdtemp(prefix=f"{OURS_PREFIX}old.", dir=path)) if old else None
@@ -761,6 +780,8 @@ def _start_run(path: Path, old: tuple[str, ...], cfg: Config) -> None:
         if os.path.lexists(path / name):
             os.rename(path / name, aside / name)
     write_marker(path)
+    if split is not None:
+        split.write(path)  # before config.yaml: a run folder with a config that splits has its record
     atomic_write_text(path / "config.yaml", to_yaml(cfg))
     if aside is not None:
         shutil.rmtree(aside)  # made just above, holding only the old run's files

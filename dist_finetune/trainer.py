@@ -19,19 +19,19 @@ import torch
 
 from . import checkpoint, faults, logs
 from .config import Config, ConfigError
-from .data import load_data, make_collate
+from .data import make_collate
 from .distributed import DistEnv, all_reduce_sum, broadcast_decision, broadcast_object, set_activity
 from .engine import build_engine, param_group_names, plan_batches
 from .exporter import export_checkpoint
 from .loaders import train_loader
 from .loss import class_weights, weight_tensor
 from .metrics import from_confusion
-from .model import GPTConfig, build_model, configure_kernels, count_parameters, set_trainable
+from .model import build_model, configure_kernels, count_parameters, set_trainable
 from .nonfinite import NonFiniteError, StepGuard
 from .preemption import PreemptionFlag
 from .report import Reporter, peak_memory_bytes, process_age_seconds
 from .errors import UserError
-from .runs import RunError, best_valid_tag, claim_run_dir
+from .runs import RunError, best_valid_tag, claim_run_dir, load_run_data
 from .step import (CORRECT, EXAMPLES, LOSS_SUM, NONFINITE, TOKENS, RunningSums, batch_sums, evaluate, forward,
                    loss_of, mean_loss_accuracy)
 from .weights import load_pretrained
@@ -297,7 +297,7 @@ class Trainer:
         self.phases["engine_init_seconds"] = time.perf_counter() - lap
         self.deferred = cfg.train.nonfinite_check == "deferred"
         self.guard = StepGuard(self.engine.basic_optimizer, env, agree_each_step=not self.deferred)
-        self.folder.commit()  # everything that can fail before training passed: only now replace an old run
+        self.folder.commit(self.data.split)  # everything that can fail before training passed: only now replace an old run
         logs.open_file(logs.log_file(self.run_dir, env.rank))
         self.reporter = self.open_reporter()
         self.warn_truncated()
@@ -320,7 +320,7 @@ class Trainer:
 
     def setup_data(self) -> None:
         cfg, env = self.cfg, self.env
-        self.data = load_data(cfg.data, GPTConfig.from_model_config(cfg.model).context_length)
+        self.data = load_run_data(cfg, self.run_dir, saved=self.folder.resume_tag is not None)  # a resume: its split
         self.loss_weight = weight_tensor(
             class_weights(cfg.loss.class_weights, self.data.train.labels, self.data.label_map.labels), env.device)
         self.plan = plan_batches(cfg, env.world_size)
@@ -583,7 +583,7 @@ class Trainer:
             with logs.captured_output("deepspeed.checkpoint"):  # ZeRO-3 consolidation prints as it goes
                 checkpoint.load(self.engine, run_dir, env, best_tag, weights_only=True)
         results = {split: evaluate(self.engine, getattr(self.data, split), self.cfg, env, self.collate)
-                   for split in ("train", "val", "test")}
+                   for split in self.data.splits()}  # no test split: none
         self.phases["final_eval_seconds"] = time.perf_counter() - lap
         lap = time.perf_counter()
         exported = env.is_main and self.cfg.checkpoint.export and best_tag is not None
@@ -595,8 +595,9 @@ class Trainer:
         summary = self.summary(results, best_tag)
         self.reporter.finish(summary, plots=self.cfg.report.plots)
         self.reporter.say(self.outcome(best_tag, exported))
+        test = f"test accuracy {summary['test']['accuracy']:.4f}, " if "test" in summary else "no test split, "
         self.reporter.say(
-            f"done: test accuracy {summary['test']['accuracy']:.4f}, val {summary['val']['accuracy']:.4f}, "
+            f"done: {test}val {summary['val']['accuracy']:.4f}, "
             f"best step {self.state.best_step}, {summary['wall_seconds']:.1f} s -> {run_dir}")
         return summary
 

@@ -294,12 +294,49 @@ def test_last_zero_blocks() -> None:
     assert "asks for 0 blocks" in override_error("model.trainable=last_0_blocks")
 
 
-@pytest.mark.parametrize("given", [["train_file"], ["train_file", "val_file"], ["test_file"]])
-def test_partial_data_files(given: list[str]) -> None:
-    assert override_error(*(f"data.{key}=x.csv" for key in given)) == (
-        "data.train_file, data.val_file and data.test_file: set all three, or none of them "
-        "to use the bundled SMS Spam Collection"
-    )
+@pytest.mark.parametrize("given, fractions", [
+    (["train_file"], (0.8, 0.1, 0.1)),
+    (["train_file", "split=[0.7, 0.1, 0.2]"], (0.7, 0.1, 0.2)),
+    (["train_file", "split=[0.75, 0.25]"], (0.75, 0.25)),
+    (["train_file", "test_file"], (0.9, 0.1)),
+    (["train_file", "test_file", "split=[0.8, 0.2]"], (0.8, 0.2)),
+    (["train_file", "val_file"], None),
+    (["train_file", "val_file", "test_file"], None),
+])
+def test_what_data_train_file_is_split_into(given: list[str], fractions) -> None:
+    cfg = load_config(None, [f"data.{key}" if "=" in key else f"data.{key}=x.csv" for key in given])
+    assert cfg.data.split_fractions() == fractions
+    assert from_dict(yaml.safe_load(to_yaml(cfg))) == cfg  # as config.yaml in the run folder reads back
+
+
+def test_data_split_as_written_in_yaml(tmp_path) -> None:
+    (tmp_path / "c.yaml").write_text("data:\n  train_file: mine.csv\n  split: [0.7, 0.1, 0.2]\n")
+    cfg = load_config(tmp_path / "c.yaml")
+    assert cfg.data.split == (0.7, 0.1, 0.2) and "split:\n  - 0.7\n  - 0.1\n  - 0.2" in to_yaml(cfg)
+
+
+@pytest.mark.parametrize("overrides, parts", [
+    (["data.val_file=v.csv"], ["data.val_file set without data.train_file", "set data.train_file too"]),
+    (["data.val_file=v.csv", "data.test_file=t.csv"], ["data.val_file and data.test_file set without"]),
+    (["data.split=[0.7, 0.1, 0.2]"], ["data.split", "data.train_file, which is not set", "remove data.split"]),
+    (["data.train_file=a.csv", "data.val_file=v.csv", "data.test_file=t.csv", "data.split=[0.8, 0.2]"],
+     ["data.split: [0.8, 0.2] has nothing to split", "data.val_file is given (and data.test_file)",
+      "remove data.split"]),
+    (["data.train_file=a.csv", "data.val_file=v.csv", "data.split=[0.8, 0.2]"],
+     ["data.split", "nothing to split", "remove data.split, or remove data.val_file"]),
+    (["data.train_file=a.csv", "data.test_file=t.csv", "data.split=[0.7, 0.1, 0.2]"],
+     ["data.split", "three fractions but data.test_file is given", "give two fractions"]),
+    (["data.train_file=a.csv", "data.split=[0.7, 0.2, 0.2]"], ["data.split", "sums to 1.1, not 1", "add up to 1"]),
+    (["data.train_file=a.csv", "data.split=[1.0, 0.0]"], ["data.split", "between 0 and 1", "two fractions"]),
+    (["data.train_file=a.csv", "data.split=[0.5, 0.2, 0.2, 0.1]"], ["data.split", "[train, val, test]"]),
+    (["data.train_file=a.csv", "data.split=0.1"], ["data.split: 0.1 is not allowed", "[train, val]"]),
+    (["data.train_file=a.csv", "data.split=[0.9, x]"], ["data.split[1]: expected a number"]),
+    (["data.split_seed=-1"], ["data.split_seed", "0..4294967295"]),
+])
+def test_bad_data_split_settings(overrides: list[str], parts: list[str]) -> None:
+    message = override_error(*overrides)
+    for part in parts:
+        assert part in message, (part, message)
 
 
 def test_all_three_data_files() -> None:

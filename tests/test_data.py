@@ -304,7 +304,18 @@ def test_bad_data_messages(tmp_path, overrides, expected):
         assert part in message, f"{part!r} not in {message!r}"
 
 
-def test_partial_file_config_is_an_error(tmp_path):
-    cfg = DataConfig(train_file=str(write(tmp_path, "t.csv", GOOD_CSV)))
-    with pytest.raises(DataError, match="data.val_file, data.test_file"):
+def test_val_or_test_file_without_a_train_file_is_an_error(tmp_path):
+    cfg = DataConfig(val_file=str(write(tmp_path, "v.csv", GOOD_CSV)))
+    with pytest.raises(DataError, match="without data.train_file: set data.train_file too"):
         load_data(cfg, context_length=1024)
+
+
+def test_a_row_of_a_split_file_is_named_by_its_row_in_the_file(tmp_path):
+    rows = "".join(f"text number {i},{'ham' if i % 2 else 'spam'}\n" for i in range(20))
+    cfg = DataConfig(train_file=str(write(tmp_path, "all.csv", "text,label\n" + rows)), split=(0.5, 0.5),
+                     max_length=2)
+    bundle = load_data(cfg, context_length=1024)
+    from dist_finetune.data import _rows_of, _read_file  # the split's rows keep their file row in messages
+    val = _rows_of(_read_file(cfg.train_file, "text", "label"), "val", bundle.split.indices["val"])
+    first = bundle.split.indices["val"][0]
+    assert val.source.at(1, "label") == f"{cfg.train_file} (val split), row {first + 1} (line {first + 2}), column 'label'"

@@ -160,6 +160,37 @@ def test_a_failed_check_leaves_the_old_run_whole_and_a_good_overwrite_replaces_i
     assert json.loads((run / "summary.json").read_text())["global_step"] == 2
 
 
+# ---------------------------------------------------------------- a failed start does not block the rerun
+
+
+def test_a_data_error_leaves_no_folder_and_the_corrected_rerun_needs_no_overwrite(tmp_path):
+    (tmp_path / "mine.csv").write_text("text,label\n" + "".join(
+        f"message {i} {'win a prize' if i % 2 else 'see you'},{'spam' if i % 2 else 'ham'}\n" for i in range(60)))
+    bad = train(tmp_path, tmp_path / "run", f"data.train_file={tmp_path / 'mien.csv'}")
+    assert "mien.csv" in error_line(bad) and not (tmp_path / "run").exists()
+    good = train(tmp_path, tmp_path / "run", f"data.train_file={tmp_path / 'mine.csv'}")
+    assert good.returncode == 0, good.stderr[-3000:]
+    assert (tmp_path / "run" / "data_split.json").is_file() and (tmp_path / "run" / "summary.json").is_file()
+
+
+def test_a_run_stopped_before_its_first_checkpoint_does_not_block_the_rerun(tmp_path):
+    nan = {"DIST_FINETUNE_FAULTS": "nan_loss@step=1"}  # an error found after the run started
+    stopped = train(tmp_path, tmp_path / "run", "train.on_nonfinite=stop", env=nan)
+    assert stopped.returncode == 3 and "non-finite loss at step 1" in stopped.stderr, stopped.stderr[-3000:]
+    left = {p.name for p in (tmp_path / "run").iterdir()}
+    assert "config.yaml" in left and "checkpoints" not in left, left
+    (tmp_path / "run" / "notes.txt").write_text("mine\n")  # a user's file: never taken without a word
+    assert "notes.txt" in error_line(train(tmp_path, tmp_path / "run"))
+    (tmp_path / "run" / "notes.txt").unlink()
+    rerun = train(tmp_path, tmp_path / "run", "seed=7")  # the corrected config; no --overwrite
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert "stopped before its first checkpoint" in rerun.stderr
+    assert yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["seed"] == 7
+    assert not [n for n in os.listdir(tmp_path / "run") if n.startswith(runs.OURS_PREFIX) and n != runs.MARKER]
+    line = error_line(train(tmp_path, tmp_path / "run", "seed=8"))  # a run with checkpoints still needs it
+    assert "already exists" in line and "--overwrite" in line
+
+
 # ---------------------------------------------------------------- resume=auto deletes nothing
 
 
@@ -298,7 +329,7 @@ def test_lock_is_exclusive_refreshed_and_released(tmp_path, monkeypatch):
 
 
 def test_what_counts_as_a_run_file():
-    for name in ("config.yaml", "checkpoints", "summary.json.tmp", ".summary.json.x1y2.tmp", ".export.old.abc",
+    for name in ("config.yaml", "data_split.json", "checkpoints", "summary.json.tmp", ".summary.json.x1y2.tmp", ".export.old.abc",
                  runs.MARKER, runs.LOCK, f"{runs.LOCK}.stale.abc", ".dist_finetune_old.xyz", "eval"):
         assert runs.is_run_file(name), name
     for name in ("notes.txt", "config.yaml.bak", ".git", "data", "summary.json.mine"):
