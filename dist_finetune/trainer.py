@@ -405,10 +405,11 @@ class Trainer:
         """What the headline's step count means: at most, with the evaluations and the early stop."""
         cfg, es = self.cfg, self.cfg.early_stopping
         full = self.steps_per_epoch * cfg.train.epochs
-        length = (f"{cfg.train.epochs} epoch(s) of {self.steps_per_epoch} steps" if self.total_steps == full else
-                  f"train.max_steps; an epoch is {self.steps_per_epoch} steps")
+        epochs = _count(cfg.train.epochs, "epoch")
+        length = (f"{epochs} of {self.steps_per_epoch} steps" if self.total_steps == full
+                  else f"train.max_steps; an epoch is {self.steps_per_epoch} steps")
         every = f"every {cfg.eval.every_steps} steps and " if cfg.eval.every_steps else ""
-        stop = (f"stops early after {es.patience} evaluation(s) without a better {es.metric}" if es.enabled
+        stop = (f"stops early after {_count(es.patience, 'evaluation')} without a better {es.metric}" if es.enabled
                 else "early stopping is off")
         return f"plan: up to {self.total_steps} steps ({length}); evaluates {every}at each epoch's end; {stop}"
 
@@ -474,7 +475,7 @@ class Trainer:
         es, stopper = self.cfg.early_stopping, self.stopper
         by = f" by more than {es.min_delta:g}" if es.min_delta else ""
         return (f"early stop at step {self.state.global_step}: no improvement in {es.metric}{by} for "
-                f"{stopper.bad_evals} evaluations (best {stopper.best:.4f} at step {self.state.best_step})")
+                f"{_count(stopper.bad_evals, 'evaluation')} (best {stopper.best:.4f} at step {self.state.best_step})")
 
     def save(self, is_best: bool) -> None:
         s = self.state
@@ -647,6 +648,10 @@ class Trainer:
 
 def _round(timings: dict[str, float | None]) -> dict[str, float | None]:
     return {k: None if v is None else round(v, 3) for k, v in timings.items()}
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
 
 
 def _whole(x: float) -> float | int:

@@ -38,7 +38,7 @@ def test_an_early_stop_says_each_evaluation_the_reason_and_where_the_model_is(tm
     assert "plan: up to 12 steps" in out
     assert re.search(r"^eval step 2: val_loss \d\.\d{4} val_accuracy \d\.\d{4} \(new best\)$", out, re.M), out
     assert re.search(r"^eval step 4: val_loss \d\.\d{4} val_accuracy \d\.\d{4}$", out, re.M), out
-    assert re.search(r"^early stop at step 4: no improvement in val_loss by more than 10 for 1 evaluations "
+    assert re.search(r"^early stop at step 4: no improvement in val_loss by more than 10 for 1 evaluation "
                      r"\(best \d\.\d{4} at step 2\)$", out, re.M), out
     best, export = run.dir / "checkpoints" / "step_0000002", run.dir / "export"
     assert f"stopped early at step 4 of 12; best checkpoint: {best}; exported model: {export}\n" in out
