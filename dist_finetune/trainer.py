@@ -6,10 +6,12 @@ Every rank trains on its shard and evaluates its shard; sums are all-reduced; ra
 from __future__ import annotations
 
 import json
+import logging
 import random
 import re
 import signal
 import time
+import traceback
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -151,6 +153,9 @@ class Trainer:
             if self.state.preempted:
                 return self.stopped_by_signal()
             return self.finish()
+        except Exception as exc:  # the command prints it; the log file keeps it too
+            logs.echo(f"error: {exc}" if isinstance(exc, UserError) else traceback.format_exc(), logging.ERROR)
+            raise
         finally:
             self.signals.ignore_from_now()
             if self.reporter is not None:

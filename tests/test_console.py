@@ -83,6 +83,16 @@ def test_the_bar_stops_at_a_signal_and_a_resumed_run_ends_at_100_percent(tmp_pat
     assert log.count(DEEPSPEED_INFO) == 2 and log.index("preempted (signal") < log.index("ran all 12 steps")
 
 
+def test_the_error_that_stops_a_run_is_in_its_log_file(tmp_path):
+    run = runner.train(tmp_path, "bad", ["train.max_steps=4", "train.on_nonfinite=stop"],
+                       env={FAULTS: "nan_loss@step=2"})
+    assert run.proc.returncode == 3, run.output()
+    error = [line for line in run.proc.stderr.splitlines() if line.startswith("error: ")]
+    assert len(error) == 1 and "non-finite loss at step 2" in error[0], run.output()
+    assert f"ERROR dist_finetune.console: {error[0]}" in rank_log(run.dir)
+    assert run.proc.stderr.count("non-finite loss at step 2") == 1  # the console has it once
+
+
 # ---------------------------------------------------------------- two ranks
 
 
