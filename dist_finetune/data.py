@@ -596,15 +596,18 @@ def _load_tables(cfg: DataConfig, saved: DataSplit | None) -> tuple[dict[str, _T
     if fractions is None:
         return tables, None
     whole = tables.pop("train")
-    check_label_spellings([whole])  # before the labels are grouped for stratification
-    if saved is None:
-        split = DataSplit.make(cfg.train_file, whole.frame["label"].tolist(), fractions, cfg.split_seed)
-    else:
+    split = _split_of(cfg, whole, fractions, saved)
+    tables.update({name: _rows_of(whole, name, rows) for name, rows in split.indices.items()})
+    return {name: tables[name] for name in SPLITS if name in tables}, split
+
+
+def _split_of(cfg: DataConfig, whole: _Table, fractions: tuple[float, ...], saved: DataSplit | None) -> DataSplit:
+    """The run's recorded split of data.train_file (checked against the file), or a new one."""
+    if saved is not None:
         saved.check_source(cfg.train_file, len(whole.frame))
-        split = saved
-    parts = {name: _rows_of(whole, name, rows) for name, rows in split.indices.items()}
-    return {name: parts[name] if name in parts else tables[name] for name in SPLITS
-            if name in parts or name in tables}, split
+        return saved
+    check_label_spellings([whole])  # before the labels are grouped for stratification
+    return DataSplit.make(cfg.train_file, whole.frame["label"].tolist(), fractions, cfg.split_seed)
 
 
 def _rows_of(table: _Table, name: str, rows: Sequence[int]) -> _Table:
