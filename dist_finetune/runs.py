@@ -299,7 +299,7 @@ PACKAGE_DIR = Path(__file__).resolve().parent
 
 # Inside the run's folders: exactly what training, evaluate and export write there.
 RUN_SUBFOLDERS = {
-    "checkpoints": re.compile(r"(latest|best|\.(latest|best)\.tmp|step_\d+|zero_to_fp32\.py)"),
+    "checkpoints": re.compile(r"(latest|best|\.(latest|best)\.tmp|step_\d+|zero_to_(fp32|torch)\.py)"),
     "eval": re.compile(r"[^/]+\.json|confusion_[^/]+\.png"),
     "export": re.compile(r"model\.safetensors|model_config\.json|labels\.json"),
     "tensorboard": re.compile(r"events\.out\.tfevents\.[^/]+"),

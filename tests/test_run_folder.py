@@ -376,3 +376,12 @@ def test_evaluate_refuses_a_checkpoint_with_nonfinite_weights(tmp_path, finished
     write_manifest(folder)
     line = error_line(cli("evaluate", ["--run", str(run)]))
     assert "non-finite weights" in line and str(folder) in line
+
+
+def test_overwrite_takes_a_zero_run_with_deepspeeds_recovery_scripts(tmp_path):
+    """DeepSpeed writes checkpoints/zero_to_fp32.py (and, in newer releases, zero_to_torch.py) beside
+    ZeRO 1-3 checkpoints: they are run files."""
+    first = train(tmp_path, tmp_path / "run", "zero.stage=2")
+    assert first.returncode == 0, first.stderr[-3000:]
+    again = train(tmp_path, tmp_path / "run", "--overwrite", "zero.stage=2")
+    assert again.returncode == 0, again.stderr[-3000:]
