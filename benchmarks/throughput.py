@@ -441,9 +441,9 @@ def run_setting(matrix: Matrix, setting: Setting, env: DistEnv, data: DataBundle
         if engine is not None:
             engine.destroy()
         if cfg.train.compile:
-            import torch._dynamo
+            from torch import _dynamo  # a plain `import torch._dynamo` would make `torch` local here
 
-            torch._dynamo.reset()
+            _dynamo.reset()
     timed = [stats[i % len(stats)] for i in range(warmup, warmup + steps)]
     work = sum(flops.batch(s.batch_size, s.width) for s in timed)
     tflops = work / timing.seconds / 1e12
