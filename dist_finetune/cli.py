@@ -6,6 +6,7 @@ device choice of the single-process commands, and the `dist-finetune` dispatcher
 """
 from __future__ import annotations
 
+import argparse
 import importlib
 import json
 import os
@@ -44,6 +45,17 @@ def pick_device(name: str) -> torch.device:
     if name == "cuda" and not torch.cuda.is_available():
         raise DeviceError("--device cuda: no CUDA device is available; use --device cpu or auto")
     return torch.device(name)
+
+
+def add_weights_args(p: argparse.ArgumentParser) -> None:
+    """--weights, --download and --n-head of the commands that run a pretrained language model."""
+    p.add_argument("--weights", required=True,
+                   help="pretrained GPT-2 weights: a folder, a file, or a Hugging Face id such as gpt2 (found in the "
+                        "local cache)")
+    p.add_argument("--download", action="store_true", help="download a Hugging Face id missing from the local cache")
+    p.add_argument("--n-head", type=int, metavar="N",
+                   help="attention heads, for weights without a config.json beside them that match no GPT-2 size "
+                        "(default: from the config or the GPT-2 size)")
 
 
 def _rank_prefix() -> str:

@@ -16,10 +16,9 @@ from dataclasses import dataclass
 
 import torch
 
-from .cli import run_command
+from .cli import add_weights_args, pick_device, run_command
 from .distributed import leave
 from .model import GPT
-from .cli import pick_device
 from .tokenizer import EOT_ID, decode, encode
 from .weights import load_language_model
 from .errors import UserError
@@ -98,13 +97,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         prog="python -m dist_finetune.generate", epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Continue a prompt with a pretrained GPT-2 language model.")
     p.add_argument("prompt", help='the text to continue, e.g. "Every effort moves"')
-    p.add_argument("--weights", required=True,
-                   help="pretrained GPT-2 weights: a folder, a file, or a Hugging Face id such as gpt2 (found in the "
-                        "local cache)")
-    p.add_argument("--download", action="store_true", help="download a Hugging Face id missing from the local cache")
-    p.add_argument("--n-head", type=int, metavar="N",
-                   help="attention heads, for weights without a config.json beside them that match no GPT-2 size "
-                        "(default: from the config or the GPT-2 size)")
+    add_weights_args(p)
     p.add_argument("--max-new-tokens", type=int, default=DEFAULT_MAX_NEW_TOKENS, metavar="N",
                    help="stop after this many new tokens; it also stops at <|endoftext|> or the model's context "
                         f"(default: {DEFAULT_MAX_NEW_TOKENS})")

@@ -21,12 +21,11 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from .cli import run_command
+from .cli import add_weights_args, pick_device, run_command
 from .distributed import leave
 from .data import SPLITS, DataError, LabelMap, bundled_sms_splits, read_table, read_texts
 from .metrics import format_table, from_confusion
 from .model import GPT
-from .cli import pick_device
 from .report import write_json
 from .tokenizer import PAD_ID, encode, encode_batch
 from .weights import load_language_model
@@ -221,13 +220,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="python -m dist_finetune.zeroshot", epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Classify by prompting a pretrained GPT-2, without finetuning: the baseline to beat.")
-    p.add_argument("--weights", required=True,
-                   help="pretrained GPT-2 weights: a folder, a file, or a Hugging Face id such as gpt2 (found in the "
-                        "local cache)")
-    p.add_argument("--download", action="store_true", help="download a Hugging Face id missing from the local cache")
-    p.add_argument("--n-head", type=int, metavar="N",
-                   help="attention heads, for weights without a config.json beside them that match no GPT-2 size "
-                        "(default: from the config or the GPT-2 size)")
+    add_weights_args(p)
     which = p.add_mutually_exclusive_group()
     which.add_argument("--split", choices=SPLITS, help="a split of the bundled SMS Spam Collection (default: test)")
     which.add_argument("--data", type=Path, metavar="FILE",
