@@ -472,7 +472,7 @@ class Trainer:
         best = " (new best)" if decision == NEW_BEST else ""
         self.reporter.say(f"eval step {s.global_step}: val_loss {val['loss']:.4f} val_accuracy "
                           f"{val['accuracy']:.4f}{best}")
-        if decision == STOP:
+        if decision == STOP and env.is_main:  # the stopper's record lives on rank 0
             self.reporter.say(self.stop_reason())
         return decision
 

@@ -37,6 +37,7 @@ def test_two_ranks_train_disjoint_shards_and_stop_together(tmp_path):
     assert len(seen[0]) == len(seen[1]) == 10 * 8
     decisions = [e["decision"] for e in run.events("eval")]
     assert decisions == ["new_best", "stop"]
+    assert run.proc.stdout.count("early stop at step 10: no improvement in val_loss by more than 100") == 1
 
 
 FAST_PATH = ["data.padding=longest", "data.group_by_length=true", "train.nonfinite_check=deferred",

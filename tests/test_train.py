@@ -51,7 +51,7 @@ def test_quickstart_used_no_network(quickstart):
 def test_quickstart_writes_every_report(quickstart):
     d = quickstart.dir
     cfg = load_config(d / "config.yaml")
-    assert cfg.model.n_embd == 128 and cfg.output_dir == str(d)
+    assert cfg.model.n_embd == 64 and cfg.output_dir == str(d)
     events = [json.loads(line) for line in (d / "metrics.jsonl").read_text().splitlines()]
     kinds = {e["event"] for e in events}
     assert {"train", "eval", "summary"} <= kinds
