@@ -29,6 +29,7 @@ SPLIT_FILE = "data_split.json"
 SPLIT_NAMES = ("train", "val", "test")
 VERSION = 1
 _LARGEST = 2**31  # bytes: a bigger record is not ours
+_SEARCH_ROWS = 100_000  # rows_needed searches below this many rows
 
 
 class SplitError(UserError, ValueError):
@@ -75,11 +76,11 @@ def stratified_split(labels: Sequence[Hashable], fractions: Sequence[float], see
 
 
 def rows_needed(fractions: Sequence[float]) -> int:
-    """The fewest rows of one label that give every part at least one."""
-    n = len(fractions)
-    while min(cut(n, fractions)) == 0:
-        n += 1
-    return n
+    """The fewest rows of one label that give every part at least one. ceil(1 / smallest fraction) rows always
+    do; below that, rounding may give a part its row sooner, which is searched only where it is cheap."""
+    enough = math.ceil(1 / min(fractions) - 1e-9)
+    return next((n for n in range(len(fractions), min(enough, _SEARCH_ROWS)) if min(cut(n, fractions)) > 0),
+                enough)
 
 
 def check_every_label_in_every_part(labels: Sequence[Hashable], fractions: Sequence[float], file: str) -> None:

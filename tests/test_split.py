@@ -177,6 +177,14 @@ def test_a_label_too_small_for_the_fractions_names_data_split_and_the_fix(tmp_pa
     load_data(DataConfig(train_file=str(csv_path), split=(0.6, 0.2, 0.2)), 128)  # 5 rows: 3 / 1 / 1
 
 
+@pytest.mark.timeout(60)
+def test_a_tiny_fraction_is_refused_at_once_naming_the_rows_it_needs(tmp_path):
+    """A fraction like 1e-9 once made the rows-needed count loop for a billion rows (the run hung before training)."""
+    csv_path = write_toy_csv(tmp_path / "toy.csv")
+    with pytest.raises(SplitError, match="at least 1000000000 rows"):
+        load_data(DataConfig(train_file=str(csv_path), split=(1e-9, 0.5, 0.5 - 1e-9)), 128)
+
+
 @pytest.mark.parametrize("content, found", [
     (None, "is missing"),
     ("{", "is damaged"),
