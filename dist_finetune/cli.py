@@ -94,6 +94,10 @@ def run_command(body: Callable[[], int]) -> int:
         tell_deepspeed_cpu()
     try:
         code = body()
+        sys.stdout.flush()  # a reader that went away (`| head`) is met here, not in the exit path
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # the exit's own flush goes nowhere
+        code = 141  # 128 + SIGPIPE: what a shell tool stopped by the closed pipe returns
     except UserError as exc:
         line = f"error{_rank_prefix()}: {exc}"
         print(line, file=sys.stderr, flush=True)

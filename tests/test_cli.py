@@ -60,6 +60,19 @@ def test_anything_else_keeps_its_traceback():
         cli.run_command(body)
 
 
+def test_a_reader_that_stops_early_is_no_traceback():
+    """`evaluate ... | head -2`: the reader closes the pipe while the command still prints; the command ends
+    quietly with 141 (128 + SIGPIPE, as a shell tool killed by the closed pipe), not with a traceback."""
+    code = ("from dist_finetune.cli import run_command; from dist_finetune.distributed import leave; "
+            "leave(run_command(lambda: [print('line', i) for i in range(100_000)] and 0))")
+    proc = subprocess.Popen([sys.executable, "-c", code], cwd=runner.REPO, env=runner.child_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert proc.stdout.readline() == b"line 0\n"
+    proc.stdout.close()
+    err = proc.communicate(timeout=120)[1].decode()
+    assert proc.returncode == 141 and "Traceback" not in err and "BrokenPipe" not in err, err
+
+
 def test_under_torchrun_the_error_line_is_the_workers_recorded_failure(tmp_path, monkeypatch, capsys):
     """The error file holds our line where torch's own reader (the agent's ProcessFailure) looks for
     the traceback; a bug records its traceback there through torch's ErrorHandler."""
