@@ -171,6 +171,8 @@ def _from_json(data: Any, origin: str) -> DataSplit:
     for name, part in indices.items():
         if not (isinstance(part, list) and all(_is_int(i) and 0 <= i < rows for i in part)):
             raise ValueError(f"indices of {name} must be row positions below {rows}")
+        if len(set(part)) < len(part):
+            raise ValueError(f"a row is twice in {name}")
         if seen.intersection(part):
             raise ValueError(f"a row is in two splits ({name})")
         seen.update(part)

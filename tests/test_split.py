@@ -192,6 +192,8 @@ def test_a_tiny_fraction_is_refused_at_once_naming_the_rows_it_needs(tmp_path):
                  "indices": {"train": [0, 1], "val": [1]}}), "a row is in two splits"),
     (json.dumps({"version": 1, "file": "x.csv", "sha256": "0", "rows": 2, "fractions": [0.5, 0.5], "seed": 1,
                  "indices": {"train": [0], "val": [5]}}), "row positions below 2"),
+    (json.dumps({"version": 1, "file": "x.csv", "sha256": "0", "rows": 3, "fractions": [0.5, 0.5], "seed": 1,
+                 "indices": {"train": [0], "val": [1, 2, 1]}}), "a row is twice in val"),
 ])
 def test_a_missing_or_damaged_record_is_one_line_with_the_fix(tmp_path, content, found):
     if content is not None:
