@@ -200,6 +200,20 @@ def finished_result(base: Path, out: Path, setting: Setting, nproc: int) -> Resu
     return Result(setting.name, "ok", values)
 
 
+def run_to_its_end(proc: subprocess.Popen) -> int:
+    """Wait for a setting's process. A Ctrl-C reached it too (one process group): it is saving a checkpoint,
+    so let it finish (subprocess.run would kill it mid-save); a second Ctrl-C makes it exit at once."""
+    try:
+        return proc.wait()
+    except KeyboardInterrupt:
+        try:
+            proc.wait()
+        except KeyboardInterrupt:
+            proc.kill()
+            proc.wait()
+        raise
+
+
 def run_setting(base: Path, out: Path, setting: Setting, nproc: int, overwrite: bool = False,
                 resume: bool = False) -> Result:
     """Run one setting, its output in OUT/NAME.log (with `resume`, added after an earlier attempt's)."""
@@ -209,7 +223,7 @@ def run_setting(base: Path, out: Path, setting: Setting, nproc: int, overwrite: 
         start = log.tell()
         log.write(f"{LOG_HEADER}{setting.name}\n$ " + " ".join(cmd) + "\n")
         log.flush()
-        rc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=os.environ.copy()).returncode
+        rc = run_to_its_end(subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=os.environ.copy()))
     with log_path.open("rb") as log:
         log.seek(start)
         text = log.read().decode("utf-8", errors="replace")  # this attempt's output only

@@ -3,8 +3,11 @@ from __future__ import annotations
 
 import csv
 import json
+import os
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import yaml
@@ -125,3 +128,37 @@ def test_resume_keeps_finished_settings_continues_unfinished_and_runs_missing_on
     assert log.startswith(b_log) and "resumed from step_0000002" in log[len(b_log):]
     assert json.loads((out / "b" / "summary.json").read_text())["global_step"] == 4
     assert (out / "c" / "summary.json").is_file()
+
+
+@pytest.mark.slow
+def test_ctrl_c_lets_the_running_setting_save_then_resume_continues_it(tmp_path):
+    """Ctrl-C reaches the sweep and its running setting (one process group): the setting saves a checkpoint
+    and the sweep exits 130 after it, instead of killing it mid-save; --resume continues from that checkpoint."""
+    base = runner.write_config(tmp_path / "base.yaml", {
+        **runner.TINY, "train": {**runner.TINY["train"], "max_steps": 3}, "checkpoint": {"export": False}})
+    (tmp_path / "grid.yaml").write_text(yaml.safe_dump({"a": ["seed=5"]}))
+    out = tmp_path / "sweep"
+    cmd = [sys.executable, "-m", "dist_finetune.sweep", "--base", str(base), "--grid", str(tmp_path / "grid.yaml"),
+           "--out", str(out)]
+    env = {**runner.child_env(), "DIST_FINETUNE_FAULTS": "sleep@step=1,seconds=3"}  # Ctrl-C lands in the stall
+    proc = subprocess.Popen(cmd, cwd=runner.REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    try:
+        deadline = time.monotonic() + 300
+        while not (out / "a.log").exists() or "plan:" not in (out / "a.log").read_text():
+            assert time.monotonic() < deadline and proc.poll() is None, proc.stdout.read()
+            time.sleep(0.05)
+        os.killpg(proc.pid, signal.SIGINT)  # what the terminal does on Ctrl-C
+        output = proc.communicate(timeout=300)[0]
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    log = (out / "a.log").read_text()
+    assert proc.returncode == 130, output + log
+    assert "checkpoint step_0000001 saved" in log, log
+    assert (out / "a" / "checkpoints" / "latest").read_text().strip() == "step_0000001"
+    resumed = subprocess.run([*cmd, "--resume"], cwd=runner.REPO, env=runner.child_env(), capture_output=True,
+                             text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert "resumed from step_0000001" in (out / "a.log").read_text()
+    assert json.loads((out / "a" / "summary.json").read_text())["global_step"] == 3
