@@ -576,8 +576,9 @@ class Trainer:
         s, received = self.state, self.signals.received
         name = signal.Signals(received).name if received else "signal"
         self.reporter.event("preempted", step=s.global_step, epoch=s.epoch, signal=name)
-        what = "interrupted (Ctrl-C, " if received == signal.SIGINT else "preempted ("
-        self.reporter.say(f"{what}signal {received}) at step {s.global_step}: checkpoint "
+        cause = ("interrupted (Ctrl-C, signal 2)" if received == signal.SIGINT else f"preempted (signal {received})"
+                 if received else "preempted (a signal reached another rank)")  # the ranks agree on a flag only
+        self.reporter.say(f"{cause} at step {s.global_step}: checkpoint "
                           f"{checkpoint.tag_for(s.global_step)} saved; run again with resume=auto to continue")
         return None
 

@@ -109,6 +109,18 @@ def test_two_ranks_keep_the_console_to_our_lines_and_each_rank_logs_to_its_file(
     assert "INFO DeepSpeed: " in other and "eval step" not in other  # its own records; no console lines
 
 
+@pytest.mark.slow
+def test_a_signal_to_one_rank_is_named_as_such_on_rank_0(tmp_path):
+    """SIGUSR1 reaches rank 1 only: the ranks agree to save and stop; rank 0, which got no signal, says so
+    (it once printed "preempted (signal None)")."""
+    run = runner.train(tmp_path, "one", [*STEPS, "report.progress_bar=off"], nproc=2,
+                       env={FAULTS: "signal@step=5,name=USR1,rank=1"})
+    assert run.ok, run.output()
+    assert "preempted (a signal reached another rank) at step 5: checkpoint step_0000005 saved" in run.proc.stdout, \
+        run.output()
+    assert "None" not in run.proc.stdout + run.proc.stderr
+
+
 # ---------------------------------------------------------------- the bar, in this process
 
 
