@@ -240,6 +240,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="where the model runs: auto uses CUDA when available, else CPU (default: auto)")
     p.add_argument("--out", type=Path, metavar="FILE",
                    help="the JSON report to write (default: ./zeroshot_<split or file stem>.json)")
+    p.add_argument("--overwrite", action="store_true", help="replace a report that already exists (default: refuse)")
     args = p.parse_args(argv)
     if args.data is None:
         args.split = args.split or "test"
@@ -255,6 +256,15 @@ def check_args(args: argparse.Namespace) -> None:
         raise ZeroShotError("--text-column and --label-column apply to --data only")
     if args.out is not None and not args.out.parent.is_dir():
         raise ZeroShotError(f"--out {args.out}: the folder {args.out.parent} does not exist; create it first")
+    out = output_path(args)
+    if out.is_dir():
+        raise ZeroShotError(f"--out {out} is a folder; give a file name ending in .json")
+    if (out.exists() or out.is_symlink()) and not args.overwrite:
+        raise ZeroShotError(f"{out} already exists; pass --overwrite to replace it, or choose another --out")
+
+
+def output_path(args: argparse.Namespace) -> Path:
+    return args.out or Path(f"zeroshot_{args.split if args.data is None else args.data.stem}.json")
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -286,8 +296,8 @@ def main(argv: list[str] | None = None) -> int:
 def score_and_report(args: argparse.Namespace) -> int:
     check_args(args)
     report = run(args)
-    name = report.pop("name")
-    out = args.out or Path(f"zeroshot_{name}.json")
+    report.pop("name")
+    out = output_path(args)
     write_json(out, report)
     what = f"split {args.split}" if args.data is None else f"file {args.data}"
     print(f"zero-shot {args.weights}: {what}, answers " + ", ".join(f"{k}={v!r}" for k, v in report["answers"].items()))

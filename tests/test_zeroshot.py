@@ -156,9 +156,22 @@ def test_zero_shot_on_a_file_with_its_own_answers(export, tmp_path, capsys, monk
     assert report["labels"] == ["neg", "pos"] and report["examples"] == 3 and report["split"] is None
     capsys.readouterr()
 
-    assert main(args) == 2  # pos / neg have no default answers
+    assert main([*args, "--overwrite"]) == 2  # pos / neg have no default answers
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "have no answer word" in err[0] and "--answers" in err[0]
+
+
+def test_an_existing_report_is_replaced_only_with_overwrite(export, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    report = tmp_path / "zeroshot_val.json"
+    report.write_text("{}\n")
+    args = ["--weights", str(export), "--split", "val", "--device", "cpu"]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "zeroshot_val.json already exists" in err[0] and "--overwrite" in err[0]
+    assert report.read_text() == "{}\n"
+    assert main([*args, "--overwrite"]) == 0
+    assert json.loads(report.read_text())["split"] == "val"
 
 
 def test_missing_weights_and_label_column_are_one_line_errors(export, tmp_path, capsys):
