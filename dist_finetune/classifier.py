@@ -89,7 +89,11 @@ class Classifier:
             raise TypeError("predict takes a list of texts; for one text, write predict([text])")
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        tokens = encode_batch(list(texts))
+        texts = list(texts)
+        for row, text in enumerate(texts, 1):
+            if not isinstance(text, str):
+                raise TypeError(f"text {row} is a {type(text).__name__}, not a str: predict takes a list of strings")
+        tokens = encode_batch(texts)
         for row, ids in enumerate(tokens, 1):
             if not ids:
                 raise DataError(f"text {row}: it is empty (zero tokens); give a non-empty text")

@@ -96,6 +96,8 @@ def test_load_takes_a_run_folder_or_its_export_and_names_both_when_neither(train
         assert words in str(caught.value)
     with pytest.raises(TypeError, match=r"predict\(\[text\]\)"):
         clf.predict("one text")
+    with pytest.raises(TypeError, match="text 2 is a int, not a str"):
+        clf.predict(["fine", 7])
 
 
 def test_predict_with_a_run_folder_and_its_export_agree(trained):
