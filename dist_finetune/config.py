@@ -104,6 +104,9 @@ class DataConfig:
     train_file: str | None = _path(None)
     val_file: str | None = _path(None)
     test_file: str | None = _path(None)
+    # A folder written by datasets' save_to_disk (instead of the three files): splits train, validation
+    # (or val / valid / dev) and test by name; a single Dataset, or no validation split: split by data.split.
+    dataset_dir: str | None = _path(None)
     # Fractions of data.train_file: [train, val, test], or [train, val] (no test split, or the test split
     # from data.test_file). Unset: [0.8, 0.1, 0.1] for train_file alone, [0.9, 0.1] with a test_file.
     # Stratified by label, seeded by split_seed, written to RUN/data_split.json (evaluate reuses it).
@@ -303,12 +306,26 @@ class EarlyStoppingConfig:
         return "min" if self.metric == "val_loss" else "max"
 
 
+EXPORT_FORMATS = ("native", "hf")
+
+
+def _export_formats(path: str, value: Any) -> tuple[str, ...]:
+    items = [value] if isinstance(value, str) else value
+    if isinstance(items, (list, tuple)) and items and all(v in EXPORT_FORMATS for v in items):
+        return tuple(dict.fromkeys(items))
+    raise ConfigError(f"{path}: {value!r} is not allowed; choose a non-empty list of: {' | '.join(EXPORT_FORMATS)} "
+                      "(e.g. [native, hf])")
+
+
 @dataclass(frozen=True)
 class CheckpointConfig:
     # Save every N optimizer steps (None: only at each new best and at the end).
     every_steps: int | None = None
     keep_last: int = 2
     export: bool = True
+    # What the end-of-run export writes: native -> RUN/export (predict, Classifier), hf -> RUN/export_hf
+    # (a transformers GPT2ForSequenceClassification folder; needs model.pooling=last_token).
+    export_formats: tuple[str, ...] = field(default=("native",), metadata={"coerce": _export_formats})
     # SHA-256 of every checkpoint file in its manifest (sizes only when false: faster for huge models).
     checksums: bool = True
 
@@ -637,6 +654,11 @@ def _validate_split(d: DataConfig) -> None:
     _check(d.val_file is None,
            f"data.split: {split} has nothing to split: data.val_file is given"
            f"{' (and data.test_file)' if d.test_file else ''}; remove data.split, or remove data.val_file to "
+    if d.dataset_dir is not None:
+        given = [f"data.{k}" for k in ("train_file", "val_file", "test_file") if getattr(d, k) is not None]
+        _check(not given, f"data.dataset_dir and {' and '.join(given)} are both set: the splits come from the "
+                          "folder or from files, not both; remove one of them")
+        return
            "split the validation rows off data.train_file")
     _check(d.test_file is None or len(split) == 2,
            f"data.split: {split} has three fractions but data.test_file is given, so data.train_file is split "
@@ -683,6 +705,12 @@ def _validate_rest(cfg: Config) -> None:
            f"early_stopping.min_delta: must be >= 0, got {cfg.early_stopping.min_delta}")
     _check(cfg.checkpoint.every_steps is None or cfg.checkpoint.every_steps >= 1,
            f"checkpoint.every_steps: must be >= 1, got {cfg.checkpoint.every_steps}")
+    if cfg.checkpoint.export and "hf" in cfg.checkpoint.export_formats:
+        from .hf_export import unsupported
+
+        reason = unsupported(cfg.model.pooling, cfg.model.causal_mask)
+        _check(reason is None, f"checkpoint.export_formats: hf: {reason}, or remove hf from "
+                                  "checkpoint.export_formats")
     _check(cfg.checkpoint.keep_last >= 1, f"checkpoint.keep_last: must be >= 1, got {cfg.checkpoint.keep_last}")
     _check(0 < cfg.distributed.timeout_seconds <= TIMEOUT_MAX_SECONDS,
            f"distributed.timeout_seconds: must be > 0 and at most {TIMEOUT_MAX_SECONDS:.0f} (7 days), "

@@ -1,4 +1,5 @@
-"""Classification data: read CSV / TSV / JSONL (or the bundled SMS Spam Collection), validate every
+"""Classification data: read CSV / TSV / JSONL / Parquet files, a saved `datasets` folder (formats.py) or
+the bundled SMS Spam Collection, validate every
 row before training, map labels to ids, tokenize once, truncate, and build the loaders.
 
 Every user error is a `DataError` whose message names the file, the 1-based data row ("row N", the
@@ -27,10 +28,11 @@ import pandas as pd
 import torch
 from torch.utils.data import Dataset
 
-from .config import DataConfig
+from .config import SPLIT_DEFAULT, SPLIT_DEFAULT_VAL, DataConfig
+from .formats import folder_sha256, read_dataset_dir, read_parquet
 from .tokenizer import PAD_ID, encode_batch
 from .errors import UserError
-from .splits import DataSplit
+from .splits import DataSplit, SplitError, check_every_label_in_every_part, stratified_split
 
 SPLITS = ("train", "val", "test")
 BUNDLED_SMS_PATH = Path(__file__).resolve().parent / "datasets" / "sms_spam_collection" / "SMSSpamCollection"
@@ -41,9 +43,12 @@ FORMATS: dict[str, str] = {
     ".txt": "tsv",
     ".jsonl": "jsonl",
     ".ndjson": "jsonl",
+    ".parquet": "parquet",
 }
-_FORMAT_NAMES = {"csv": "comma-separated", "tsv": "tab-separated", "jsonl": "JSON Lines"}
-_SUPPORTED = ".csv (comma-separated), .tsv / .tab / .txt (tab-separated), .jsonl / .ndjson (JSON Lines)"
+_FORMAT_NAMES = {"csv": "comma-separated", "tsv": "tab-separated", "jsonl": "JSON Lines", "parquet": "Parquet",
+                 "dataset": "a saved dataset"}
+_SUPPORTED = (".csv (comma-separated), .tsv / .tab / .txt (tab-separated), .jsonl / .ndjson (JSON Lines), "
+              ".parquet (Parquet)")
 _INT_RE = re.compile(r"[+-]?\d+")
 _BAD_BYTE_MARK = "\U0010fffe"  # a Unicode noncharacter: stands in for undecodable bytes
 BALANCE_SEED = 123  # data.balance=undersample on user files: which rows of the larger labels are kept
@@ -237,6 +242,8 @@ def _read_frame(path: Path, text_column: str, label_column: str | None,
                 key: str | None) -> tuple[pd.DataFrame, str, tuple[int, ...] | None]:
     """The file's whole table as read (every column), its format, and JSONL line numbers."""
     fmt = _check_path(path, key)
+    if fmt == "parquet":
+        return read_parquet(path, text_column, label_column), fmt, None
     text = _decode_utf8(path, _read_bytes(path), fmt)
     if not text.strip():
         raise DataError(f"{path}: the file is empty; it needs {_expected_layout(fmt, text_column, label_column)}.")
@@ -427,7 +434,7 @@ def _expected_layout(fmt: str, text_column: str, label_column: str | None) -> st
     return f"a header line naming the columns ({', '.join(map(repr, columns))}, ...) and one row per example"
 
 
-def _check_column(path: Path, fmt: str, found: list, column: str, key: str, what: str) -> None:
+def _check_column(path: Path | str, fmt: str, found: list, column: str, key: str, what: str) -> None:
     if column not in found:
         shown = [str(c) for c in found]
         raise DataError(
@@ -562,7 +569,8 @@ def load_data(cfg: DataConfig, context_length: int, saved_split: DataSplit | Non
     labels = {split: _label_ids(table, label_map, tables["train"].source.name) for split, table in tables.items()}
     tokens = {split: _tokenize(table) for split, table in tables.items()}
     texts = {split: table.frame["text"].tolist() for split, table in tables.items()}
-    if cfg.balance == "undersample" and cfg.train_file is not None:  # the bundled split is balanced already
+    user_data = cfg.train_file is not None or cfg.dataset_dir is not None  # the bundled split is balanced already
+    if cfg.balance == "undersample" and user_data:
         keep = undersample_indices(labels["train"])
         labels["train"], tokens["train"], texts["train"] = (
             [column[i] for i in keep] for column in (labels["train"], tokens["train"], texts["train"]))
@@ -579,6 +587,8 @@ def load_data(cfg: DataConfig, context_length: int, saved_split: DataSplit | Non
 
 def _load_tables(cfg: DataConfig, saved: DataSplit | None) -> tuple[dict[str, _Table], DataSplit | None]:
     """The tables of the splits the config gives (train, val, and test unless there is none), in that order."""
+    if cfg.dataset_dir is not None:
+        return _dataset_dir_tables(cfg, saved)
     files = {"train": cfg.train_file, "val": cfg.val_file, "test": cfg.test_file}
     if all(f is None for f in files.values()):
         return {
@@ -599,6 +609,57 @@ def _load_tables(cfg: DataConfig, saved: DataSplit | None) -> tuple[dict[str, _T
     split = _split_of(cfg, whole, fractions, saved)
     tables.update({name: _rows_of(whole, name, rows) for name, rows in split.indices.items()})
     return {name: tables[name] for name in SPLITS if name in tables}, split
+
+
+def _dataset_dir_tables(cfg: DataConfig, saved: DataSplit | None) -> tuple[dict[str, _Table], DataSplit | None]:
+    """The splits of data.dataset_dir; without a validation split, its train split is split by data.split as
+    data.train_file is (as `saved` records, if given; the record's sha256 is over the folder's .arrow files)."""
+    tables = {}
+    for split, (name, frame) in read_dataset_dir(cfg.dataset_dir, cfg.text_column, cfg.label_column).items():
+        for column, key, what in ((cfg.text_column, "data.text_column", "text"),
+                                  (cfg.label_column, "data.label_column", "labels")):
+            _check_column(name, "dataset", list(frame.columns), column, key, what)
+        source = _Source(name, cfg.text_column, cfg.label_column, None, cfg.na_labels)
+        tables[split] = _Table(_validated(frame[cfg.text_column].tolist(), frame[cfg.label_column].tolist(), source),
+                               source)
+    fractions = _dataset_dir_fractions(cfg, tables)
+    if fractions is None:
+        return tables, None
+    whole = tables.pop("train")
+    check_label_spellings([whole])
+    labels = whole.frame["label"].tolist()
+    split = saved if saved is not None else _new_folder_split(cfg, whole, fractions)
+    sha256 = folder_sha256(cfg.dataset_dir) if saved is not None else split.sha256
+    if (sha256, len(labels)) != (split.sha256, split.rows):
+        raise SplitError(
+            f"data.dataset_dir {cfg.dataset_dir} changed since the run split it: {split.origin or 'its record'} "
+            f"records {split.rows} rows with sha256 {split.sha256[:12]}..., the folder's .arrow files now have "
+            f"{len(labels)} rows with sha256 {sha256[:12]}.... Put the original folder back, evaluate a labelled "
+            "file with --data FILE, or train a new run (another output_dir, or --overwrite).")
+    tables.update({name: _rows_of(whole, name, rows) for name, rows in split.indices.items()})
+    return {name: tables[name] for name in SPLITS if name in tables}, split
+
+
+def _new_folder_split(cfg: DataConfig, whole: _Table, fractions: tuple[float, ...]) -> DataSplit:
+    labels = whole.frame["label"].tolist()
+    check_every_label_in_every_part(labels, fractions, whole.source.name)
+    parts = stratified_split(labels, fractions, cfg.split_seed)
+    return DataSplit(str(cfg.dataset_dir), folder_sha256(cfg.dataset_dir), len(labels), fractions, cfg.split_seed,
+                     {name: tuple(part) for name, part in zip(SPLITS, parts)})
+
+
+def _dataset_dir_fractions(cfg: DataConfig, tables: dict[str, _Table]) -> tuple[float, ...] | None:
+    if "val" in tables:
+        if cfg.split is not None:
+            raise SplitError(f"data.split: {list(cfg.split)} has nothing to split: {cfg.dataset_dir} has a "
+                             "validation split; remove data.split.")
+        return None
+    if cfg.split is None:
+        return SPLIT_DEFAULT_VAL if "test" in tables else SPLIT_DEFAULT
+    if "test" in tables and len(cfg.split) != 2:
+        raise SplitError(f"data.split: {list(cfg.split)} has three fractions but {cfg.dataset_dir} has a test split, "
+                         "so its train split is split into [train, val] only: give two fractions (e.g. [0.9, 0.1]).")
+    return cfg.split
 
 
 def _split_of(cfg: DataConfig, whole: _Table, fractions: tuple[float, ...], saved: DataSplit | None) -> DataSplit:

@@ -58,7 +58,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     which.add_argument("--split", choices=SPLITS,
                        help="a split of the run's own data, as training split it (default: test)")
     which.add_argument("--data", type=Path, metavar="FILE",
-                       help="a labelled CSV / TSV / JSONL file instead of a split; its labels must be the run's")
+                       help="a labelled CSV / TSV / JSONL / Parquet file instead of a split; its labels must be "
+                            "the run's")
     p.add_argument("--text-column", metavar="NAME",
                    help="the column of --data that holds the texts (default: the run's data.text_column)")
     p.add_argument("--label-column", metavar="NAME",

@@ -1,8 +1,9 @@
-"""`python -m dist_finetune.export --run RUN_DIR [--checkpoint best|latest|PATH] --out DIR`
+"""`python -m dist_finetune.export --run RUN_DIR [--checkpoint best|latest|PATH] [--format native|hf] --out DIR`
 
-Consolidates a DeepSpeed checkpoint (ZeRO 0-3, any world size) into the export format: fp32
+Consolidates a DeepSpeed checkpoint (ZeRO 0-3, any world size) into an export format. native: fp32
 `model.safetensors`, `model_config.json` (architecture, pooling, tokenizer reference, max_length,
-padding) and `labels.json`; loadable with `weights.load_export`, without DeepSpeed.
+padding) and `labels.json`; loadable with `weights.load_export`, without DeepSpeed. hf: a transformers
+GPT2ForSequenceClassification folder with its tokenizer (hf_export.py).
 """
 from __future__ import annotations
 
@@ -12,7 +13,8 @@ from pathlib import Path
 from .cli import run_command
 from .distributed import leave
 from .checkpoint import checkpoint_dir
-from .exporter import save_model
+from .exporter import save_format
+from .hf_export import EOT_WARNING, HfExportError, hf_leftovers, unsupported
 from .runs import (RunError, reading_run, load_checkpoint_model, load_run_config, resolve_checkpoint, run_facts)
 from .weights import export_leftovers
 
@@ -20,9 +22,12 @@ from .weights import export_leftovers
 EPILOG = """examples:
   python -m dist_finetune.export --run runs/quickstart --out exported/
   python -m dist_finetune.export --run runs/quickstart --checkpoint latest --out exported_latest/
+  python -m dist_finetune.export --run runs/quickstart --format hf --out hf_model/
 
-The export folder holds model.safetensors, model_config.json and labels.json. It is what predict and
-Classifier.load use, without DeepSpeed. Training already writes the best model to RUN_DIR/export.
+The native export folder holds model.safetensors, model_config.json and labels.json. It is what predict
+and Classifier.load use, without DeepSpeed. Training already writes the best model to RUN_DIR/export.
+--format hf writes a transformers GPT2ForSequenceClassification folder (config.json, model.safetensors,
+tokenizer files) for AutoModelForSequenceClassification and pipeline; it needs model.pooling=last_token.
 """
 
 
@@ -35,6 +40,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--checkpoint", default="best", metavar="best|latest|PATH",
                    help="which weights: best (the best validation score), latest, or a RUN_DIR/checkpoints/step_* "
                         "folder (default: best)")
+    p.add_argument("--format", default="native", choices=("native", "hf"),
+                   help="native: our export (predict, Classifier); hf: a transformers "
+                        "GPT2ForSequenceClassification folder (default: native)")
     p.add_argument("--out", required=True, type=Path, metavar="DIR",
                    help="the folder to write the export into (new or empty)")
     p.add_argument("--overwrite", action="store_true",
@@ -42,11 +50,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def check_out(out: Path, overwrite: bool) -> None:
+def check_out(out: Path, overwrite: bool, fmt: str = "native") -> None:
     """Before any work: --out is absent, an empty folder, or (with --overwrite) an export and nothing else."""
     if out.exists() and not out.is_dir():
         raise RunError(f"--out {out} is a file; pass a folder to write the export into")
-    foreign = export_leftovers(out)
+    foreign = hf_leftovers(out) if fmt == "hf" else export_leftovers(out)
     if foreign:
         raise RunError(f"--out {out} holds {', '.join(foreign[:8])}, which is not part of an export; refusing to "
                        "replace it: choose another --out (an empty or new folder)")
@@ -55,13 +63,16 @@ def check_out(out: Path, overwrite: bool) -> None:
                        "--out")
 
 
-def export_run(run_dir: Path, checkpoint: str, out_dir: Path) -> Path:
+def export_run(run_dir: Path, checkpoint: str, out_dir: Path, fmt: str = "native") -> Path:
     cfg = load_run_config(run_dir)
+    if fmt == "hf":  # before reading the checkpoint
+        reason = unsupported(cfg.model.pooling, cfg.model.causal_mask)
+        if reason:
+            raise HfExportError(f"--format hf: {run_dir}: {reason}, or export --format native")
     ckpt_run, tag = resolve_checkpoint(run_dir, checkpoint)
     facts = run_facts(run_dir, cfg)
     model = load_checkpoint_model(cfg, len(facts.labels), ckpt_run, tag, run_dir)
-    save_model(model, out_dir, cfg.model.pooling, facts.labels.to_json(), facts.max_length, cfg.data.padding,
-               cfg.lora)
+    save_format(fmt, model, out_dir, cfg, facts.labels.to_json(), facts.max_length)
     return checkpoint_dir(ckpt_run) / tag
 
 
@@ -71,10 +82,13 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def export_and_report(args: argparse.Namespace) -> int:
-    check_out(args.out, args.overwrite)
+    check_out(args.out, args.overwrite, args.format)
     with reading_run(args.run):  # no training run may change the checkpoints while they are read
-        source = export_run(args.run, args.checkpoint, args.out)
-    print(f"exported {source} -> {args.out}")
+        source = export_run(args.run, args.checkpoint, args.out, args.format)
+    print(f"exported {source} -> {args.out}" + (" (transformers GPT2ForSequenceClassification)"
+                                                 if args.format == "hf" else ""))
+    if args.format == "hf":
+        print(EOT_WARNING)
     return 0
 
 

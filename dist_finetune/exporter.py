@@ -1,24 +1,39 @@
-"""A checkpoint of a run into the export format (library code: training and the export command use it).
+"""A checkpoint of a run into the export formats (library code: training and the export command use it).
 
-The export is a fp32 `model.safetensors`, `model_config.json` and `labels.json`, loadable with
+native: a fp32 `model.safetensors`, `model_config.json` and `labels.json`, loadable with
 `weights.load_export` without DeepSpeed; LoRA adapters are merged unless `lora.export: separate`.
+hf: a transformers GPT2ForSequenceClassification folder (hf_export.py), adapters always merged.
 """
 from __future__ import annotations
 
 from pathlib import Path
 
 from .config import Config, LoraConfig, to_dict
+from .hf_export import HF_EXPORT_SUBDIR, save_hf
 from .lora import has_lora, merge_lora
 from .model import GPTClassifier
 from .runs import load_checkpoint_model
 from .weights import save_export
 
 
-def export_checkpoint(cfg: Config, run_dir: Path, tag: str, out_dir: Path, labels: list,
-                      max_length: int | None) -> None:
-    """Reads the checkpoint's files alone (call it on one rank); writes `out_dir`."""
+EXPORT_SUBDIRS = {"native": "export", "hf": HF_EXPORT_SUBDIR}  # where training writes each format
+
+
+def export_checkpoint(cfg: Config, run_dir: Path, tag: str, labels: list, max_length: int) -> list[Path]:
+    """Reads the checkpoint's files alone (call it on one rank); writes RUN/export, RUN/export_hf as
+    checkpoint.export_formats says and returns those folders."""
     model = load_checkpoint_model(cfg, len(labels), run_dir, tag, run_dir)
-    save_model(model, out_dir, cfg.model.pooling, labels, max_length, cfg.data.padding, cfg.lora)
+    folders = [run_dir / EXPORT_SUBDIRS[f] for f in cfg.checkpoint.export_formats]
+    for fmt, folder in zip(cfg.checkpoint.export_formats, folders):
+        save_format(fmt, model, folder, cfg, labels, max_length)
+    return folders
+
+
+def save_format(fmt: str, model: GPTClassifier, out_dir: Path, cfg: Config, labels: list, max_length: int) -> None:
+    if fmt == "hf":
+        save_hf(model, out_dir, labels, max_length)
+    else:
+        save_model(model, out_dir, cfg.model.pooling, labels, max_length, cfg.data.padding, cfg.lora)
 
 
 def save_model(model: GPTClassifier, out_dir: Path, pooling: str, labels: list, max_length: int | None,

@@ -20,6 +20,7 @@ from .cli import run_command
 from .distributed import leave
 from . import files
 from .data import FORMATS, DataError, read_texts
+from .formats import optional, write_parquet
 
 PREDICTED = "predicted_label"
 STDIN = "-"
@@ -44,12 +45,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="texts to classify; none, or -, reads them from standard input, one per line "
                         "(empty lines skipped)")
     p.add_argument("--input", type=Path, metavar="FILE",
-                   help="a CSV / TSV / JSONL file of texts, instead of TEXT arguments")
+                   help="a CSV / TSV / JSONL / Parquet file of texts, instead of TEXT arguments")
     p.add_argument("--text-column", default="text", metavar="NAME",
                    help="the column of --input that holds the texts (default: text)")
     p.add_argument("--output", type=Path, metavar="FILE",
-                   help="write --input with predicted_label and prob_<label> columns added (CSV / TSV / JSONL, "
-                        "by extension) instead of printing (default: print to the terminal)")
+                   help="write --input with predicted_label and prob_<label> columns added (CSV / TSV / JSONL / "
+                        "Parquet, by extension) instead of printing (default: print to the terminal)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --output file")
     p.add_argument("--json", action="store_true",
                    help="print one JSON object per text (text, predicted_label, probabilities)")
@@ -99,6 +100,8 @@ def _check_output(path: Path, source: Path, overwrite: bool) -> str:
     if fmt is None:
         raise DataError(f"--output {path}: unknown format {path.suffix or '(no extension)'!r}; "
                         f"use one of {', '.join(FORMATS)}")
+    if fmt == "parquet":
+        optional("pyarrow", "parquet", f"--output {path}: writing a .parquet file")
     if not path.parent.is_dir():
         raise DataError(f"--output {path}: the folder {path.parent} does not exist; create it first")
     if _same_file(path, source):
@@ -124,7 +127,9 @@ def with_predictions(frame: pd.DataFrame, predictions: list[Prediction], labels:
 def write_table(frame: pd.DataFrame, path: Path, fmt: str) -> None:
     """Whole or not at all: written under a temporary name, then renamed."""
     with files.writing(path) as tmp:
-        if fmt == "jsonl":
+        if fmt == "parquet":
+            write_parquet(frame, tmp)
+        elif fmt == "jsonl":
             frame.to_json(tmp, orient="records", lines=True, force_ascii=False, double_precision=15)
         else:
             frame.to_csv(tmp, sep="," if fmt == "csv" else "\t", index=False)

@@ -24,7 +24,7 @@ from .config import Config, ConfigError
 from .data import make_collate
 from .distributed import DistEnv, all_reduce_sum, broadcast_decision, broadcast_object, set_activity
 from .engine import build_engine, param_group_names, plan_batches
-from .exporter import export_checkpoint
+from .exporter import EXPORT_SUBDIRS, export_checkpoint
 from .loaders import train_loader
 from .loss import class_weights, weight_tensor
 from .metrics import from_confusion
@@ -596,8 +596,7 @@ class Trainer:
         exported = env.is_main and self.cfg.checkpoint.export and best_tag is not None
         if exported:
             with logs.captured_output("deepspeed.checkpoint"):  # the ZeRO consolidation's prints
-                export_checkpoint(self.cfg, run_dir, best_tag, run_dir / "export", self.data.label_map.to_json(),
-                                  self.data.max_length)
+                export_checkpoint(self.cfg, run_dir, best_tag, self.data.label_map.to_json(), self.data.max_length)
         self.phases["export_seconds"] = time.perf_counter() - lap
         summary = self.summary(results, best_tag)
         self.reporter.finish(summary, plots=self.cfg.report.plots)
@@ -616,7 +615,8 @@ class Trainer:
             return f"{ended}; no checkpoint was saved"
         where = f"{ended}; best checkpoint: {self.run_dir / 'checkpoints' / best_tag}"
         if exported:
-            return f"{where}; exported model: {self.run_dir / 'export'}"
+            folders = (self.run_dir / EXPORT_SUBDIRS[f] for f in self.cfg.checkpoint.export_formats)
+            return f"{where}; exported model: {', '.join(map(str, folders))}"
         return f"{where}; not exported (checkpoint.export=false)"
 
     def summary(self, results: dict[str, dict[str, Any]], best_tag: str | None) -> dict[str, Any]:
