@@ -640,6 +640,11 @@ def _validate_data(cfg: Config) -> None:
 def _validate_split(d: DataConfig) -> None:
     _check(0 <= d.split_seed <= SEED_MAX,
            f"data.split_seed: must be in 0..{SEED_MAX} (numpy's seed range), got {d.split_seed}")
+    if d.dataset_dir is not None:
+        given = [f"data.{k}" for k in ("train_file", "val_file", "test_file") if getattr(d, k) is not None]
+        _check(not given, f"data.dataset_dir and {' and '.join(given)} are both set: the splits come from the "
+                          "folder or from files, not both; remove one of them")
+        return
     if d.train_file is None:
         given = [f"data.{k}" for k in ("val_file", "test_file") if getattr(d, k) is not None]
         _check(not given, f"{' and '.join(given)} set without data.train_file: set data.train_file too (alone it "
@@ -654,11 +659,6 @@ def _validate_split(d: DataConfig) -> None:
     _check(d.val_file is None,
            f"data.split: {split} has nothing to split: data.val_file is given"
            f"{' (and data.test_file)' if d.test_file else ''}; remove data.split, or remove data.val_file to "
-    if d.dataset_dir is not None:
-        given = [f"data.{k}" for k in ("train_file", "val_file", "test_file") if getattr(d, k) is not None]
-        _check(not given, f"data.dataset_dir and {' and '.join(given)} are both set: the splits come from the "
-                          "folder or from files, not both; remove one of them")
-        return
            "split the validation rows off data.train_file")
     _check(d.test_file is None or len(split) == 2,
            f"data.split: {split} has three fractions but data.test_file is given, so data.train_file is split "
