@@ -7,7 +7,9 @@
         print(p.label, p.probabilities)              # spam {'ham': 0.01, 'spam': 0.99}
 
 Needs only the export (no DeepSpeed, no run config). Texts are tokenized with the GPT-2 BPE, truncated
-to the export's max_length (their first tokens, as in training) and padded as in training.
+to the export's max_length (their first tokens, as in training) and padded as in training. A transformers
+GPT2ForSequenceClassification folder loads too: its id2label labels, last_token pooling, the model's
+context as max_length, padding to the longest text.
 """
 from __future__ import annotations
 
@@ -20,8 +22,10 @@ import torch
 
 from .cli import pick_device
 from .data import DataError, make_collate
-from .tokenizer import encode_batch
-from .weights import EXPORT_FILES, EXPORT_WEIGHTS, ExportInfo, WeightsError, load_export, read_export_info
+from .hf_import import load_hf_classifier
+from .tokenizer import PAD_ID, encode_batch
+from .weights import (EXPORT_CONFIG, EXPORT_FILES, EXPORT_TOKENIZER, EXPORT_WEIGHTS, ExportInfo, WeightsError,
+                      load_export, read_export_info)
 
 EXPORT_SUBDIR = "export"  # where training writes a run's export
 
@@ -36,6 +40,11 @@ class Prediction:
     truncated: bool  # the text was longer than max_length and only its first max_length tokens were used
 
 
+def is_transformers_folder(path: Path) -> bool:
+    """A folder saved by transformers (config.json), not one of our exports (model_config.json)."""
+    return (path / "config.json").is_file() and not (path / EXPORT_CONFIG).exists()
+
+
 def find_export(path: str | Path) -> Path:
     """`path` itself when it is an export folder, else `path/export` (a run folder's export)."""
     path = Path(path)
@@ -44,7 +53,7 @@ def find_export(path: str | Path) -> Path:
         what = "is not a folder" if path.exists() else "not found"
         raise WeightsError(f"model folder {path} {what}: give a run folder (its export/ is used) or an export "
                            "folder")
-    if any((path / name).exists() for name in EXPORT_FILES):
+    if is_transformers_folder(path) or any((path / name).exists() for name in EXPORT_FILES):
         return path  # an export folder (checked file by file when it is read)
     if inner.is_dir():
         return inner
@@ -68,8 +77,12 @@ class Classifier:
         """From an export folder or a run folder (its `export/`); device `auto` (CUDA when available),
         `cpu`, `cuda` or a torch.device. A missing or damaged export raises a `WeightsError`."""
         folder = find_export(path)
-        info = read_export_info(folder)  # checks the JSON files before any model is built
-        model, _ = load_export(folder)
+        if is_transformers_folder(folder):
+            model, labels = load_hf_classifier(str(folder))
+            info = ExportInfo(labels, EXPORT_TOKENIZER, PAD_ID, model.config.context_length, "longest")
+        else:
+            info = read_export_info(folder)  # checks the JSON files before any model is built
+            model, _ = load_export(folder)
         device = device if isinstance(device, torch.device) else pick_device(device)
         return cls(model, info, device)
 

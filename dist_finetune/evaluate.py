@@ -5,6 +5,7 @@ every metric is computed from those counts (metrics.py), so 1 and N ranks report
 
     python -m dist_finetune.evaluate --run RUN_DIR [--split train|val|test | --data FILE]
                                      [--checkpoint best|latest|PATH] [--out FILE.json]
+    python -m dist_finetune.evaluate --weights HF_DIR --data FILE [--max-length N] [--out FILE.json]
     torchrun --nproc_per_node=N -m dist_finetune.evaluate -- --run RUN_DIR ...
 
 Under torchrun, put `--` before the arguments (or spell `--run` as `--run-dir`): torchrun reads
@@ -22,7 +23,8 @@ from typing import Any
 import torch
 from .cli import run_command
 from .config import Config, replace
-from .data import SPLITS, ClassificationDataset, load_eval_file, make_collate
+from .data import SPLITS, ClassificationDataset, LabelMap, load_eval_file, make_collate, sorted_labels
+from .hf_import import POOLING, eval_labels, load_hf_classifier
 from .distributed import leave, DistEnv, init_distributed
 from .metrics import format_table
 from .step import evaluate
@@ -41,9 +43,10 @@ EPILOG = """examples:
   python -m dist_finetune.evaluate --run runs/quickstart --split val --checkpoint latest
   python -m dist_finetune.evaluate --run runs/quickstart --data more.csv --text-column message
   torchrun --nproc_per_node=2 -m dist_finetune.evaluate -- --run runs/quickstart
+  python -m dist_finetune.evaluate --weights hub_classifier/ --data test.csv
 
 Prints the metrics and writes them as JSON to RUN_DIR/eval/<split or file stem>.json, with the confusion
-matrix as confusion_<name>.png beside it. Under torchrun, put -- before the arguments (or write
+matrix as confusion_<name>.png beside it (with --weights: eval/<file stem>.json in the current folder). Under torchrun, put -- before the arguments (or write
 --run-dir): torchrun takes --run for its own --run-path.
 """
 
@@ -52,8 +55,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="python -m dist_finetune.evaluate", epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Measure a trained run on a labelled split or file: accuracy, per-class F1, confusion matrix.")
-    p.add_argument("--run", "--run-dir", dest="run", required=True, type=Path, metavar="RUN_DIR",
-                   help="the run folder to evaluate (the training's output_dir)")
+    model = p.add_mutually_exclusive_group(required=True)
+    model.add_argument("--run", "--run-dir", dest="run", type=Path, metavar="RUN_DIR",
+                       help="the run folder to evaluate (the training's output_dir)")
+    model.add_argument("--weights", metavar="HF_DIR",
+                       help="instead of a run: a transformers GPT2ForSequenceClassification folder (or hub id in "
+                            "the local cache); needs --data, whose labels must be its id2label labels")
     which = p.add_mutually_exclusive_group()
     which.add_argument("--split", choices=SPLITS,
                        help="a split of the run's own data, as training split it (default: test)")
@@ -69,6 +76,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "folder (default: best)")
     p.add_argument("--batch-size", type=int, metavar="N",
                    help="texts per forward pass in each process (default: the run's evaluation batch size)")
+    p.add_argument("--max-length", type=int, metavar="N",
+                   help="with --weights: tokens per text; longer texts keep their first N (default: the model's "
+                        "context length)")
     p.add_argument("--out", type=Path, metavar="FILE",
                    help="the JSON report to write (default: RUN_DIR/eval/<split or file stem>.json)")
     p.add_argument("--overwrite", action="store_true",
@@ -80,6 +90,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         p.error(f"--batch-size must be >= 1, got {args.batch_size}")
     if args.data is None and (args.text_column or args.label_column):
         p.error("--text-column and --label-column apply to --data only")
+    if args.weights is not None and (args.data is None or args.checkpoint != "best"):
+        p.error("--weights evaluates a transformers classifier on a labelled file: give --data FILE "
+                "(no --split, no --checkpoint)")
+    if args.max_length is not None and (args.weights is None or args.max_length < 1):
+        p.error("--max-length applies to --weights only and must be >= 1")
     return args
 
 
@@ -98,6 +113,8 @@ class EvalJob:
 
 def prepare(args: argparse.Namespace) -> EvalJob:
     """Everything that reads files and can fail on the user's input; runs before any process group."""
+    if args.weights is not None:
+        return prepare_weights(args)
     run_dir = args.run
     cfg = load_run_config(run_dir)
     if args.batch_size is not None:
@@ -124,6 +141,26 @@ def prepare(args: argparse.Namespace) -> EvalJob:
                    ckpt_run / "checkpoints" / tag)
 
 
+def prepare_weights(args: argparse.Namespace) -> EvalJob:
+    """A transformers classifier: last_token pooling, padding to the longest text, fp32, no run config."""
+    model, names = load_hf_classifier(args.weights)
+    labels = eval_labels(names)
+    label_map = LabelMap(tuple(sorted_labels(labels)))
+    rows = [labels.index(label) for label in label_map.labels]  # our class ids are the sorted labels
+    with torch.no_grad():
+        model.head.weight.copy_(model.head.weight[rows].clone())
+    max_length = args.max_length or model.config.context_length
+    if max_length > model.config.context_length:
+        raise RunError(f"--max-length {max_length} is more than the model's context length "
+                       f"({model.config.context_length}); give at most that")
+    overrides = ["data.padding=longest", f"model.pooling={POOLING}"]
+    cfg = replace(Config(), overrides + ([f"eval.batch_size={args.batch_size}"] if args.batch_size else []))
+    dataset, truncated = load_eval_file(args.data, args.text_column or cfg.data.text_column,
+                                        args.label_column or cfg.data.label_column, label_map, max_length)
+    return EvalJob(cfg, model, dataset, truncated, args.data.stem, label_map.to_json(), max_length, "fp32",
+                   Path(args.weights))
+
+
 def eval_precision(trained: str, device: torch.device) -> str:
     """The run's precision, as DeepSpeed evaluated it, so summary.json's numbers reproduce; but no fp16
     on a CPU, and fp16 on a GPU without bf16 (as training falls back)."""
@@ -143,7 +180,7 @@ def run(args: argparse.Namespace, job: EvalJob, env: DistEnv) -> dict[str, Any]:
         result = evaluate(model, job.dataset, job.cfg, env, collate, num_classes=len(job.labels))
     result["per_class"] = [{"label": label, **s} for label, s in zip(job.labels, result["per_class"])]
     return {
-        "run": str(args.run), "checkpoint": str(job.checkpoint),
+        "run": None if args.run is None else str(args.run), "checkpoint": str(job.checkpoint),
         "split": None if args.data is not None else job.name, "data": None if args.data is None else str(args.data),
         "labels": job.labels, **result,
         "truncated": job.truncated, "max_length": job.max_length, "precision": precision,
@@ -159,7 +196,7 @@ _LARGEST_REPORT = 64 * 2**20  # a bigger file is no report of ours: not read
 def output_paths(args: argparse.Namespace) -> tuple[Path, Path]:
     """The report JSON and its confusion-matrix PNG (beside it)."""
     name = args.data.stem if args.data is not None else (args.split or "test")
-    out = args.out or args.run / "eval" / f"{name}.json"
+    out = args.out or (Path("eval") if args.run is None else args.run / "eval") / f"{name}.json"
     return out, out.parent / f"confusion_{name}.png"
 
 
@@ -215,6 +252,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def evaluate_and_report(args: argparse.Namespace) -> int:
+    if args.run is None:  # --weights: no run folder to hold
+        return evaluate_held(args)
     with reading_run(args.run):  # no training run may change the folder while it is read
         return evaluate_held(args)
 
@@ -227,7 +266,8 @@ def evaluate_held(args: argparse.Namespace) -> int:
     if env.is_main:
         out, png = write_outputs(args, report, job.name)
         what = f"split {job.name}" if args.data is None else f"file {args.data}"
-        print(f"{args.run}: checkpoint {job.checkpoint.name}, {what}, {env.world_size} rank(s)")
+        source = f"{args.run}: checkpoint {job.checkpoint.name}" if args.run else f"weights {args.weights}"
+        print(f"{source}, {what}, {env.world_size} rank(s)")
         print(format_table(report, report["labels"]))
         if job.truncated:
             print(f"note: {job.truncated} text(s) longer than max_length={job.max_length} tokens were "

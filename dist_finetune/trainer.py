@@ -353,7 +353,7 @@ class Trainer:
         self.loaded_weights = None
         if cfg.model.weights.lower() != "none":
             self.loaded_weights = load_pretrained(model, cfg.model.weights, download=cfg.model.download,
-                                                  head_policy=cfg.model.head)
+                                                  head_policy=cfg.model.head, labels=self.data.label_map.labels)
         set_trainable(model, cfg.model.trainable, cfg.lora)
         configure_kernels(model, cfg.model.fused_qkv, backend)
         self.trainable, self.total_params = count_parameters(model)

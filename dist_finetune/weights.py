@@ -429,10 +429,23 @@ def _read_weights(spec: str, download: bool) -> tuple[Path, dict[str, Tensor], s
         raise WeightsError(f"weights {source}: {exc}") from None
 
 
-def load_pretrained(model: GPTClassifier, spec: str, download: bool = False, head_policy: str = "auto") -> LoadReport:
-    """Backbone strictly (every tensor present, every shape equal); the head only when one fits."""
+def load_pretrained(model: GPTClassifier, spec: str, download: bool = False, head_policy: str = "auto",
+                    labels: list | tuple | None = None) -> LoadReport:
+    """Backbone strictly (every tensor present, every shape equal); the head only when one fits.
+
+    A transformers GPT2ForSequenceClassification's `score` becomes the head, its rows put in the order
+    of `labels` (the data's label map), which must be the checkpoint's id2label labels (hf_import.py).
+    """
     source, raw, fmt = _read_weights(spec, download)
     sd = to_canonical(raw, fmt)
+    if fmt == "hf":
+        from .hf_import import SCORE, check_classifier_config, imported_head
+
+        if SCORE in sd:
+            check_classifier_config(source)
+            score = sd.pop(SCORE)
+            if head_policy == "auto":
+                sd.update(imported_head(source, score, labels, model.pooling))
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
 
     shapes = [
