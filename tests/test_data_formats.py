@@ -180,3 +180,14 @@ def test_train_predict_evaluate_on_parquet(tmp_path):
     cli("evaluate", "--run", run.dir, "--data", data)
     result = json.loads((run.dir / "eval" / "all.json").read_text())
     assert result["examples"] == 60 and result["labels"] == ["ham", "spam"]
+
+
+def test_train_and_evaluate_on_a_saved_dataset_dict(tmp_path):
+    folder = saved_dict(tmp_path)
+    run = runner.train(tmp_path, "run", overrides=[f"data.dataset_dir={folder}", "data.text_column=sms",
+                                                   "train.max_steps=2", "eval.every_steps=2"])
+    assert run.ok, run.output()
+    assert run.summary()["labels"] == ["ham", "spam"] and not (run.dir / "data_split.json").exists()
+    cli("evaluate", "--run", run.dir)
+    result = json.loads((run.dir / "eval" / "test.json").read_text())
+    assert result["examples"] == 40 and result["labels"] == ["ham", "spam"]
