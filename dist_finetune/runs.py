@@ -31,6 +31,7 @@ from .checkpoint import RUN_STATE, checkpoint_dir, consolidated_state_dict, read
 from .config import Config, ConfigError, Trainable, load_config, read_yaml, to_dict, to_yaml
 from .distributed import DistEnv, broadcast_object
 from .files import atomic_write_text
+from .hf_export import HF_EXPORT_SUBDIR, HF_FILES
 from .data import DataBundle, LabelMap, load_data
 from .model import GPTClassifier, GPTConfig, build_model
 from .splits import SPLIT_FILE, DataSplit, read_split
@@ -142,7 +143,8 @@ def recorded_facts(run_dir: Path) -> tuple[list | None, int | None, str | None]:
 def load_run_data(cfg: Config, run_dir: Path, saved: bool = True) -> DataBundle:
     """The run's data. A split data.train_file is split as RUN/data_split.json records when `saved`
     (resume, evaluate), afresh otherwise (a new run, which writes the record when it commits)."""
-    split = read_split(run_dir) if saved and cfg.data.split_fractions() is not None else None
+    folder_split = cfg.data.dataset_dir is not None and (run_dir / SPLIT_FILE).is_file()  # a folder without val
+    split = read_split(run_dir) if saved and (cfg.data.split_fractions() is not None or folder_split) else None
     return load_data(cfg.data, GPTConfig.from_model_config(cfg.model).context_length, split)
 
 
@@ -293,7 +295,7 @@ MARKER_VERSION = 1
 # marker and only these (and their temporary twins `NAME.tmp`, `.NAME.*` of an interrupted write).
 RUN_FILES = frozenset({"config.yaml", SPLIT_FILE, "checkpoints", "metrics.jsonl", "history.csv", "loss.png",
                        "accuracy.png", "confusion_test.png", "summary.json", "report.md", "tensorboard", "export",
-                       "samples", "eval", "logs", ".write_probe"})
+                       HF_EXPORT_SUBDIR, "samples", "eval", "logs", ".write_probe"})
 PACKAGE_DIR = Path(__file__).resolve().parent
 
 
@@ -302,6 +304,7 @@ RUN_SUBFOLDERS = {
     "checkpoints": re.compile(r"(latest|best|\.(latest|best)\.tmp|step_\d+|zero_to_(fp32|torch)\.py)"),
     "eval": re.compile(r"[^/]+\.json|confusion_[^/]+\.png"),
     "export": re.compile(r"model\.safetensors|model_config\.json|labels\.json"),
+    HF_EXPORT_SUBDIR: re.compile("|".join(map(re.escape, HF_FILES))),
     "tensorboard": re.compile(r"events\.out\.tfevents\.[^/]+"),
     "samples": re.compile(r"rank\d+\.jsonl"),
     "logs": re.compile(r"train_rank\d+\.log"),
@@ -675,7 +678,7 @@ def _check_resumable(cfg: Config, path: Path, tag: str, world_size: int) -> None
 
 
 # What a run writes that holds a result: a folder with one of them (or a checkpoint) needs --overwrite.
-RESULTS = ("summary.json", "report.md", "export", "eval")
+RESULTS = ("summary.json", "report.md", "export", HF_EXPORT_SUBDIR, "eval")
 
 
 def _never_saved(path: Path, names: list[str]) -> bool:

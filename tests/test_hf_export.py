@@ -8,6 +8,7 @@ head trained with its bias; both formats written by training itself.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 
 import pytest
@@ -15,7 +16,7 @@ import torch
 from safetensors.torch import load_file
 
 import runner
-from dist_finetune import Classifier
+from dist_finetune import Classifier, runs
 from dist_finetune.config import ConfigError, load_config
 from dist_finetune.export import main as export_main
 from dist_finetune.hf_export import EOT_WARNING, HF_FILES, HfExportError, save_hf
@@ -63,6 +64,7 @@ def test_training_writes_both_formats_and_the_hf_folder_is_complete(trained, hf_
     assert "score.bias" not in theirs and torch.equal(theirs["score.weight"], ours["head.weight"])
     assert torch.equal(theirs["transformer.h.1.attn.c_attn.weight"], ours["backbone.blocks.1.attn.qkv.weight"].T)
     assert not torch.equal(theirs["transformer.ln_f.bias"], ours["backbone.ln_f.bias"])  # the folded bias
+    assert runs.foreign_files(trained.dir, sorted(os.listdir(trained.dir))) == []  # --overwrite may replace it
 
 
 def test_pipeline_answers_as_our_classifier_does(hf_dir, clf):
