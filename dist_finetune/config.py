@@ -355,13 +355,35 @@ def _on_off(path: str, value: Any) -> str:
     return _coerce(path, str, value)
 
 
+TRACKERS = ("tensorboard", "mlflow", "wandb")
+
+
+def _trackers(path: str, value: Any) -> tuple[str, ...]:
+    items = [] if value is None else [value] if isinstance(value, str) else value
+    if isinstance(items, (list, tuple)) and all(v in TRACKERS for v in items):
+        return tuple(dict.fromkeys(items))
+    raise ConfigError(f"{path}: {value!r} is not allowed; choose a list of: {' | '.join(TRACKERS)} "
+                      "(e.g. [mlflow], or [] for none)")
+
+
 @dataclass(frozen=True)
 class ReportConfig:
-    tensorboard: bool = False
+    # Experiment trackers fed by rank 0 (optional extras): tensorboard -> RUN/tensorboard; mlflow ->
+    # MLFLOW_TRACKING_URI or RUN/mlruns; wandb -> offline files in RUN/wandb unless WANDB_MODE is set.
+    trackers: tuple[str, ...] = field(default=(), metadata={"coerce": _trackers})
+    # The MLflow experiment / W&B project (None: MLFLOW_EXPERIMENT_NAME / WANDB_PROJECT, else dist_finetune).
+    experiment: str | None = None
+    # The tracker run's name (None: the run folder's name).
+    run_name: str | None = None
+    tensorboard: bool = False  # the same as listing tensorboard in report.trackers
     progress_bar: str = field(default="auto", metadata={"choices": ("auto", "on", "off"), "coerce": _on_off})
     plots: bool = True
     # Every rank writes the dataset indices of each training batch to samples/rank{R}.jsonl.
     sample_log: bool = False
+
+    @property
+    def tracker_names(self) -> tuple[str, ...]:
+        return tuple(dict.fromkeys(self.trackers + (("tensorboard",) if self.tensorboard else ())))
 
 
 @dataclass(frozen=True)

@@ -117,6 +117,12 @@ def route_deepspeed() -> None:
     _route_library(logger)
 
 
+def route_library(name: str) -> None:
+    """A library that gives its logger a console handler of its own on import (MLflow): through ours."""
+    if _routing is not None:
+        _route_library(logging.getLogger(name))
+
+
 def open_file(path: Path) -> None:
     """The run folder is committed: buffered records go into `path`, later ones too (appended on resume)."""
     if _routing is None:  # logging was not configured by a command (a test building a Trainer in-process)

@@ -1,4 +1,4 @@
-"""Rank 0's run report: metrics.jsonl, history.csv, plots, TensorBoard, progress, summary.json.
+"""Rank 0's run report: metrics.jsonl, history.csv, plots, trackers, progress, summary.json.
 
 Nothing here holds a collective: callers hand in numbers already reduced across ranks.
 """
@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from . import files, logs
+from . import files, logs, trackers
 from .runs import RunError
 
 HISTORY_FIELDS = (
@@ -81,13 +81,14 @@ class Reporter:
 
     run_dir: Path
     enabled: bool
-    tensorboard: bool = False
     progress: str = "auto"
     total_steps: int = 0
+    trackers: tuple[str, ...] = ()
+    tracking: trackers.RunInfo | None = None
     history: list[dict[str, Any]] = field(default_factory=list)
     _bar: Any = None
     _use_bar: bool = False
-    _tb: Any = None
+    _open: list[Any] = field(default_factory=list)
     _last_line: float = 0.0
 
     def __post_init__(self) -> None:
@@ -95,11 +96,9 @@ class Reporter:
             return
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self._use_bar = self.progress == "on" or (self.progress == "auto" and sys.stderr.isatty())
-        if self.tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self._tb = SummaryWriter(log_dir=str(self.run_dir / "tensorboard"))
         self._load_history()
+        if self.trackers and self.tracking is not None:
+            self._open = trackers.open_trackers(self.trackers, self.tracking)
 
     def _load_history(self) -> None:
         """A resumed run keeps the history it had (events after the checkpoint are replayed anew). A last
@@ -143,10 +142,25 @@ class Reporter:
         record = {"event": kind, "time": round(time.time(), 3), **values}
         with (self.run_dir / "metrics.jsonl").open("a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")
-        if self._tb is not None and "step" in values:
-            for key, value in values.items():
-                if isinstance(value, (int, float)) and key not in ("step", "epoch"):
-                    self._tb.add_scalar(f"{kind}/{key}", value, values["step"])
+        if self._open and kind != "summary" and isinstance(values.get("step"), int):
+            scalars = {trackers.metric_name(kind, k): v for k, v in trackers.numbers(values).items()}
+            self._each_tracker(lambda t: t.metrics(scalars, values["step"]))
+
+    def _each_tracker(self, call) -> None:
+        """A tracker that fails is warned about once and dropped; training goes on."""
+        for tracker in list(self._open):
+            try:
+                call(tracker)
+            except Exception as exc:
+                self._open.remove(tracker)
+                self.warn(f"report.trackers: {tracker.name} failed ({type(exc).__name__}: "
+                          f"{str(exc).splitlines()[0] if str(exc) else 'no message'}); no more logging to it in "
+                          "this run")
+
+    def end_trackers(self, status: str) -> None:
+        """finished, failed or stopped (a signal; resume continues the same tracker runs)."""
+        self._each_tracker(lambda t: t.close(status))
+        self._open = []
 
     def open_progress(self, step: int) -> None:
         """The progress bar (when one is wanted) from `step` on: 0, or where a resumed run starts."""
@@ -227,8 +241,11 @@ class Reporter:
         images = [name for name in PLOTS if plots and (self.run_dir / name).is_file()]
         files.atomic_write_text(self.run_dir / "report.md", report_markdown(summary, self.run_dir, images))
         self.event("summary", **{k: v for k, v in summary.items() if not isinstance(v, dict)})
-        if self._tb is not None:
-            self._tb.close()
+        if self._open:
+            outputs = [self.run_dir / name for name in (*images, "report.md", "summary.json")]
+            self._each_tracker(lambda t: t.metrics(trackers.flat_summary(summary), summary["global_step"]))
+            self._each_tracker(lambda t: t.artifacts(outputs))
+            self.end_trackers("finished")
 
 
 def _num(text: str) -> Any:

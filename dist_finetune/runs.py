@@ -35,6 +35,7 @@ from .hf_export import HF_EXPORT_SUBDIR, HF_FILES
 from .data import DataBundle, LabelMap, load_data
 from .model import GPTClassifier, GPTConfig, build_model
 from .splits import SPLIT_FILE, DataSplit, read_split
+from .trackers import IDS_FILE as TRACKER_IDS
 from .weights import EXPORT_CONFIG, EXPORT_LABELS, load_state_strict
 from .errors import UserError
 
@@ -295,7 +296,7 @@ MARKER_VERSION = 1
 # marker and only these (and their temporary twins `NAME.tmp`, `.NAME.*` of an interrupted write).
 RUN_FILES = frozenset({"config.yaml", SPLIT_FILE, "checkpoints", "metrics.jsonl", "history.csv", "loss.png",
                        "accuracy.png", "confusion_test.png", "summary.json", "report.md", "tensorboard", "export",
-                       HF_EXPORT_SUBDIR, "samples", "eval", "logs", ".write_probe"})
+                       HF_EXPORT_SUBDIR, "samples", "eval", "logs", ".write_probe", TRACKER_IDS, "mlruns", "wandb"})
 PACKAGE_DIR = Path(__file__).resolve().parent
 
 
@@ -308,7 +309,11 @@ RUN_SUBFOLDERS = {
     "tensorboard": re.compile(r"events\.out\.tfevents\.[^/]+"),
     "samples": re.compile(r"rank\d+\.jsonl"),
     "logs": re.compile(r"train_rank\d+\.log"),
+    "mlruns": re.compile(r"mlflow\.db(-journal|-wal|-shm)?|artifacts"),  # the local MLflow store (trackers.py)
+    "wandb": re.compile(r"(offline-)?run-\d{8}_\d{6}-[a-z0-9]+|latest-run|debug(-internal|-core)?\.log"),
 }
+# Links W&B keeps to its newest run folder and that run's logs (never followed: rmtree unlinks them).
+RUN_SUBFOLDER_LINKS = {"wandb": ("latest-run", "debug.log", "debug-internal.log")}
 CHECKPOINT_FILE = re.compile(r"[^/]+\.pt|rng_rank\d+\.json|manifest\.json|run_state\.json|latest")
 # The temporary twins our writers leave when a kill interrupts them (files.py, checkpoint.py):
 # `.NAME.<random>.tmp`, `.NAME.old.<random>`, `.NAME.new.<random>` and `NAME.tmp`.
@@ -342,6 +347,8 @@ def _foreign_inside(path: Path, folder: str) -> list[str]:
     foreign = []
     for entry in root.iterdir():
         rel, ours = f"{folder}/{entry.name}", bool(pattern.fullmatch(entry.name))
+        if entry.is_symlink() and entry.name in RUN_SUBFOLDER_LINKS.get(folder, ()):
+            continue
         if entry.is_symlink() or not (ours or _twin_of(entry.name, pattern.fullmatch)):
             foreign.append(rel)
         elif folder == "checkpoints" and ours and entry.is_dir():

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from . import checkpoint, faults, logs
-from .config import Config, ConfigError
+from .config import Config, ConfigError, to_dict
 from .data import make_collate
 from .distributed import DistEnv, all_reduce_sum, broadcast_decision, broadcast_object, set_activity
 from .engine import build_engine, param_group_names, plan_batches
@@ -34,6 +34,7 @@ from .preemption import PreemptionFlag
 from .report import Reporter, peak_memory_bytes, process_age_seconds
 from .errors import UserError
 from .runs import RunError, best_valid_tag, claim_run_dir, load_run_data
+from .trackers import RunInfo, check_installed as check_trackers_installed, read_ids as read_tracker_ids
 from .step import (CORRECT, EXAMPLES, LOSS_SUM, NONFINITE, TOKENS, RunningSums, batch_sums, evaluate, forward,
                    loss_of, mean_loss_accuracy)
 from .weights import load_pretrained
@@ -160,6 +161,7 @@ class Trainer:
             self.signals.ignore_from_now()
             if self.reporter is not None:
                 self.reporter.close_progress()  # a failed run's error line starts on a line of its own
+                self.reporter.end_trackers("stopped" if self.state.preempted else "failed")  # after finish: none
             if self.folder is not None:
                 self.folder.release()
 
@@ -288,6 +290,7 @@ class Trainer:
 
     def setup(self) -> None:
         cfg, env = self.cfg, self.env
+        check_trackers_installed(cfg.report.tracker_names)
         self.folder = claim_run_dir(cfg, env, self.overwrite)  # checks and locks; deletes nothing
         self.run_dir = self.folder.path
         seed_everything(cfg.seed)
@@ -314,14 +317,19 @@ class Trainer:
         """Rank 0 reads the run's reports back (a resume); what it finds wrong stops every rank."""
         cfg, env, problem = self.cfg, self.env, None
         try:
-            reporter = Reporter(self.run_dir, env.is_main, cfg.report.tensorboard, cfg.report.progress_bar,
-                                self.total_steps)
+            reporter = Reporter(self.run_dir, env.is_main, cfg.report.progress_bar, self.total_steps,
+                                cfg.report.tracker_names, self.tracking_info() if env.is_main else None)
         except UserError as exc:
             reporter, problem = None, str(exc)
         problem = broadcast_object(problem, env)
         if problem is not None:
             raise RunError(problem)
         return reporter
+
+    def tracking_info(self) -> RunInfo:
+        report = self.cfg.report
+        return RunInfo(self.run_dir, report.run_name or self.run_dir.resolve().name, report.experiment,
+                       to_dict(self.cfg), read_tracker_ids(self.run_dir))
 
     def setup_data(self) -> None:
         cfg, env = self.cfg, self.env
