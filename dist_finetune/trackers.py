@@ -16,9 +16,9 @@ from pathlib import Path
 from typing import Any, Callable, Protocol
 
 from . import files, logs
-from .config import TRACKERS, ConfigError
+from .config import ConfigError
 from .errors import UserError
-# tracker -> (module that must import, the package's extra that installs it); one entry per name in TRACKERS
+# tracker -> (module that must import, the package's extra that installs it); one entry per name in config.TRACKERS
 EXTRAS = {"tensorboard": ("tensorboard", "tensorboard"), "mlflow": ("mlflow", "mlflow"), "wandb": ("wandb", "wandb")}
 IDS_FILE = "trackers.json"
 DEFAULT_EXPERIMENT = "dist_finetune"

@@ -13,6 +13,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import mlflow
 import pytest
 
 import runner
@@ -20,8 +21,6 @@ from dist_finetune.config import ConfigError
 from dist_finetune import trackers
 
 pytestmark = pytest.mark.slow
-mlflow = pytest.importorskip("mlflow")
-wandb = pytest.importorskip("wandb")
 
 OVERRIDES = ["train.max_steps=12", "eval.every_steps=4", "checkpoint.every_steps=4", "report.plots=true",
              "report.tensorboard=true", "report.trackers=[mlflow, wandb]", "report.experiment=tracker-test"]
