@@ -25,6 +25,7 @@ from .data import make_collate
 from .distributed import DistEnv, all_reduce_sum, broadcast_decision, broadcast_object, set_activity
 from .engine import build_engine, param_group_names, plan_batches
 from .exporter import EXPORT_SUBDIRS, export_checkpoint
+from .hf_export import EOT_WARNING
 from .loaders import train_loader
 from .loss import class_weights, weight_tensor
 from .metrics import from_confusion
@@ -609,6 +610,8 @@ class Trainer:
         summary = self.summary(results, best_tag)
         self.reporter.finish(summary, plots=self.cfg.report.plots)
         self.reporter.say(self.outcome(best_tag, exported))
+        if exported and "hf" in self.cfg.checkpoint.export_formats:
+            self.reporter.say(EOT_WARNING)
         test = f"test accuracy {summary['test']['accuracy']:.4f}, " if "test" in summary else "no test split, "
         self.reporter.say(
             f"done: {test}val {summary['val']['accuracy']:.4f}, "

@@ -55,6 +55,7 @@ def test_training_writes_both_formats_and_the_hf_folder_is_complete(trained, hf_
     assert len(TEXTS) == 30
     assert sorted(p.name for p in hf_dir.iterdir()) == sorted(HF_FILES)
     assert f"{trained.dir / 'export'}, {hf_dir}" in trained.proc.stdout + trained.proc.stderr
+    assert EOT_WARNING in trained.proc.stdout  # training's own hf export says it too
     config = json.loads((hf_dir / "config.json").read_text())
     assert config["architectures"] == ["GPT2ForSequenceClassification"] and config["model_type"] == "gpt2"
     assert config["id2label"] == {"0": "ham", "1": "spam"} and config["label2id"] == {"ham": 0, "spam": 1}
@@ -104,6 +105,22 @@ def test_the_export_command_writes_the_same_folder_and_warns(trained, hf_dir, tm
     assert EOT_WARNING in capsys.readouterr().out
     for name in HF_FILES:
         assert (tmp_path / "hf" / name).read_bytes() == (hf_dir / name).read_bytes(), name
+
+
+def test_our_export_read_back_by_evaluate_weights_scores_as_the_run(trained, hf_dir, tmp_path):
+    """The way out and the way back in: evaluate --weights on export_hf equals evaluate --run on the same file."""
+    from dist_finetune.evaluate import main as evaluate_main
+
+    data = tmp_path / "sample.csv"
+    rows = [(t, "spam" if "free" in t.lower() or "win" in t.lower() else "ham") for t in TEXTS]
+    data.write_text("text,label\n" + "".join(f'"{t.replace(chr(34), chr(34) * 2)}",{label}\n' for t, label in rows))
+    base = ["--data", str(data), "--batch-size", "7"]
+    assert evaluate_main(["--run", str(trained.dir), *base, "--out", str(tmp_path / "run" / "r.json")]) == 0
+    assert evaluate_main(["--weights", str(hf_dir), *base, "--max-length", "64",
+                          "--out", str(tmp_path / "hf" / "r.json")]) == 0
+    ours, back = (json.loads((tmp_path / name / "r.json").read_text()) for name in ("run", "hf"))
+    assert back["examples"] == ours["examples"] == 30 and back["confusion_matrix"] == ours["confusion_matrix"]
+    assert back["loss"] == pytest.approx(ours["loss"], abs=1e-5)
 
 
 def test_a_run_without_last_token_pooling_is_refused(trained, tmp_path, capsys):
