@@ -87,12 +87,20 @@ def test_data_parallel_and_accumulation_are_equivalent(tmp_path):
         runner.assert_same_weights(runner.latest_weights(run.dir), runner.latest_weights(single.dir), atol=1e-5)
 
 
+ZERO_COMMON = [*FOUR_STEPS, "train.micro_batch_size=4", "model.trainable=last_block"]
+
+
+@pytest.fixture(scope="module")
+def zero0(tmp_path_factory) -> runner.Run:
+    """The ZeRO-0 reference the other stages are compared with, trained once."""
+    run = runner.train(tmp_path_factory.mktemp("zero0"), "z0", nproc=2, overrides=[*ZERO_COMMON, "zero.stage=0"])
+    assert run.ok, run.output()
+    return run
+
+
 @pytest.mark.parametrize("stage", [1, 2, 3])
-def test_zero_stages_give_the_same_weights(tmp_path, stage):
-    common = [*FOUR_STEPS, "train.micro_batch_size=4", "model.trainable=last_block"]
-    zero0 = runner.train(tmp_path, "z0", nproc=2, overrides=[*common, "zero.stage=0"])
-    other = runner.train(tmp_path, f"z{stage}", nproc=2, overrides=[*common, f"zero.stage={stage}"])
-    assert zero0.ok, zero0.output()
+def test_zero_stages_give_the_same_weights(tmp_path, stage, zero0):
+    other = runner.train(tmp_path, f"z{stage}", nproc=2, overrides=[*ZERO_COMMON, f"zero.stage={stage}"])
     assert other.ok, other.output()
     assert step_losses(other) == pytest.approx(step_losses(zero0), rel=1e-5, abs=1e-6)
     runner.assert_same_weights(runner.latest_weights(other.dir), runner.latest_weights(zero0.dir), atol=1e-5)
