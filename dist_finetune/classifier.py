@@ -6,8 +6,9 @@
     for p in clf.predict(["WINNER! Claim your prize", "see you at 8"]):
         print(p.label, p.probabilities)              # spam {'ham': 0.01, 'spam': 0.99}
 
-Needs only the export (no DeepSpeed, no run config). Texts are tokenized with the GPT-2 BPE, truncated
-to the export's max_length (their first tokens, as in training) and padded as in training. A transformers
+Needs only the export (no DeepSpeed, no run config). Texts are tokenized with the GPT-2 BPE, cut to the
+export's max_length as training cut them (data.long_texts: their first tokens, or head and tail) and padded
+as in training. A transformers
 GPT2ForSequenceClassification folder loads too: its id2label labels, last_token pooling, the model's
 context as max_length, padding to the longest text.
 """
@@ -22,6 +23,7 @@ import torch
 
 from .cli import pick_device
 from .data import DataError, make_collate
+from .encoding import fit
 from .hf_import import load_hf_classifier
 from .tokenizer import PAD_ID, encode_batch
 from .weights import (EXPORT_CONFIG, EXPORT_FILES, EXPORT_TOKENIZER, EXPORT_WEIGHTS, ExportInfo, WeightsError,
@@ -37,7 +39,7 @@ class Prediction:
     label: Any  # the most probable class (as in labels.json)
     index: int  # its class id (position in `Classifier.labels`)
     probabilities: dict[Any, float]  # label -> probability, in class id order; they sum to 1
-    truncated: bool  # the text was longer than max_length and only its first max_length tokens were used
+    truncated: bool  # the text was longer than max_length: only max_length of its tokens were used (long_texts)
 
 
 def is_transformers_folder(path: Path) -> bool:
@@ -93,7 +95,7 @@ class Classifier:
 
     @property
     def max_length(self) -> int:
-        """Tokens of a text the model sees; longer texts keep their first max_length tokens."""
+        """Tokens of a text the model sees; a longer text is cut as training cut it (`info.long_texts`)."""
         return self.info.max_length
 
     def predict(self, texts: Sequence[str], batch_size: int = 32) -> list[Prediction]:
@@ -121,7 +123,8 @@ class Classifier:
         rows: list[list[float]] = []
         with torch.no_grad():
             for start in range(0, len(tokens), batch_size):
-                batch = collate([(ids[: info.max_length], 0) for ids in tokens[start:start + batch_size]])
+                batch = collate([(fit(ids, info.max_length, info.long_texts, info.head_tokens), 0)
+                                 for ids in tokens[start:start + batch_size]])
                 logits = self.model(batch["input_ids"].to(self.device), batch["lengths"].to(self.device)).float()
                 rows += torch.softmax(logits, dim=-1).cpu().tolist()
         return rows

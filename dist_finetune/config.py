@@ -117,6 +117,11 @@ class DataConfig:
     label_column: str = "label"
     # None: the longest training example, capped at the model's context length.
     max_length: int | None = None
+    # A text longer than max_length: truncate (its first tokens) or head_tail (its first head_tokens and its
+    # last max_length - head_tokens tokens); the same in evaluation and prediction (encoding.py).
+    long_texts: str = _choices("truncate", "head_tail", default="truncate")
+    # head_tail: tokens kept from the start (None: a quarter of max_length).
+    head_tokens: int | None = None
     # fixed: every batch to max_length (null: the longest training example; the context length for
     # "the full context"); longest: to the longest example of each batch; none: no padding at all,
     # one example per micro-batch (needs train.micro_batch_size=1; eval also runs one example at a time).
@@ -643,6 +648,12 @@ def _validate_data(cfg: Config) -> None:
         _check(1 <= d.max_length <= arch["context_length"],
                f"data.max_length: {d.max_length} must be between 1 and the model's context length "
                f"({arch['context_length']})")
+    if d.head_tokens is not None:
+        _check(d.long_texts == "head_tail", f"data.head_tokens: only used with data.long_texts=head_tail (now "
+                                            f"{d.long_texts}); set that, or remove data.head_tokens")
+        _check(d.head_tokens >= 1 and (d.max_length is None or d.head_tokens < d.max_length),
+               f"data.head_tokens: {d.head_tokens} must be at least 1 and below data.max_length "
+               f"({d.max_length}), so that the tail keeps some tokens")
     if d.padding == "none":
         _check(t.micro_batch_size == 1 and cfg.eval.batch_size in (None, 1),
                f"data.padding=none trains and evaluates one example per micro-batch: set "

@@ -30,6 +30,7 @@ from torch.utils.data import Dataset
 
 from .config import SPLIT_DEFAULT, SPLIT_DEFAULT_VAL, DataConfig
 from .formats import folder_sha256, read_dataset_dir, read_parquet
+from .encoding import fit
 from .tokenizer import PAD_ID, encode_batch
 from .errors import UserError
 from .splits import DataSplit, SplitError, check_every_label_in_every_part, stratified_split
@@ -575,11 +576,14 @@ def load_data(cfg: DataConfig, context_length: int, saved_split: DataSplit | Non
         labels["train"], tokens["train"], texts["train"] = (
             [column[i] for i in keep] for column in (labels["train"], tokens["train"], texts["train"]))
     max_length = _max_length(cfg, context_length, tokens["train"])
+    if cfg.head_tokens is not None and cfg.head_tokens >= max_length:
+        raise DataError(f"data.head_tokens: {cfg.head_tokens} must be below max_length ({max_length}, the longest "
+                        "training example), so that the tail keeps some tokens; lower it")
     datasets: dict[str, ClassificationDataset] = {}
     truncated: dict[str, int] = {}
     for name in tables:
         truncated[name] = sum(len(ids) > max_length for ids in tokens[name])
-        ids = [seq[:max_length] for seq in tokens[name]]
+        ids = [fit(seq, max_length, cfg.long_texts, cfg.head_tokens) for seq in tokens[name]]
         datasets[name] = ClassificationDataset(ids, labels[name], texts[name])
     return DataBundle(datasets["train"], datasets["val"], datasets.get("test"), label_map, max_length, truncated,
                       record)
@@ -750,8 +754,9 @@ def _max_length(cfg: DataConfig, context_length: int, train_tokens: list[list[in
 
 def load_eval_file(path: str | Path, text_column: str, label_column: str, label_map: LabelMap, max_length: int,
                    keys: tuple[str, str, str] = ("--data", "--text-column", "--label-column"),
+                   long_texts: str = "truncate", head_tokens: int | None = None,
                    ) -> tuple[ClassificationDataset, int]:
-    """A labelled file read, validated, mapped with the run's labels and truncated as in training.
+    """A labelled file read, validated, mapped with the run's labels and cut to max_length as in training.
 
     Returns the dataset and how many texts were truncated. `keys` name the settings that chose the
     file and its columns, for messages.
@@ -765,7 +770,8 @@ def load_eval_file(path: str | Path, text_column: str, label_column: str, label_
     labels = _label_ids(table, label_map, "the run's training data")
     tokens = _tokenize(table)
     truncated = sum(len(ids) > max_length for ids in tokens)
-    dataset = ClassificationDataset([ids[:max_length] for ids in tokens], labels, table.frame["text"].tolist())
+    dataset = ClassificationDataset([fit(ids, max_length, long_texts, head_tokens) for ids in tokens], labels,
+                                    table.frame["text"].tolist())
     return dataset, truncated
 
 

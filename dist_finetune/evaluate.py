@@ -124,7 +124,8 @@ def prepare(args: argparse.Namespace) -> EvalJob:
         facts = run_facts(run_dir, cfg)
         text_column = args.text_column or cfg.data.text_column
         label_column = args.label_column or cfg.data.label_column
-        dataset, truncated = load_eval_file(args.data, text_column, label_column, facts.labels, facts.max_length)
+        dataset, truncated = load_eval_file(args.data, text_column, label_column, facts.labels, facts.max_length,
+                                            long_texts=cfg.data.long_texts, head_tokens=cfg.data.head_tokens)
         name, max_length, labels = args.data.stem, facts.max_length, facts.labels
     else:
         split = args.split or "test"

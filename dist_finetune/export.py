@@ -14,7 +14,7 @@ from .cli import run_command
 from .distributed import leave
 from .checkpoint import checkpoint_dir
 from .exporter import save_format
-from .hf_export import EOT_WARNING, HfExportError, hf_leftovers, unsupported
+from .hf_export import HfExportError, export_notes, hf_leftovers, unsupported
 from .runs import (RunError, reading_run, load_checkpoint_model, load_run_config, resolve_checkpoint, run_facts)
 from .weights import export_leftovers
 
@@ -88,7 +88,7 @@ def export_and_report(args: argparse.Namespace) -> int:
     print(f"exported {source} -> {args.out}" + (" (transformers GPT2ForSequenceClassification)"
                                                  if args.format == "hf" else ""))
     if args.format == "hf":
-        print(EOT_WARNING)
+        print("\n".join(export_notes(load_run_config(args.run).data.long_texts)))
     return 0
 
 

@@ -15,6 +15,7 @@ from typing import TextIO
 
 import pandas as pd
 
+from .encoding import describe
 from .classifier import Classifier, Prediction
 from .cli import run_command
 from .distributed import leave
@@ -159,7 +160,8 @@ def run(args: argparse.Namespace) -> int:
     if truncated:
         n = classifier.max_length
         print(f"warning: {truncated} of {len(texts)} text(s) are longer than the model's max_length ({n} tokens) "
-              f"and were truncated to their first {n} tokens, as in training", file=sys.stderr)
+              f"and were cut to {describe(n, classifier.info.long_texts, classifier.info.head_tokens)}, as in "
+              "training", file=sys.stderr)
     if args.output is not None:
         write_table(with_predictions(frame, predictions, classifier.labels), args.output, fmt)
         print(f"wrote {len(texts)} prediction(s) to {args.output}")

@@ -23,9 +23,10 @@ from . import checkpoint, faults, logs
 from .config import Config, ConfigError, to_dict
 from .data import make_collate
 from .distributed import DistEnv, all_reduce_sum, broadcast_decision, broadcast_object, set_activity
+from .encoding import describe
 from .engine import build_engine, param_group_names, plan_batches
 from .exporter import EXPORT_SUBDIRS, export_checkpoint
-from .hf_export import EOT_WARNING
+from .hf_export import export_notes
 from .loaders import train_loader
 from .loss import class_weights, weight_tensor
 from .metrics import from_confusion
@@ -376,7 +377,9 @@ class Trainer:
         if any(data.truncated.values()):
             counts = ", ".join(f"{n} of {len(getattr(data, split))} {split}"
                                for split, n in data.truncated.items() if n)
-            self.reporter.warn(f"texts longer than data.max_length={data.max_length} tokens were truncated: {counts}")
+            cut = describe(data.max_length, self.cfg.data.long_texts, self.cfg.data.head_tokens)
+            self.reporter.warn(f"texts longer than data.max_length={data.max_length} tokens were truncated to {cut}: "
+                               f"{counts}")
 
     def restore(self) -> None:
         """A fresh state, or the checkpoint's: model, optimizer, schedule, RNG, position, early stopping."""
@@ -611,7 +614,8 @@ class Trainer:
         self.reporter.finish(summary, plots=self.cfg.report.plots)
         self.reporter.say(self.outcome(best_tag, exported))
         if exported and "hf" in self.cfg.checkpoint.export_formats:
-            self.reporter.say(EOT_WARNING)
+            for note in export_notes(self.cfg.data.long_texts):
+                self.reporter.say(note)
         test = f"test accuracy {summary['test']['accuracy']:.4f}, " if "test" in summary else "no test split, "
         self.reporter.say(
             f"done: {test}val {summary['val']['accuracy']:.4f}, "
