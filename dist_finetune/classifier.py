@@ -23,7 +23,7 @@ import torch
 
 from .cli import pick_device
 from .data import DataError, make_collate
-from .encoding import fit
+from .encoding import fit_example, full_length
 from .hf_import import load_hf_classifier
 from .tokenizer import PAD_ID, encode_batch
 from .weights import (EXPORT_CONFIG, EXPORT_FILES, EXPORT_TOKENIZER, EXPORT_WEIGHTS, ExportInfo, WeightsError,
@@ -98,33 +98,38 @@ class Classifier:
         """Tokens of a text the model sees; a longer text is cut as training cut it (`info.long_texts`)."""
         return self.info.max_length
 
-    def predict(self, texts: Sequence[str], batch_size: int = 32) -> list[Prediction]:
-        """One `Prediction` per text, in the order given."""
-        if isinstance(texts, str):
-            raise TypeError("predict takes a list of texts; for one text, write predict([text])")
+    @property
+    def pairs(self) -> bool:
+        """The model classifies text pairs: `predict(texts, pairs=...)`."""
+        return self.info.text_pair_column is not None
+
+    def predict(self, texts: Sequence[str], batch_size: int = 32, *,
+                pairs: Sequence[str] | None = None) -> list[Prediction]:
+        """One `Prediction` per text (per text and its pair, for a model of text pairs), in the order given."""
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        texts = list(texts)
-        for row, text in enumerate(texts, 1):
-            if not isinstance(text, str):
-                raise TypeError(f"text {row} is a {type(text).__name__}, not a str: predict takes a list of strings")
-        tokens = encode_batch(texts)
-        for row, ids in enumerate(tokens, 1):
-            if not ids:
-                raise DataError(f"text {row}: it is empty (zero tokens); give a non-empty text")
-        rows = self._probabilities(tokens, batch_size)
-        return [self._prediction(p, len(ids) > self.max_length) for p, ids in zip(rows, tokens)]
+        if self.pairs != (pairs is not None):
+            raise TypeError("this model classifies text pairs: call predict(texts, pairs=second_texts)" if self.pairs
+                            else "this model classifies single texts: call predict(texts) without pairs")
+        tokens = _encoded(texts, "text")
+        pair_tokens = _encoded(pairs, "pair") if pairs is not None else [None] * len(tokens)
+        if len(pair_tokens) != len(tokens):
+            raise ValueError(f"{len(tokens)} texts but {len(pair_tokens)} pairs: give one pair per text")
+        examples = list(zip(tokens, pair_tokens))
+        rows = self._probabilities(examples, batch_size)
+        return [self._prediction(p, full_length(*example) > self.max_length) for p, example in zip(rows, examples)]
 
-    def _probabilities(self, tokens: list[list[int]], batch_size: int) -> list[list[float]]:
+    def _probabilities(self, examples: list[tuple[list[int], list[int] | None]],
+                       batch_size: int) -> list[list[float]]:
         info = self.info
         collate = make_collate(info.padding, info.max_length, info.pad_id)
         if info.padding == "none":  # trained without padding: one text at a time
             batch_size = 1
         rows: list[list[float]] = []
         with torch.no_grad():
-            for start in range(0, len(tokens), batch_size):
-                batch = collate([(fit(ids, info.max_length, info.long_texts, info.head_tokens), 0)
-                                 for ids in tokens[start:start + batch_size]])
+            for start in range(0, len(examples), batch_size):
+                batch = collate([(fit_example(ids, pair, info.max_length, info.long_texts, info.head_tokens), 0)
+                                 for ids, pair in examples[start:start + batch_size]])
                 logits = self.model(batch["input_ids"].to(self.device), batch["lengths"].to(self.device)).float()
                 rows += torch.softmax(logits, dim=-1).cpu().tolist()
         return rows
@@ -133,3 +138,18 @@ class Classifier:
         index = max(range(len(probabilities)), key=probabilities.__getitem__)
         labels = self.info.labels
         return Prediction(labels[index], index, dict(zip(labels, probabilities)), truncated)
+
+
+def _encoded(texts: Sequence[str], what: str) -> list[list[int]]:
+    """Token ids of a list of strings; anything else, or an empty text, is refused naming its position."""
+    if isinstance(texts, str):
+        raise TypeError(f"predict takes a list of {what}s; for one {what}, write predict([{what}])")
+    texts = list(texts)
+    for row, text in enumerate(texts, 1):
+        if not isinstance(text, str):
+            raise TypeError(f"{what} {row} is a {type(text).__name__}, not a str: predict takes a list of strings")
+    tokens = encode_batch(texts)
+    for row, ids in enumerate(tokens, 1):
+        if not ids:
+            raise DataError(f"{what} {row}: it is empty (zero tokens); give a non-empty {what}")
+    return tokens

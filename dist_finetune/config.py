@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from .encoding import MIN_PAIR_LENGTH
 from .errors import UserError
 
 
@@ -115,6 +116,9 @@ class DataConfig:
     split_seed: int = 123
     text_column: str = "text"
     label_column: str = "label"
+    # Text pairs (premise / hypothesis, question / passage): the column of each row's second text; the model
+    # reads text + a blank line + pair, cut longest-first to max_length (encoding.py).
+    text_pair_column: str | None = None
     # None: the longest training example, capped at the model's context length.
     max_length: int | None = None
     # A text longer than max_length: truncate (its first tokens) or head_tail (its first head_tokens and its
@@ -648,6 +652,16 @@ def _validate_data(cfg: Config) -> None:
         _check(1 <= d.max_length <= arch["context_length"],
                f"data.max_length: {d.max_length} must be between 1 and the model's context length "
                f"({arch['context_length']})")
+    if d.text_pair_column is not None:
+        _check(d.train_file is not None or d.dataset_dir is not None,
+               "data.text_pair_column: the bundled SMS Spam Collection has no text pairs; set data.train_file (or "
+               "data.dataset_dir) to your own data, or remove data.text_pair_column")
+        _check(d.text_pair_column not in (d.text_column, d.label_column),
+               f"data.text_pair_column: {d.text_pair_column!r} is also data.text_column or data.label_column; name "
+               "the column that holds each row's second text")
+        _check(d.max_length is None or d.max_length >= MIN_PAIR_LENGTH,
+               f"data.max_length: {d.max_length} leaves no room for a text pair (a token of each text and the "
+               f"separator); give at least {MIN_PAIR_LENGTH}")
     if d.head_tokens is not None:
         _check(d.long_texts == "head_tail", f"data.head_tokens: only used with data.long_texts=head_tail (now "
                                             f"{d.long_texts}); set that, or remove data.head_tokens")
@@ -741,7 +755,7 @@ def _validate_rest(cfg: Config) -> None:
     if cfg.checkpoint.export and "hf" in cfg.checkpoint.export_formats:
         from .hf_export import unsupported
 
-        reason = unsupported(cfg.model.pooling, cfg.model.causal_mask)
+        reason = unsupported(cfg.model.pooling, cfg.model.causal_mask, cfg.data.text_pair_column)
         _check(reason is None, f"checkpoint.export_formats: hf: {reason}, or remove hf from "
                                   "checkpoint.export_formats")
     _check(cfg.checkpoint.keep_last >= 1, f"checkpoint.keep_last: must be >= 1, got {cfg.checkpoint.keep_last}")

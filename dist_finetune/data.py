@@ -30,7 +30,7 @@ from torch.utils.data import Dataset
 
 from .config import SPLIT_DEFAULT, SPLIT_DEFAULT_VAL, DataConfig
 from .formats import folder_sha256, read_dataset_dir, read_parquet
-from .encoding import fit
+from .encoding import fit_example, full_length
 from .tokenizer import PAD_ID, encode_batch
 from .errors import UserError
 from .splits import DataSplit, SplitError, check_every_label_in_every_part, stratified_split
@@ -205,6 +205,7 @@ class _Source:
     lines: tuple[int, ...] | None = None  # file line of each data row (the header is line 1), where known
     na_labels: bool = False  # data.na_labels: NA / NaN / None ... are labels
     rows: tuple[int, ...] | None = None  # a split of a file: each of its rows' row number in the file
+    pair_column: str | None = None  # data.text_pair_column: the second text of each row
 
     def at(self, row: int, column: str | None = None) -> str:
         if self.rows is not None:
@@ -230,13 +231,21 @@ def read_table(path: str | Path, text_column: str, label_column: str, na_labels:
 
 def _read_file(path: str | Path, text_column: str, label_column: str, key: str | None = None,
                column_keys: tuple[str, str] = ("data.text_column", "data.label_column"),
-               na_labels: bool = False) -> _Table:
+               na_labels: bool = False, pair_column: str | None = None,
+               pair_key: str = "data.text_pair_column") -> _Table:
     path = Path(path)
     frame, fmt, lines = _read_frame(path, text_column, label_column, key)
-    for column, column_key, what in ((text_column, column_keys[0], "text"), (label_column, column_keys[1], "labels")):
+    wanted = [(text_column, column_keys[0], "text"), (label_column, column_keys[1], "labels")]
+    wanted += [(pair_column, pair_key, "second text of each pair")] if pair_column is not None else []
+    for column, column_key, what in wanted:
         _check_column(path, fmt, list(frame.columns), column, column_key, what)
-    source = _Source(str(path), text_column, label_column, lines, na_labels)
-    return _Table(_validated(frame[text_column].tolist(), frame[label_column].tolist(), source), source)
+    source = _Source(str(path), text_column, label_column, lines, na_labels, pair_column=pair_column)
+    return _Table(_validated_frame(frame, source), source)
+
+
+def _validated_frame(frame: pd.DataFrame, source: _Source) -> pd.DataFrame:
+    pairs = frame[source.pair_column].tolist() if source.pair_column is not None else None
+    return _validated(frame[source.text_column].tolist(), frame[source.label_column].tolist(), source, pairs)
 
 
 def _read_frame(path: Path, text_column: str, label_column: str | None,
@@ -453,16 +462,21 @@ def _is_missing(value: Any) -> bool:
     return isinstance(value, float) and math.isnan(value)
 
 
-def _validated(texts: list, labels: list, source: _Source) -> pd.DataFrame:
+def _validated(texts: list, labels: list, source: _Source, pairs: list | None = None) -> pd.DataFrame:
+    """Columns text, label (and pair, the second text of each row, for text pairs)."""
     clean_texts = [_text_value(v, source, row) for row, v in enumerate(texts, 1)]
     clean_labels = [_label_value(v, source, row) for row, v in enumerate(labels, 1)]
     _check_label_kinds(clean_labels, source)
     label_col = pd.Series(clean_labels, dtype="int64" if clean_labels and _is_int(clean_labels[0]) else object)
-    return pd.DataFrame({"text": pd.Series(clean_texts, dtype=object), "label": label_col})
+    frame = pd.DataFrame({"text": pd.Series(clean_texts, dtype=object), "label": label_col})
+    if pairs is not None:
+        frame["pair"] = pd.Series([_text_value(v, source, row, source.pair_column)
+                                   for row, v in enumerate(pairs, 1)], dtype=object)
+    return frame
 
 
-def _text_value(value: Any, source: _Source, row: int) -> str:
-    where = source.at(row, source.text_column)
+def _text_value(value: Any, source: _Source, row: int, column: str | None = None) -> str:
+    where = source.at(row, column or source.text_column)
     if _is_missing(value) or (isinstance(value, str) and not value.strip()):
         raise DataError(f"{where}: the text is empty or missing. Fill it in or delete the row.")
     if not isinstance(value, str):
@@ -568,22 +582,22 @@ def load_data(cfg: DataConfig, context_length: int, saved_split: DataSplit | Non
             )
     label_map = _label_map_from_train(tables["train"])
     labels = {split: _label_ids(table, label_map, tables["train"].source.name) for split, table in tables.items()}
-    tokens = {split: _tokenize(table) for split, table in tables.items()}
+    tokens = {split: _tokenize(table) for split, table in tables.items()}  # (text ids, pair ids or None)
     texts = {split: table.frame["text"].tolist() for split, table in tables.items()}
     user_data = cfg.train_file is not None or cfg.dataset_dir is not None  # the bundled split is balanced already
     if cfg.balance == "undersample" and user_data:
         keep = undersample_indices(labels["train"])
         labels["train"], tokens["train"], texts["train"] = (
             [column[i] for i in keep] for column in (labels["train"], tokens["train"], texts["train"]))
-    max_length = _max_length(cfg, context_length, tokens["train"])
+    max_length = _max_length(cfg, context_length, [full_length(*row) for row in tokens["train"]])
     if cfg.head_tokens is not None and cfg.head_tokens >= max_length:
         raise DataError(f"data.head_tokens: {cfg.head_tokens} must be below max_length ({max_length}, the longest "
                         "training example), so that the tail keeps some tokens; lower it")
     datasets: dict[str, ClassificationDataset] = {}
     truncated: dict[str, int] = {}
     for name in tables:
-        truncated[name] = sum(len(ids) > max_length for ids in tokens[name])
-        ids = [fit(seq, max_length, cfg.long_texts, cfg.head_tokens) for seq in tokens[name]]
+        truncated[name] = sum(full_length(*row) > max_length for row in tokens[name])
+        ids = [fit_example(*row, max_length, cfg.long_texts, cfg.head_tokens) for row in tokens[name]]
         datasets[name] = ClassificationDataset(ids, labels[name], texts[name])
     return DataBundle(datasets["train"], datasets["val"], datasets.get("test"), label_map, max_length, truncated,
                       record)
@@ -603,7 +617,8 @@ def _load_tables(cfg: DataConfig, saved: DataSplit | None) -> tuple[dict[str, _T
         raise DataError("data.val_file / data.test_file set without data.train_file: set data.train_file too, or "
                         "none of the three for the bundled SMS Spam Collection.")
     tables = {
-        split: _read_file(path, cfg.text_column, cfg.label_column, key=f"data.{split}_file", na_labels=cfg.na_labels)
+        split: _read_file(path, cfg.text_column, cfg.label_column, key=f"data.{split}_file", na_labels=cfg.na_labels,
+                          pair_column=cfg.text_pair_column)
         for split, path in files.items() if path is not None
     }
     fractions = cfg.split_fractions()
@@ -620,12 +635,14 @@ def _dataset_dir_tables(cfg: DataConfig, saved: DataSplit | None) -> tuple[dict[
     data.train_file is (as `saved` records, if given; the record's sha256 is over the folder's .arrow files)."""
     tables = {}
     for split, (name, frame) in read_dataset_dir(cfg.dataset_dir, cfg.text_column, cfg.label_column).items():
-        for column, key, what in ((cfg.text_column, "data.text_column", "text"),
-                                  (cfg.label_column, "data.label_column", "labels")):
+        wanted = [(cfg.text_column, "data.text_column", "text"), (cfg.label_column, "data.label_column", "labels")]
+        if cfg.text_pair_column is not None:
+            wanted.append((cfg.text_pair_column, "data.text_pair_column", "second text of each pair"))
+        for column, key, what in wanted:
             _check_column(name, "dataset", list(frame.columns), column, key, what)
-        source = _Source(name, cfg.text_column, cfg.label_column, None, cfg.na_labels)
-        tables[split] = _Table(_validated(frame[cfg.text_column].tolist(), frame[cfg.label_column].tolist(), source),
-                               source)
+        source = _Source(name, cfg.text_column, cfg.label_column, None, cfg.na_labels,
+                         pair_column=cfg.text_pair_column)
+        tables[split] = _Table(_validated_frame(frame, source), source)
     fractions = _dataset_dir_fractions(cfg, tables)
     if fractions is None:
         return tables, None
@@ -727,20 +744,25 @@ def _label_ids(table: _Table, label_map: LabelMap, train_name: str) -> list[int]
     return ids
 
 
-def _tokenize(table: _Table) -> list[list[int]]:
+def _tokenize(table: _Table) -> list[tuple[list[int], list[int] | None]]:
+    """Each row's token ids, and its pair's (None without text pairs)."""
     token_ids = encode_batch(table.frame["text"].tolist())
-    for row, ids in enumerate(token_ids, 1):
-        if not ids:
-            raise DataError(
-                f"{table.source.at(row, table.source.text_column)}: the text is empty (zero tokens). "
-                "Fill it in or delete the row."
-            )
-    return token_ids
+    columns = [(token_ids, table.source.text_column)]
+    pair_ids = None
+    if "pair" in table.frame:
+        pair_ids = encode_batch(table.frame["pair"].tolist())
+        columns.append((pair_ids, table.source.pair_column))
+    for ids_of_column, column in columns:
+        for row, ids in enumerate(ids_of_column, 1):
+            if not ids:
+                raise DataError(f"{table.source.at(row, column)}: the text is empty (zero tokens). Fill it in or "
+                                "delete the row.")
+    return list(zip(token_ids, pair_ids if pair_ids is not None else [None] * len(token_ids)))
 
 
-def _max_length(cfg: DataConfig, context_length: int, train_tokens: list[list[int]]) -> int:
+def _max_length(cfg: DataConfig, context_length: int, train_lengths: list[int]) -> int:
     if cfg.max_length is None:
-        return min(max(len(ids) for ids in train_tokens), context_length)
+        return min(max(train_lengths), context_length)
     if not 1 <= cfg.max_length <= context_length:
         raise DataError(
             f"data.max_length: {cfg.max_length} must be between 1 and the model's context length "
@@ -755,7 +777,7 @@ def _max_length(cfg: DataConfig, context_length: int, train_tokens: list[list[in
 def load_eval_file(path: str | Path, text_column: str, label_column: str, label_map: LabelMap, max_length: int,
                    keys: tuple[str, str, str] = ("--data", "--text-column", "--label-column"),
                    long_texts: str = "truncate", head_tokens: int | None = None,
-                   ) -> tuple[ClassificationDataset, int]:
+                   pair_column: str | None = None) -> tuple[ClassificationDataset, int]:
     """A labelled file read, validated, mapped with the run's labels and cut to max_length as in training.
 
     Returns the dataset and how many texts were truncated. `keys` name the settings that chose the
@@ -764,14 +786,14 @@ def load_eval_file(path: str | Path, text_column: str, label_column: str, label_
     # NA / NaN ... are labels here exactly when the run trained with such a label (data.na_labels=true).
     na_labels = any(isinstance(label, str) and label.strip() in NA_SPELLINGS for label in label_map.labels)
     table = _read_file(path, text_column, label_column, key=keys[0], column_keys=(keys[1], keys[2]),
-                       na_labels=na_labels)
+                       na_labels=na_labels, pair_column=pair_column, pair_key="--text-pair-column")
     check_label_spellings([table])
     _check_not_empty(table.source.name, len(table.frame))
     labels = _label_ids(table, label_map, "the run's training data")
     tokens = _tokenize(table)
-    truncated = sum(len(ids) > max_length for ids in tokens)
-    dataset = ClassificationDataset([fit(ids, max_length, long_texts, head_tokens) for ids in tokens], labels,
-                                    table.frame["text"].tolist())
+    truncated = sum(full_length(*row) > max_length for row in tokens)
+    dataset = ClassificationDataset([fit_example(*row, max_length, long_texts, head_tokens) for row in tokens],
+                                    labels, table.frame["text"].tolist())
     return dataset, truncated
 
 
@@ -784,6 +806,14 @@ def read_texts(path: str | Path, text_column: str,
     _check_not_empty(str(path), len(frame))
     source = _Source(str(path), text_column, text_column, lines)
     return frame, [_text_value(v, source, row) for row, v in enumerate(frame[text_column].tolist(), 1)]
+
+
+def read_pairs(frame: pd.DataFrame, path: str | Path, pair_column: str, key: str = "--text-pair-column") -> list[str]:
+    """The validated second texts of a file `read_texts` read, for a model trained on text pairs."""
+    fmt = _check_path(Path(path), None)
+    _check_column(Path(path), fmt, list(frame.columns), pair_column, key, "second text of each pair")
+    source = _Source(str(path), pair_column, pair_column)
+    return [_text_value(v, source, row) for row, v in enumerate(frame[pair_column].tolist(), 1)]
 
 
 def _check_not_empty(name: str, rows: int) -> None:

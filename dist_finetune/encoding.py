@@ -6,12 +6,20 @@ evaluation and prediction.
   the part least likely to decide its class: the opening names the subject, the end holds the request, the
   signature, the call to action. Sun et al. (2019, "How to Fine-Tune BERT for Text Classification?") found
   head + tail best for long reviews, with about a quarter of the budget at the head; that is the default here.
+
+A text pair (`data.text_pair_column`: premise / hypothesis, question / passage) is `text + "\n\n" + pair`, each
+tokenized alone, joined by GPT-2's paragraph-break token (628). GPT-2 has no separator token; a blank line is
+the boundary it saw between passages in pretraining, whereas `<|endoftext|>` (also the pad id) means "a new
+document": the model would read the pair as two unrelated texts. When the pair is too long, tokens go from the
+longer text first (transformers' `longest_first`): the shorter keeps all it has while it fits in half.
 """
 from __future__ import annotations
 
 from collections.abc import Sequence
 
 LONG_TEXTS = ("truncate", "head_tail")
+PAIR_SEPARATOR = (628,)  # "\n\n" in the GPT-2 BPE
+MIN_PAIR_LENGTH = len(PAIR_SEPARATOR) + 2  # a token of each text at least
 
 
 def default_head(max_length: int) -> int:
@@ -36,3 +44,25 @@ def fit(ids: Sequence[int], max_length: int, mode: str = "truncate", head: int |
         raise ValueError(f"long_texts must be one of {LONG_TEXTS}, got {mode!r}")
     keep_head = min(default_head(max_length) if head is None else head, max_length)
     return list(ids[:keep_head]) + list(ids[len(ids) - (max_length - keep_head):])
+
+
+def pair_budgets(first: int, second: int, room: int) -> tuple[int, int]:
+    """Tokens each text of a pair keeps in `room`: longest first, the first text keeping the odd one."""
+    if first + second <= room:
+        return first, second
+    keep_second = min(second, max(room - first, room // 2))
+    return min(first, room - keep_second), keep_second
+
+
+def full_length(ids: Sequence[int], pair: Sequence[int] | None = None) -> int:
+    """Tokens of the example before any cut."""
+    return len(ids) if pair is None else len(ids) + len(PAIR_SEPARATOR) + len(pair)
+
+
+def fit_example(ids: Sequence[int], pair: Sequence[int] | None, max_length: int, mode: str = "truncate",
+                head: int | None = None) -> list[int]:
+    """One example's model input: a text cut by `fit`, or a pair, each text cut to its share by `fit`."""
+    if pair is None:
+        return fit(ids, max_length, mode, head)
+    first, second = pair_budgets(len(ids), len(pair), max_length - len(PAIR_SEPARATOR))
+    return fit(ids, first, mode) + list(PAIR_SEPARATOR) + fit(pair, second, mode)

@@ -71,6 +71,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="the column of --data that holds the texts (default: the run's data.text_column)")
     p.add_argument("--label-column", metavar="NAME",
                    help="the column of --data that holds the labels (default: the run's data.label_column)")
+    p.add_argument("--text-pair-column", metavar="NAME",
+                   help="a run trained on text pairs: the column of --data that holds each row's second text "
+                        "(default: the run's data.text_pair_column)")
     p.add_argument("--checkpoint", default="best", metavar="best|latest|PATH",
                    help="which weights: best (the best validation score), latest, or a RUN_DIR/checkpoints/step_* "
                         "folder (default: best)")
@@ -88,8 +91,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.batch_size is not None and args.batch_size < 1:
         p.error(f"--batch-size must be >= 1, got {args.batch_size}")
-    if args.data is None and (args.text_column or args.label_column):
-        p.error("--text-column and --label-column apply to --data only")
+    if args.data is None and (args.text_column or args.label_column or args.text_pair_column):
+        p.error("--text-column, --label-column and --text-pair-column apply to --data only")
+    if args.weights is not None and args.text_pair_column:
+        p.error("--text-pair-column: a transformers GPT-2 classifier reads single texts")
     if args.weights is not None and (args.data is None or args.checkpoint != "best"):
         p.error("--weights evaluates a transformers classifier on a labelled file: give --data FILE "
                 "(no --split, no --checkpoint)")
@@ -124,8 +129,12 @@ def prepare(args: argparse.Namespace) -> EvalJob:
         facts = run_facts(run_dir, cfg)
         text_column = args.text_column or cfg.data.text_column
         label_column = args.label_column or cfg.data.label_column
+        pair_column = args.text_pair_column or cfg.data.text_pair_column
+        if args.text_pair_column and cfg.data.text_pair_column is None:
+            raise RunError(f"--text-pair-column: {run_dir} was trained on single texts, not pairs; drop the flag")
         dataset, truncated = load_eval_file(args.data, text_column, label_column, facts.labels, facts.max_length,
-                                            long_texts=cfg.data.long_texts, head_tokens=cfg.data.head_tokens)
+                                            long_texts=cfg.data.long_texts, head_tokens=cfg.data.head_tokens,
+                                            pair_column=pair_column)
         name, max_length, labels = args.data.stem, facts.max_length, facts.labels
     else:
         split = args.split or "test"

@@ -66,7 +66,7 @@ def check_out(out: Path, overwrite: bool, fmt: str = "native") -> None:
 def export_run(run_dir: Path, checkpoint: str, out_dir: Path, fmt: str = "native") -> Path:
     cfg = load_run_config(run_dir)
     if fmt == "hf":  # before reading the checkpoint
-        reason = unsupported(cfg.model.pooling, cfg.model.causal_mask)
+        reason = unsupported(cfg.model.pooling, cfg.model.causal_mask, cfg.data.text_pair_column)
         if reason:
             raise HfExportError(f"--format hf: {run_dir}: {reason}, or export --format native")
     ckpt_run, tag = resolve_checkpoint(run_dir, checkpoint)

@@ -34,16 +34,17 @@ def save_format(fmt: str, model: GPTClassifier, out_dir: Path, cfg: Config, labe
         save_hf(model, out_dir, labels, max_length)
     else:
         save_model(model, out_dir, cfg.model.pooling, labels, max_length, cfg.data.padding, cfg.lora,
-                   cfg.data.long_texts, cfg.data.head_tokens)
+                   cfg.data.long_texts, cfg.data.head_tokens, cfg.data.text_pair_column)
 
 
 def save_model(model: GPTClassifier, out_dir: Path, pooling: str, labels: list, max_length: int | None,
                padding: str, lora: LoraConfig | None, long_texts: str = "truncate",
-               head_tokens: int | None = None) -> None:
+               head_tokens: int | None = None, text_pair_column: str | None = None) -> None:
     """LoRA adapters are merged into plain weights unless lora.export=separate."""
     lora = lora or LoraConfig()
     keep = has_lora(model) and lora.export == "separate"
     if has_lora(model) and not keep:
         model = merge_lora(model)
     save_export(model, out_dir, pooling, labels, max_length=max_length, padding=padding,
-                lora=to_dict(lora) if keep else None, long_texts=long_texts, head_tokens=head_tokens)
+                lora=to_dict(lora) if keep else None, long_texts=long_texts, head_tokens=head_tokens,
+                text_pair_column=text_pair_column)

@@ -20,7 +20,7 @@ from .classifier import Classifier, Prediction
 from .cli import run_command
 from .distributed import leave
 from . import files
-from .data import FORMATS, DataError, read_texts
+from .data import FORMATS, DataError, read_pairs, read_texts
 from .formats import optional, write_parquet
 
 PREDICTED = "predicted_label"
@@ -49,6 +49,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="a CSV / TSV / JSONL / Parquet file of texts, instead of TEXT arguments")
     p.add_argument("--text-column", default="text", metavar="NAME",
                    help="the column of --input that holds the texts (default: text)")
+    p.add_argument("--text-pair-column", metavar="NAME",
+                   help="a model of text pairs: the column of --input that holds each row's second text "
+                        "(default: the column the model was trained on)")
     p.add_argument("--output", type=Path, metavar="FILE",
                    help="write --input with predicted_label and prob_<label> columns added (CSV / TSV / JSONL / "
                         "Parquet, by extension) instead of printing (default: print to the terminal)")
@@ -155,7 +158,15 @@ def run(args: argparse.Namespace) -> int:
     fmt = _check_output(args.output, args.input, args.overwrite) if args.output is not None else None
     classifier = Classifier.load(args.model, args.device)
     frame, texts = read_texts(args.input, args.text_column) if args.input else (None, _texts(args.texts))
-    predictions = classifier.predict(texts, args.batch_size)
+    pairs = None
+    if classifier.pairs:
+        if frame is None:
+            raise DataError(f"{args.model} classifies text pairs: give --input FILE with a column "
+                            f"{classifier.info.text_pair_column!r} of second texts (or --text-pair-column NAME)")
+        pairs = read_pairs(frame, args.input, args.text_pair_column or classifier.info.text_pair_column)
+    elif args.text_pair_column:
+        raise DataError(f"--text-pair-column: {args.model} classifies single texts; drop the flag")
+    predictions = classifier.predict(texts, args.batch_size, pairs=pairs)
     truncated = sum(p.truncated for p in predictions)
     if truncated:
         n = classifier.max_length
