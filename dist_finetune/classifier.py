@@ -23,7 +23,7 @@ import torch
 
 from .cli import pick_device
 from .data import DataError, make_collate
-from .encoding import fit_example, full_length
+from .encoding import fit_example, full_length, windows
 from .hf_import import load_hf_classifier
 from .tokenizer import PAD_ID, encode_batch
 from .weights import (EXPORT_CONFIG, EXPORT_FILES, EXPORT_TOKENIZER, EXPORT_WEIGHTS, ExportInfo, WeightsError,
@@ -117,22 +117,37 @@ class Classifier:
             raise ValueError(f"{len(tokens)} texts but {len(pair_tokens)} pairs: give one pair per text")
         examples = list(zip(tokens, pair_tokens))
         rows = self._probabilities(examples, batch_size)
-        return [self._prediction(p, full_length(*example) > self.max_length) for p, example in zip(rows, examples)]
+        cut = self.info.long_texts != "chunk"  # chunk reads every token
+        return [self._prediction(p, cut and full_length(*example) > self.max_length)
+                for p, example in zip(rows, examples)]
 
     def _probabilities(self, examples: list[tuple[list[int], list[int] | None]],
                        batch_size: int) -> list[list[float]]:
+        """Class probabilities of each example; a chunked model scores a text from all its windows."""
+        info = self.info
+        if info.long_texts != "chunk":
+            inputs = [fit_example(ids, pair, info.max_length, info.long_texts, info.head_tokens)
+                      for ids, pair in examples]
+            return torch.softmax(self._logits(inputs, batch_size), dim=-1).tolist()
+        parts = [windows(ids, info.max_length, info.chunk_stride) for ids, _ in examples]
+        logits = self._logits([w for part in parts for w in part], batch_size)
+        per_text = logits.split([len(part) for part in parts])
+        pooled = [p.max(0).values if info.chunk_aggregate == "max" else p.mean(0) for p in per_text]
+        return torch.softmax(torch.stack(pooled), dim=-1).tolist()
+
+    def _logits(self, inputs: list[list[int]], batch_size: int) -> torch.Tensor:
+        """fp32 logits (on the CPU) of model inputs already cut to max_length."""
         info = self.info
         collate = make_collate(info.padding, info.max_length, info.pad_id)
         if info.padding == "none":  # trained without padding: one text at a time
             batch_size = 1
-        rows: list[list[float]] = []
+        rows = []
         with torch.no_grad():
-            for start in range(0, len(examples), batch_size):
-                batch = collate([(fit_example(ids, pair, info.max_length, info.long_texts, info.head_tokens), 0)
-                                 for ids, pair in examples[start:start + batch_size]])
-                logits = self.model(batch["input_ids"].to(self.device), batch["lengths"].to(self.device)).float()
-                rows += torch.softmax(logits, dim=-1).cpu().tolist()
-        return rows
+            for start in range(0, len(inputs), batch_size):
+                batch = collate([(ids, 0) for ids in inputs[start:start + batch_size]])
+                rows.append(self.model(batch["input_ids"].to(self.device),
+                                       batch["lengths"].to(self.device)).float().cpu())
+        return torch.cat(rows)
 
     def _prediction(self, probabilities: list[float], truncated: bool) -> Prediction:
         index = max(range(len(probabilities)), key=probabilities.__getitem__)

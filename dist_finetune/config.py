@@ -121,11 +121,16 @@ class DataConfig:
     text_pair_column: str | None = None
     # None: the longest training example, capped at the model's context length.
     max_length: int | None = None
-    # A text longer than max_length: truncate (its first tokens) or head_tail (its first head_tokens and its
-    # last max_length - head_tokens tokens); the same in evaluation and prediction (encoding.py).
-    long_texts: str = _choices("truncate", "head_tail", default="truncate")
+    # A text longer than max_length: truncate (its first tokens), head_tail (its first head_tokens and its
+    # last max_length - head_tokens tokens) or chunk (all of it, in overlapping windows of max_length tokens);
+    # the same in evaluation and prediction (encoding.py).
+    long_texts: str = _choices("truncate", "head_tail", "chunk", default="truncate")
     # head_tail: tokens kept from the start (None: a quarter of max_length).
     head_tokens: int | None = None
+    # chunk: tokens between the starts of consecutive windows (None: three quarters of max_length), and how a
+    # text's windows make one prediction: the mean of their logits, or their maximum.
+    chunk_stride: int | None = None
+    chunk_aggregate: str = _choices("mean", "max", default="mean")
     # fixed: every batch to max_length (null: the longest training example; the context length for
     # "the full context"); longest: to the longest example of each batch; none: no padding at all,
     # one example per micro-batch (needs train.micro_batch_size=1; eval also runs one example at a time).
@@ -662,6 +667,15 @@ def _validate_data(cfg: Config) -> None:
         _check(d.max_length is None or d.max_length >= MIN_PAIR_LENGTH,
                f"data.max_length: {d.max_length} leaves no room for a text pair (a token of each text and the "
                f"separator); give at least {MIN_PAIR_LENGTH}")
+    if d.long_texts == "chunk":
+        _check(d.text_pair_column is None, "data.long_texts=chunk: windows of text pairs are not supported; use "
+                                           "truncate or head_tail with data.text_pair_column")
+    if d.chunk_stride is not None:
+        _check(d.long_texts == "chunk", f"data.chunk_stride: only used with data.long_texts=chunk (now "
+                                        f"{d.long_texts}); set that, or remove data.chunk_stride")
+        _check(d.chunk_stride >= 1 and (d.max_length is None or d.chunk_stride <= d.max_length),
+               f"data.chunk_stride: {d.chunk_stride} must be at least 1 and at most data.max_length "
+               f"({d.max_length}), or windows would skip tokens")
     if d.head_tokens is not None:
         _check(d.long_texts == "head_tail", f"data.head_tokens: only used with data.long_texts=head_tail (now "
                                             f"{d.long_texts}); set that, or remove data.head_tokens")

@@ -30,7 +30,7 @@ from torch.utils.data import Dataset
 
 from .config import SPLIT_DEFAULT, SPLIT_DEFAULT_VAL, DataConfig
 from .formats import folder_sha256, read_dataset_dir, read_parquet
-from .encoding import fit_example, full_length
+from .encoding import fit_example, full_length, windows
 from .tokenizer import PAD_ID, encode_batch
 from .errors import UserError
 from .splits import DataSplit, SplitError, check_every_label_in_every_part, stratified_split
@@ -160,12 +160,19 @@ def _coerce_label(label: Any, as_int: bool) -> Any:
 class ClassificationDataset(Dataset):
     """Token ids (already truncated), label ids and the raw texts of one split."""
 
-    def __init__(self, token_ids: list[list[int]], labels: list[int], texts: list[str]) -> None:
+    def __init__(self, token_ids: list[list[int]], labels: list[int], texts: list[str],
+                 doc_ids: list[int] | None = None) -> None:
         if not len(token_ids) == len(labels) == len(texts):
             raise ValueError("token_ids, labels and texts must have the same length")
         self.token_ids = token_ids
         self.labels = labels
         self.texts = texts
+        # data.long_texts=chunk: each item is a window; doc_ids[i] is the text (row) window i came from, in order
+        self.doc_ids = doc_ids
+
+    @property
+    def documents(self) -> int:
+        return len(self.labels) if self.doc_ids is None else (self.doc_ids[-1] + 1 if self.doc_ids else 0)
 
     def __getitem__(self, i: int) -> tuple[list[int], int]:
         return self.token_ids[i], self.labels[i]
@@ -186,6 +193,12 @@ class DataBundle:
     max_length: int
     truncated: dict[str, int]  # per split present
     split: DataSplit | None = None  # how data.train_file was split (written to the run folder), if it was
+
+    def windows(self) -> dict[str, int] | None:
+        """data.long_texts=chunk: the windows of each split (None: one item per text)."""
+        if self.train.doc_ids is None:
+            return None
+        return {name: len(getattr(self, name)) for name in self.splits()}
 
     def splits(self) -> tuple[str, ...]:
         """The splits the run has: train, val, and test unless it has none."""
@@ -590,12 +603,20 @@ def load_data(cfg: DataConfig, context_length: int, saved_split: DataSplit | Non
         labels["train"], tokens["train"], texts["train"] = (
             [column[i] for i in keep] for column in (labels["train"], tokens["train"], texts["train"]))
     max_length = _max_length(cfg, context_length, [full_length(*row) for row in tokens["train"]])
+    if cfg.chunk_stride is not None and cfg.chunk_stride > max_length:
+        raise DataError(f"data.chunk_stride: {cfg.chunk_stride} is more than max_length ({max_length}, the longest "
+                        "training example), so windows would skip tokens; lower it")
     if cfg.head_tokens is not None and cfg.head_tokens >= max_length:
         raise DataError(f"data.head_tokens: {cfg.head_tokens} must be below max_length ({max_length}, the longest "
                         "training example), so that the tail keeps some tokens; lower it")
     datasets: dict[str, ClassificationDataset] = {}
     truncated: dict[str, int] = {}
     for name in tables:
+        if cfg.long_texts == "chunk":
+            datasets[name] = windowed([ids for ids, _ in tokens[name]], labels[name], texts[name], max_length,
+                                      cfg.chunk_stride)
+            truncated[name] = 0  # every token is read
+            continue
         truncated[name] = sum(full_length(*row) > max_length for row in tokens[name])
         ids = [fit_example(*row, max_length, cfg.long_texts, cfg.head_tokens) for row in tokens[name]]
         datasets[name] = ClassificationDataset(ids, labels[name], texts[name])
@@ -777,7 +798,8 @@ def _max_length(cfg: DataConfig, context_length: int, train_lengths: list[int]) 
 def load_eval_file(path: str | Path, text_column: str, label_column: str, label_map: LabelMap, max_length: int,
                    keys: tuple[str, str, str] = ("--data", "--text-column", "--label-column"),
                    long_texts: str = "truncate", head_tokens: int | None = None,
-                   pair_column: str | None = None) -> tuple[ClassificationDataset, int]:
+                   pair_column: str | None = None, chunk_stride: int | None = None,
+                   ) -> tuple[ClassificationDataset, int]:
     """A labelled file read, validated, mapped with the run's labels and cut to max_length as in training.
 
     Returns the dataset and how many texts were truncated. `keys` name the settings that chose the
@@ -791,10 +813,25 @@ def load_eval_file(path: str | Path, text_column: str, label_column: str, label_
     _check_not_empty(table.source.name, len(table.frame))
     labels = _label_ids(table, label_map, "the run's training data")
     tokens = _tokenize(table)
+    if long_texts == "chunk":
+        return windowed([ids for ids, _ in tokens], labels, table.frame["text"].tolist(), max_length, chunk_stride), 0
     truncated = sum(full_length(*row) > max_length for row in tokens)
     dataset = ClassificationDataset([fit_example(*row, max_length, long_texts, head_tokens) for row in tokens],
                                     labels, table.frame["text"].tolist())
     return dataset, truncated
+
+
+def windowed(token_ids: list[list[int]], labels: list[int], texts: list[str], max_length: int,
+             stride: int | None) -> ClassificationDataset:
+    """data.long_texts=chunk: one item per window, each with its text's label and row (`doc_ids`)."""
+    items, item_labels, item_texts, doc_ids = [], [], [], []
+    for doc, (ids, label, text) in enumerate(zip(token_ids, labels, texts)):
+        for window in windows(ids, max_length, stride):
+            items.append(window)
+            item_labels.append(label)
+            item_texts.append(text)
+            doc_ids.append(doc)
+    return ClassificationDataset(items, item_labels, item_texts, doc_ids)
 
 
 def read_texts(path: str | Path, text_column: str,

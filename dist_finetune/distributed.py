@@ -256,6 +256,17 @@ def all_reduce_sum(values: torch.Tensor | list[float], env: DistEnv) -> torch.Te
     return t.cpu()
 
 
+def all_gather_rows(rows: torch.Tensor, counts: list[int], env: DistEnv) -> torch.Tensor:
+    """Every rank's `rows` (rank r holds counts[r] of them), concatenated in rank order, on every rank."""
+    width = max(counts)
+    device = env.device if env.backend == "nccl" else "cpu"
+    padded = torch.zeros((width, *rows.shape[1:]), dtype=rows.dtype, device=device)
+    padded[: rows.shape[0]] = rows.to(device)
+    parts = [torch.empty_like(padded) for _ in counts]
+    dist.all_gather(parts, padded)
+    return torch.cat([part[:n] for part, n in zip(parts, counts)]).cpu()
+
+
 def broadcast_decision(decision: int, env: DistEnv, src: int = 0) -> int:
     """Rank `src` decides; every rank returns that decision."""
     t = torch.tensor([decision], dtype=torch.int64, device=env.device if env.backend == "nccl" else "cpu")

@@ -6,6 +6,9 @@ evaluation and prediction.
   the part least likely to decide its class: the opening names the subject, the end holds the request, the
   signature, the call to action. Sun et al. (2019, "How to Fine-Tune BERT for Text Classification?") found
   head + tail best for long reviews, with about a quarter of the budget at the head; that is the default here.
+- `chunk`: the whole text, as overlapping windows of `max_length` tokens whose starts are `stride` apart (the last
+  window ends at the text's end). Training learns from every window with the text's label; evaluation and
+  prediction classify the text from its windows' logits, averaged (or their maximum, a switch).
 
 A text pair (`data.text_pair_column`: premise / hypothesis, question / passage) is `text + "\n\n" + pair`, each
 tokenized alone, joined by GPT-2's paragraph-break token (628). GPT-2 has no separator token; a blank line is
@@ -17,7 +20,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-LONG_TEXTS = ("truncate", "head_tail")
+LONG_TEXTS = ("truncate", "head_tail", "chunk")
+AGGREGATES = ("mean", "max")
 PAIR_SEPARATOR = (628,)  # "\n\n" in the GPT-2 BPE
 MIN_PAIR_LENGTH = len(PAIR_SEPARATOR) + 2  # a token of each text at least
 
@@ -40,7 +44,7 @@ def fit(ids: Sequence[int], max_length: int, mode: str = "truncate", head: int |
         return list(ids)
     if mode == "truncate":
         return list(ids[:max_length])
-    if mode != "head_tail":
+    if mode != "head_tail":  # chunk cuts nothing: `windows` covers the whole text
         raise ValueError(f"long_texts must be one of {LONG_TEXTS}, got {mode!r}")
     keep_head = min(default_head(max_length) if head is None else head, max_length)
     return list(ids[:keep_head]) + list(ids[len(ids) - (max_length - keep_head):])
@@ -66,3 +70,19 @@ def fit_example(ids: Sequence[int], pair: Sequence[int] | None, max_length: int,
         return fit(ids, max_length, mode, head)
     first, second = pair_budgets(len(ids), len(pair), max_length - len(PAIR_SEPARATOR))
     return fit(ids, first, mode) + list(PAIR_SEPARATOR) + fit(pair, second, mode)
+
+
+def default_stride(max_length: int) -> int:
+    """A quarter of each window overlaps the next: a sentence cut by one window is whole in the next."""
+    return max(1, max_length * 3 // 4)
+
+
+def windows(ids: Sequence[int], max_length: int, stride: int | None = None) -> list[list[int]]:
+    """Overlapping windows covering every token; a text that fits is one window."""
+    if len(ids) <= max_length:
+        return [list(ids)]
+    step = stride or default_stride(max_length)
+    starts = list(range(0, len(ids) - max_length + 1, step))
+    if starts[-1] + max_length < len(ids):
+        starts.append(len(ids) - max_length)
+    return [list(ids[start:start + max_length]) for start in starts]

@@ -134,7 +134,7 @@ def prepare(args: argparse.Namespace) -> EvalJob:
             raise RunError(f"--text-pair-column: {run_dir} was trained on single texts, not pairs; drop the flag")
         dataset, truncated = load_eval_file(args.data, text_column, label_column, facts.labels, facts.max_length,
                                             long_texts=cfg.data.long_texts, head_tokens=cfg.data.head_tokens,
-                                            pair_column=pair_column)
+                                            pair_column=pair_column, chunk_stride=cfg.data.chunk_stride)
         name, max_length, labels = args.data.stem, facts.max_length, facts.labels
     else:
         split = args.split or "test"

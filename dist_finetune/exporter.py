@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .config import Config, LoraConfig, to_dict
+from .config import Config, DataConfig, LoraConfig, to_dict
 from .hf_export import HF_EXPORT_SUBDIR, save_hf
 from .lora import has_lora, merge_lora
 from .model import GPTClassifier
@@ -34,17 +34,17 @@ def save_format(fmt: str, model: GPTClassifier, out_dir: Path, cfg: Config, labe
         save_hf(model, out_dir, labels, max_length)
     else:
         save_model(model, out_dir, cfg.model.pooling, labels, max_length, cfg.data.padding, cfg.lora,
-                   cfg.data.long_texts, cfg.data.head_tokens, cfg.data.text_pair_column)
+                   cfg.data)
 
 
 def save_model(model: GPTClassifier, out_dir: Path, pooling: str, labels: list, max_length: int | None,
-               padding: str, lora: LoraConfig | None, long_texts: str = "truncate",
-               head_tokens: int | None = None, text_pair_column: str | None = None) -> None:
+               padding: str, lora: LoraConfig | None, data: DataConfig | None = None) -> None:
     """LoRA adapters are merged into plain weights unless lora.export=separate."""
-    lora = lora or LoraConfig()
+    lora, data = lora or LoraConfig(), data or DataConfig()
     keep = has_lora(model) and lora.export == "separate"
     if has_lora(model) and not keep:
         model = merge_lora(model)
     save_export(model, out_dir, pooling, labels, max_length=max_length, padding=padding,
-                lora=to_dict(lora) if keep else None, long_texts=long_texts, head_tokens=head_tokens,
-                text_pair_column=text_pair_column)
+                lora=to_dict(lora) if keep else None, long_texts=data.long_texts, head_tokens=data.head_tokens,
+                text_pair_column=data.text_pair_column, chunk_stride=data.chunk_stride,
+                chunk_aggregate=data.chunk_aggregate)

@@ -35,14 +35,14 @@ LAYER_NORM_EPS = 1e-5  # nn.LayerNorm's default, which model.py uses
 FOLD_TOLERANCE = 1e-5  # the largest logit change the head-bias fold may make (fp32 rounding)
 EOT_WARNING = (f"note: transformers finds the last token by value: a text that ends with a real {ENDOFTEXT} "
                f"(token {EOT_ID}, also the pad id) is classified from the token before it, unlike predict")
-HEAD_TAIL_NOTE = ("note: the run kept the head and tail of long texts (data.long_texts=head_tail); transformers' "
-                  "tokenizer truncates at the end, so a text longer than max_length is classified from its first "
-                  "tokens there, unlike predict")
+LONG_TEXTS_NOTE = ("note: the run read long texts with data.long_texts={mode}; transformers' tokenizer truncates "
+                   "at the end, so a text longer than max_length is classified from its first tokens there, unlike "
+                   "predict")
 
 
 def export_notes(long_texts: str) -> list[str]:
     """What a user of the transformers folder must know: printed by export --format hf and by training."""
-    return [EOT_WARNING] + ([HEAD_TAIL_NOTE] if long_texts == "head_tail" else [])
+    return [EOT_WARNING] + ([LONG_TEXTS_NOTE.format(mode=long_texts)] if long_texts != "truncate" else [])
 
 
 class HfExportError(UserError, ValueError):

@@ -1,7 +1,9 @@
 """One step's arithmetic, shared by training and evaluation: forward, loss, and the per-batch sums.
 
 Exact evaluation: every rank evaluates its shard; the loss sum and the confusion matrix travel in one
-all-reduce, and every metric is computed from those counts (metrics.py), so 1 and N ranks agree.
+all-reduce, and every metric is computed from those counts (metrics.py), so 1 and N ranks agree. A split of
+windows (data.long_texts=chunk) gathers every window's logits to every rank instead, in dataset order, and
+scores each text from its windows (mean or max of their logits), so 1 and N ranks agree there too.
 """
 from __future__ import annotations
 
@@ -12,8 +14,8 @@ import torch
 import torch.nn.functional as F
 
 from .config import Config
-from .distributed import DistEnv, all_reduce_sum
-from .loaders import eval_loader
+from .distributed import DistEnv, all_gather_rows, all_reduce_sum
+from .loaders import ShardedEvalSampler, eval_loader
 from .metrics import from_confusion
 from .tokenizer import PAD_ID
 
@@ -76,13 +78,14 @@ def eval_batch_size(cfg: Config) -> int:
 
 
 def evaluate(model, dataset, cfg: Config, env: DistEnv, collate, max_batches: int | None = None,
-             num_classes: int | None = None) -> dict[str, Any]:
+             num_classes: int | None = None, aggregate: str | None = None) -> dict[str, Any]:
     """Exact metrics: every rank runs the same number of forwards (ZeRO-3 gathers), sums reduced.
 
     `model` is any module called as `model(input_ids, lengths) -> logits` (a DeepSpeed engine is one).
     Returns loss, accuracy, examples, macro / weighted / per-class scores and the confusion matrix.
     """
     batch_size = eval_batch_size(cfg)
+    aggregate = aggregate or cfg.data.chunk_aggregate
     loader = eval_loader(dataset, batch_size, collate, env.rank, env.world_size,
                          pin_memory=cfg.data.pin_memory and env.device.type == "cuda")
     steps = math.ceil(math.ceil(len(dataset) / env.world_size) / batch_size)
@@ -93,27 +96,75 @@ def evaluate(model, dataset, cfg: Config, env: DistEnv, collate, max_batches: in
     model.eval()
     # ZeRO-3 gathers parameters inside the forward; those must not become inference tensors.
     grad_off = torch.no_grad if cfg.zero.stage == 3 else torch.inference_mode
+    doc_ids = getattr(dataset, "doc_ids", None)
     with grad_off():
-        sums = _eval_sums(model, iter(loader), steps, env, num_classes)
+        if doc_ids is not None and max_batches is None:
+            local = _window_logits(model, iter(loader), steps, env)
+        else:  # a capped evaluation (eval.max_batches) during training scores the windows it reached
+            sums = _eval_sums(model, iter(loader), steps, env, num_classes)
     model.train(was_training)
-    if sums is None:  # no forwards at all (an empty split): the same on every rank
-        sums = torch.zeros(1 + (num_classes or 0) ** 2, dtype=torch.float64)
-    totals = all_reduce_sum(sums, env)
+    if doc_ids is not None and max_batches is None:
+        counts = [len(ShardedEvalSampler(len(dataset), r, env.world_size)) for r in range(env.world_size)]
+        logits = all_gather_rows(local, counts, env)
+        totals = _document_sums(logits, doc_ids, dataset.labels, aggregate)
+    else:
+        if sums is None:  # no forwards at all (an empty split): the same on every rank
+            sums = torch.zeros(1 + (num_classes or 0) ** 2, dtype=torch.float64)
+        totals = all_reduce_sum(sums, env)
     n = math.isqrt(totals.numel() - 1)
     metrics = from_confusion(totals[1:].view(n, n).tolist())
     return {"loss": float(totals[0]) / max(metrics.examples, 1), **metrics.to_dict()}
 
 
-def _eval_sums(model, batches, steps: int, env: DistEnv, num_classes: int | None) -> torch.Tensor | None:
-    """[loss sum, confusion matrix cells] on the device: no host synchronisation per batch."""
-    sums = None
+def _forwards(model, batches, steps: int, env: DistEnv):
+    """(logits, labels, real) of `steps` forwards: a rank whose shard is done runs a one-token dummy batch, so
+    every rank runs the same forwards (ZeRO-3 gathers parameters inside each)."""
     for _ in range(steps):
         batch = next(batches, None)
         real = batch is not None
-        if not real:  # this rank's shard is done; keep the forwards in step with the others
+        if not real:
             batch = {"input_ids": torch.full((1, 1), PAD_ID), "lengths": torch.ones(1, dtype=torch.long),
                      "labels": torch.zeros(1, dtype=torch.long)}
         logits, labels = forward(model, batch, env.device)
+        yield logits, labels, real
+
+
+def _window_logits(model, batches, steps: int, env: DistEnv) -> torch.Tensor:
+    """This rank's windows' logits (float64, on the CPU), in dataset order."""
+    rows, width = [], 0
+    for logits, _, real in _forwards(model, batches, steps, env):
+        width = logits.shape[-1]  # dummy forwards too: a rank without windows still knows the class count
+        if real:
+            rows.append(logits.double().cpu())
+    return torch.cat(rows) if rows else torch.zeros((0, width), dtype=torch.float64)
+
+
+def _document_sums(logits: torch.Tensor, doc_ids: list[int], labels: list[int], aggregate: str) -> torch.Tensor:
+    """[loss sum, confusion cells] over texts, each scored from its windows' logits (all windows present)."""
+    n = logits.shape[-1]
+    docs = torch.as_tensor(doc_ids)
+    count = int(docs[-1]) + 1 if len(doc_ids) else 0
+    per_doc = torch.zeros((count, n), dtype=torch.float64)
+    if aggregate == "max":
+        per_doc.fill_(-math.inf)
+        per_doc.scatter_reduce_(0, docs[:, None].expand(-1, n), logits, reduce="amax")
+    else:
+        per_doc.index_add_(0, docs, logits)
+        per_doc /= torch.bincount(docs, minlength=count).clamp(min=1)[:, None]
+    first = torch.zeros(count, dtype=torch.long)
+    first[docs.flip(0)] = torch.arange(len(doc_ids) - 1, -1, -1)  # each text's first window
+    targets = torch.as_tensor(labels)[first]
+    sums = torch.zeros(1 + n * n, dtype=torch.float64)
+    if count:
+        sums[0] = F.cross_entropy(per_doc, targets, reduction="sum")
+        sums[1:] = torch.bincount(targets * n + per_doc.argmax(-1), minlength=n * n).double()
+    return sums
+
+
+def _eval_sums(model, batches, steps: int, env: DistEnv, num_classes: int | None) -> torch.Tensor | None:
+    """[loss sum, confusion matrix cells] on the device: no host synchronisation per batch."""
+    sums = None
+    for logits, labels, real in _forwards(model, batches, steps, env):
         n = num_classes or logits.shape[-1]
         if sums is None:
             sums = torch.zeros(1 + n * n, dtype=torch.float64, device=logits.device)

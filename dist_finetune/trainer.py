@@ -23,7 +23,7 @@ from . import checkpoint, faults, logs
 from .config import Config, ConfigError, to_dict
 from .data import make_collate
 from .distributed import DistEnv, all_reduce_sum, broadcast_decision, broadcast_object, set_activity
-from .encoding import describe
+from .encoding import default_stride, describe
 from .engine import build_engine, param_group_names, plan_batches
 from .exporter import EXPORT_SUBDIRS, export_checkpoint
 from .hf_export import export_notes
@@ -374,6 +374,12 @@ class Trainer:
         if self.loaded_weights is not None:
             w = self.loaded_weights
             self.reporter.say(f"weights: loaded {len(w.loaded)} tensors ({w.format}) from {w.source}")
+        windows = data.windows()
+        if windows is not None:
+            counts = ", ".join(f"{split} {getattr(data, split).documents} texts -> {n} windows"
+                               for split, n in windows.items())
+            stride = self.cfg.data.chunk_stride or default_stride(data.max_length)
+            self.reporter.say(f"long texts: windows of {data.max_length} tokens, {stride} apart: {counts}")
         if any(data.truncated.values()):
             counts = ", ".join(f"{n} of {len(getattr(data, split))} {split}"
                                for split, n in data.truncated.items() if n)
@@ -664,6 +670,7 @@ class Trainer:
             "best_checkpoint": best_tag,
             "max_length": self.data.max_length,
             "class_weights": class_weights(cfg.loss.class_weights, self.data.train.labels, labels),
+            **({"windows": self.data.windows()} if self.data.windows() is not None else {}),  # long_texts=chunk
         }
 
 

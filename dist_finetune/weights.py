@@ -21,7 +21,7 @@ from torch import Tensor
 from dist_finetune.config import MODEL_PRESETS
 from dist_finetune.model import GPT, POOLINGS, GPTClassifier, GPTConfig
 from dist_finetune.tokenizer import PAD_ID
-from .encoding import LONG_TEXTS, PAIR_SEPARATOR
+from .encoding import AGGREGATES, LONG_TEXTS, PAIR_SEPARATOR
 from . import files
 from . import safe_load
 from .errors import UserError
@@ -531,7 +531,8 @@ def export_leftovers(folder: Path) -> list[str]:
 def save_export(model: GPTClassifier, folder: Path, pooling: str, labels: list | dict,
                 max_length: int | None = None, padding: str = "fixed", lora: dict | None = None,
                 long_texts: str = "truncate", head_tokens: int | None = None,
-                text_pair_column: str | None = None) -> None:
+                text_pair_column: str | None = None, chunk_stride: int | None = None,
+                chunk_aggregate: str = "mean") -> None:
     """model.safetensors (fp32, canonical names) + model_config.json + labels.json (as given).
 
     model_config.json also references the tokenizer and how training truncated and padded the texts
@@ -556,6 +557,8 @@ def save_export(model: GPTClassifier, folder: Path, pooling: str, labels: list |
               "tokenizer": EXPORT_TOKENIZER, "pad_id": PAD_ID, "max_length": max_length, "padding": padding,
               "long_texts": long_texts, "head_tokens": head_tokens, "text_pair_column": text_pair_column,
               "pair_separator": list(PAIR_SEPARATOR) if text_pair_column is not None else None}
+    if long_texts == "chunk":
+        config.update(chunk_stride=chunk_stride, chunk_aggregate=chunk_aggregate)
     if lora is not None:
         config["lora"] = lora
     with files.building_dir(folder) as new:
@@ -781,6 +784,8 @@ class ExportInfo:
     long_texts: str = "truncate"  # how a longer text is cut to max_length (encoding.py)
     head_tokens: int | None = None
     text_pair_column: str | None = None  # a model of text pairs: the column its second texts came from
+    chunk_stride: int | None = None  # long_texts=chunk: window starts apart (None: the default of encoding.py)
+    chunk_aggregate: str = "mean"
 
 
 def read_export_info(folder: Path) -> ExportInfo:
@@ -791,14 +796,16 @@ def read_export_info(folder: Path) -> ExportInfo:
     info = ExportInfo(spec.labels, config.get("tokenizer", EXPORT_TOKENIZER), config.get("pad_id", PAD_ID),
                       config.get("max_length") or spec.gpt.context_length, config.get("padding", "fixed"),
                       config.get("long_texts", "truncate"), config.get("head_tokens"),
-                      config.get("text_pair_column"))
+                      config.get("text_pair_column"), config.get("chunk_stride"),
+                      config.get("chunk_aggregate", "mean"))
     separator = config.get("pair_separator")
     if info.text_pair_column is not None and separator != list(PAIR_SEPARATOR):
         raise WeightsError(f"{folder / EXPORT_CONFIG}: pair_separator {separator!r} is not this version's "
                            f"{list(PAIR_SEPARATOR)}; export the run again with this version")
-    if info.long_texts not in LONG_TEXTS:
-        raise WeightsError(f"{folder / EXPORT_CONFIG}: long_texts {info.long_texts!r} is not one of "
-                           f"{' | '.join(LONG_TEXTS)}; export the run again with this version")
+    if info.long_texts not in LONG_TEXTS or info.chunk_aggregate not in AGGREGATES:
+        raise WeightsError(f"{folder / EXPORT_CONFIG}: long_texts {info.long_texts!r} / chunk_aggregate "
+                           f"{info.chunk_aggregate!r} is not one of {' | '.join(LONG_TEXTS)} / "
+                           f"{' | '.join(AGGREGATES)}; export the run again with this version")
     if info.tokenizer != EXPORT_TOKENIZER:
         raise WeightsError(f"{folder / EXPORT_CONFIG}: tokenizer {info.tokenizer!r} is not supported; only "
                            f"{EXPORT_TOKENIZER!r} (the GPT-2 BPE)")
