@@ -24,6 +24,7 @@ import torch
 from .cli import pick_device
 from .data import DataError, make_collate
 from .encoding import fit_example, full_length, windows
+from .regression import TargetScale
 from .hf_import import load_hf_classifier
 from .tokenizer import PAD_ID, encode_batch
 from .weights import (EXPORT_CONFIG, EXPORT_FILES, EXPORT_TOKENIZER, EXPORT_WEIGHTS, ExportInfo, WeightsError,
@@ -40,6 +41,7 @@ class Prediction:
     index: int  # its class id (position in `Classifier.labels`)
     probabilities: dict[Any, float]  # label -> probability, in class id order; they sum to 1
     truncated: bool  # the text was longer than max_length: only max_length of its tokens were used (long_texts)
+    values: dict[str, float] | None = None  # task=regression: target -> predicted value (label None, no probabilities)
 
 
 def is_transformers_folder(path: Path) -> bool:
@@ -123,17 +125,21 @@ class Classifier:
 
     def _probabilities(self, examples: list[tuple[list[int], list[int] | None]],
                        batch_size: int) -> list[list[float]]:
-        """Class probabilities of each example; a chunked model scores a text from all its windows."""
+        """Class probabilities of each example (task=regression: its values in the targets' units); a chunked
+        model scores a text from all its windows."""
         info = self.info
         if info.long_texts != "chunk":
             inputs = [fit_example(ids, pair, info.max_length, info.long_texts, info.head_tokens)
                       for ids, pair in examples]
-            return torch.softmax(self._logits(inputs, batch_size), dim=-1).tolist()
-        parts = [windows(ids, info.max_length, info.chunk_stride) for ids, _ in examples]
-        logits = self._logits([w for part in parts for w in part], batch_size)
-        per_text = logits.split([len(part) for part in parts])
-        pooled = [p.max(0).values if info.chunk_aggregate == "max" else p.mean(0) for p in per_text]
-        return torch.softmax(torch.stack(pooled), dim=-1).tolist()
+            outputs = self._logits(inputs, batch_size)
+        else:
+            parts = [windows(ids, info.max_length, info.chunk_stride) for ids, _ in examples]
+            logits = self._logits([w for part in parts for w in part], batch_size)
+            per_text = logits.split([len(part) for part in parts])
+            outputs = torch.stack([p.max(0).values if info.chunk_aggregate == "max" else p.mean(0) for p in per_text])
+        if info.targets is not None:
+            return TargetScale.from_json(info.targets).to_units(outputs.double()).tolist()
+        return torch.softmax(outputs, dim=-1).tolist()
 
     def _logits(self, inputs: list[list[int]], batch_size: int) -> torch.Tensor:
         """fp32 logits (on the CPU) of model inputs already cut to max_length."""
@@ -150,8 +156,10 @@ class Classifier:
         return torch.cat(rows)
 
     def _prediction(self, probabilities: list[float], truncated: bool) -> Prediction:
-        index = max(range(len(probabilities)), key=probabilities.__getitem__)
         labels = self.info.labels
+        if self.info.targets is not None:  # task=regression: the values
+            return Prediction(None, -1, {}, truncated, dict(zip(labels, probabilities)))
+        index = max(range(len(probabilities)), key=probabilities.__getitem__)
         return Prediction(labels[index], index, dict(zip(labels, probabilities)), truncated)
 
 

@@ -97,6 +97,16 @@ SPLIT_DEFAULT = (0.8, 0.1, 0.1)  # data.train_file alone: train / val / test
 SPLIT_DEFAULT_VAL = (0.9, 0.1)  # data.train_file and data.test_file: train / val
 
 
+def _label_columns(path: str, value: Any) -> str | tuple[str, ...]:
+    if isinstance(value, (list, tuple)):
+        if value and all(isinstance(v, str) and v for v in value) and len(set(value)) == len(value):
+            return value[0] if len(value) == 1 else tuple(value)
+        raise ConfigError(f"{path}: {value!r} is not a list of distinct column names")
+    if isinstance(value, (dict, bool)) or value is None or value == "":
+        raise ConfigError(f"{path}: expected a column name (or, for task=regression, a list of them), got {value!r}")
+    return str(value)
+
+
 @dataclass(frozen=True)
 class DataConfig:
     # None for all three files: the bundled SMS Spam Collection (balanced, split 70/10/20).
@@ -115,7 +125,8 @@ class DataConfig:
     # Which rows go where; apart from `seed`, so a sweep over seeds keeps the same val and test rows.
     split_seed: int = 123
     text_column: str = "text"
-    label_column: str = "label"
+    # The label column; with task=regression, the column of the numeric target, or a list of target columns.
+    label_column: str | tuple[str, ...] = field(default="label", metadata={"coerce": _label_columns})
     # Text pairs (premise / hypothesis, question / passage): the column of each row's second text; the model
     # reads text + a blank line + pair, cut longest-first to max_length (encoding.py).
     text_pair_column: str | None = None
@@ -295,6 +306,8 @@ class LossConfig:
     # none | balanced (n_examples / (n_classes x count of the class), from the training split) |
     # [w0, w1, ...], one weight per class in label order. The length is checked against the data.
     class_weights: str | tuple[float, ...] = field(default="none", metadata={"coerce": _class_weights})
+    # task=regression: mse, or huber (less pulled by outliers), on standardized targets
+    regression: str = _choices("mse", "huber", default="mse")
 
 
 @dataclass(frozen=True)
@@ -309,7 +322,10 @@ class EvalConfig:
 @dataclass(frozen=True)
 class EarlyStoppingConfig:
     enabled: bool = True
-    metric: str = _choices("val_loss", "val_accuracy", default="val_loss")
+    # val_loss, val_accuracy (single_label); val_mse, val_rmse, val_mae, val_r2, val_pearson, val_spearman
+    # (regression)
+    metric: str = _choices("val_loss", "val_accuracy", "val_mse", "val_rmse", "val_mae", "val_r2", "val_pearson",
+                           "val_spearman", default="val_loss")
     mode: str = _choices("auto", "min", "max", default="auto")
     patience: int = 3
     min_delta: float = 0.0
@@ -317,7 +333,7 @@ class EarlyStoppingConfig:
     def resolved_mode(self) -> str:
         if self.mode != "auto":
             return self.mode
-        return "min" if self.metric == "val_loss" else "max"
+        return "min" if self.metric in ("val_loss", "val_mse", "val_rmse", "val_mae") else "max"
 
 
 EXPORT_FORMATS = ("native", "hf")
@@ -404,6 +420,8 @@ class ReportConfig:
 class Config:
     output_dir: str = _path("runs/default")
     seed: int = 123
+    # single_label: one class per text (softmax, cross-entropy); regression: numeric targets (regression.py)
+    task: str = _choices("single_label", "regression", default="single_label")
     # bf16: DeepSpeed's bf16 (bf16 weights, fp32 master copy in the optimizer); bf16_autocast: fp32
     # weights, forward under torch.autocast(bf16) (DeepSpeed's torch_autocast); fp16: loss-scaled fp16.
     precision: str = _choices("bf16", "bf16_autocast", "fp16", "fp32", default="bf16")
@@ -650,9 +668,32 @@ def _validate_model(m: ModelConfig) -> None:
     _check(m.vocab_size >= 50257, f"model.vocab_size: must be >= 50257 (GPT-2 BPE), got {m.vocab_size}")
 
 
+def _validate_task(cfg: Config) -> None:
+    d, regression = cfg.data, cfg.task == "regression"
+    _check(regression or isinstance(d.label_column, str),
+           f"data.label_column: a list of columns ({list(d.label_column)}) is for task=regression (several numeric "
+           "targets); give one column, or set task: regression")
+    classification_metric = cfg.early_stopping.metric == "val_accuracy"
+    _check(not (regression and classification_metric),
+           "early_stopping.metric: val_accuracy is a classification metric; with task=regression use val_loss, "
+           "val_mse, val_rmse, val_mae, val_r2, val_pearson or val_spearman")
+    _check(regression or cfg.early_stopping.metric in ("val_loss", "val_accuracy"),
+           f"early_stopping.metric: {cfg.early_stopping.metric} is a regression metric; with task={cfg.task} use "
+           "val_loss or val_accuracy")
+    if regression:
+        _check(d.train_file is not None or d.dataset_dir is not None,
+               "task=regression: the bundled SMS Spam Collection has no numeric target; set data.train_file (or "
+               "data.dataset_dir) to your own data")
+        _check(cfg.loss.class_weights == "none", "loss.class_weights: class weights are for classification; "
+                                                  "remove them with task=regression")
+        _check(d.balance != "undersample", "data.balance=undersample balances classes; with task=regression use "
+                                           "auto or none")
+
+
 def _validate_data(cfg: Config) -> None:
     d, t, arch = cfg.data, cfg.train, cfg.model.arch()
     _validate_split(d)
+    _validate_task(cfg)
     if d.max_length is not None:
         _check(1 <= d.max_length <= arch["context_length"],
                f"data.max_length: {d.max_length} must be between 1 and the model's context length "

@@ -31,6 +31,7 @@ from torch.utils.data import Dataset
 from .config import SPLIT_DEFAULT, SPLIT_DEFAULT_VAL, DataConfig
 from .formats import folder_sha256, read_dataset_dir, read_parquet
 from .encoding import fit_example, full_length, windows
+from .regression import TargetScale
 from .tokenizer import PAD_ID, encode_batch
 from .errors import UserError
 from .splits import DataSplit, SplitError, check_every_label_in_every_part, stratified_split
@@ -193,6 +194,7 @@ class DataBundle:
     max_length: int
     truncated: dict[str, int]  # per split present
     split: DataSplit | None = None  # how data.train_file was split (written to the run folder), if it was
+    scale: TargetScale | None = None  # task=regression: the targets' mean and deviation (label_map: their names)
 
     def windows(self) -> dict[str, int] | None:
         """data.long_texts=chunk: the windows of each split (None: one item per text)."""
@@ -219,6 +221,7 @@ class _Source:
     na_labels: bool = False  # data.na_labels: NA / NaN / None ... are labels
     rows: tuple[int, ...] | None = None  # a split of a file: each of its rows' row number in the file
     pair_column: str | None = None  # data.text_pair_column: the second text of each row
+    targets: tuple[str, ...] | None = None  # task=regression: the numeric target columns (label: their values)
 
     def at(self, row: int, column: str | None = None) -> str:
         if self.rows is not None:
@@ -242,23 +245,63 @@ def read_table(path: str | Path, text_column: str, label_column: str, na_labels:
     return table.frame
 
 
-def _read_file(path: str | Path, text_column: str, label_column: str, key: str | None = None,
+def target_columns(label_column: str | Sequence[str]) -> tuple[str, ...]:
+    """task=regression: the target columns, sorted by name (the order of the model's outputs)."""
+    return (label_column,) if isinstance(label_column, str) else tuple(sorted(label_column))
+
+
+def _read_file(path: str | Path, text_column: str, label_column: str | Sequence[str], key: str | None = None,
                column_keys: tuple[str, str] = ("data.text_column", "data.label_column"),
                na_labels: bool = False, pair_column: str | None = None,
-               pair_key: str = "data.text_pair_column") -> _Table:
+               pair_key: str = "data.text_pair_column", regression: bool = False) -> _Table:
     path = Path(path)
-    frame, fmt, lines = _read_frame(path, text_column, label_column, key)
-    wanted = [(text_column, column_keys[0], "text"), (label_column, column_keys[1], "labels")]
+    targets = target_columns(label_column) if regression else None
+    first_label = targets[0] if targets else label_column
+    frame, fmt, lines = _read_frame(path, text_column, None if regression else label_column, key)
+    wanted = [(text_column, column_keys[0], "text")]
+    wanted += [(c, column_keys[1], "numeric target") for c in targets] if targets else [
+        (label_column, column_keys[1], "labels")]
     wanted += [(pair_column, pair_key, "second text of each pair")] if pair_column is not None else []
     for column, column_key, what in wanted:
         _check_column(path, fmt, list(frame.columns), column, column_key, what)
-    source = _Source(str(path), text_column, label_column, lines, na_labels, pair_column=pair_column)
+    source = _Source(str(path), text_column, first_label, lines, na_labels, pair_column=pair_column, targets=targets)
     return _Table(_validated_frame(frame, source), source)
 
 
 def _validated_frame(frame: pd.DataFrame, source: _Source) -> pd.DataFrame:
     pairs = frame[source.pair_column].tolist() if source.pair_column is not None else None
+    if source.targets is not None:
+        return _validated_targets(frame, source, pairs)
     return _validated(frame[source.text_column].tolist(), frame[source.label_column].tolist(), source, pairs)
+
+
+def _validated_targets(frame: pd.DataFrame, source: _Source, pairs: list | None) -> pd.DataFrame:
+    """Columns text, label (a tuple of floats: the targets' values, in target_columns order) and pair."""
+    texts = [_text_value(v, source, row) for row, v in enumerate(frame[source.text_column].tolist(), 1)]
+    columns = [[_target_value(v, source, row, c) for row, v in enumerate(frame[c].tolist(), 1)]
+               for c in source.targets]
+    out = pd.DataFrame({"text": pd.Series(texts, dtype=object),
+                        "label": pd.Series(list(zip(*columns)) if texts else [], dtype=object)})
+    if pairs is not None:
+        out["pair"] = pd.Series([_text_value(v, source, row, source.pair_column)
+                                 for row, v in enumerate(pairs, 1)], dtype=object)
+    return out
+
+
+def _target_value(value: Any, source: _Source, row: int, column: str) -> float:
+    where = source.at(row, column)
+    if _is_missing(value) or (isinstance(value, str) and not value.strip()):
+        raise DataError(f"{where}: the target is missing. Fill it in or delete the row.")
+    if isinstance(value, bool):
+        raise DataError(f"{where}: target {value!r} is not a number. Write the number.")
+    try:
+        number = float(value.strip() if isinstance(value, str) else value)
+    except (TypeError, ValueError):
+        raise DataError(f"{where}: target {value!r} is not a number (task=regression needs numeric targets). "
+                        "Write the number, e.g. 3.5.") from None
+    if not math.isfinite(number):
+        raise DataError(f"{where}: target {value!r} is not a finite number. Write a finite number.")
+    return number
 
 
 def _read_frame(path: Path, text_column: str, label_column: str | None,
@@ -579,13 +622,15 @@ def bundled_sms_splits(seed: int = 123, balance: str = "undersample") -> dict[st
 # ---------------------------------------------------------------- load_data
 
 
-def load_data(cfg: DataConfig, context_length: int, saved_split: DataSplit | None = None) -> DataBundle:
+def load_data(cfg: DataConfig, context_length: int, saved_split: DataSplit | None = None,
+              task: str = "single_label") -> DataBundle:
     """Read, validate, map labels, tokenize and truncate every split (before any training).
 
     A data.train_file that is split (cfg.split_fractions()) is split as `saved_split` records (a run's
     own record: resume, evaluate), else afresh (a new run; the bundle's `split` is then written to the
     run folder)."""
-    tables, record = _load_tables(cfg, saved_split)
+    regression = task == "regression"
+    tables, record = _load_tables(cfg, saved_split, regression)
     check_label_spellings(list(tables.values()))
     for split, table in tables.items():
         if len(table.frame) == 0:
@@ -593,8 +638,14 @@ def load_data(cfg: DataConfig, context_length: int, saved_split: DataSplit | Non
                 f"{table.source.name}: the {split} split has no rows. Add examples (one row each, "
                 "below the header) or point the config at another file."
             )
-    label_map = _label_map_from_train(tables["train"])
-    labels = {split: _label_ids(table, label_map, tables["train"].source.name) for split, table in tables.items()}
+    scale = None
+    if regression:  # the targets, standardized with the training split's mean and deviation
+        label_map = LabelMap(target_columns(cfg.label_column))
+        scale = TargetScale.of(label_map.labels, [list(v) for v in tables["train"].frame["label"]])
+        labels = {split: scale.standardize([list(v) for v in table.frame["label"]]) for split, table in tables.items()}
+    else:
+        label_map = _label_map_from_train(tables["train"])
+        labels = {split: _label_ids(table, label_map, tables["train"].source.name) for split, table in tables.items()}
     tokens = {split: _tokenize(table) for split, table in tables.items()}  # (text ids, pair ids or None)
     texts = {split: table.frame["text"].tolist() for split, table in tables.items()}
     user_data = cfg.train_file is not None or cfg.dataset_dir is not None  # the bundled split is balanced already
@@ -621,13 +672,14 @@ def load_data(cfg: DataConfig, context_length: int, saved_split: DataSplit | Non
         ids = [fit_example(*row, max_length, cfg.long_texts, cfg.head_tokens) for row in tokens[name]]
         datasets[name] = ClassificationDataset(ids, labels[name], texts[name])
     return DataBundle(datasets["train"], datasets["val"], datasets.get("test"), label_map, max_length, truncated,
-                      record)
+                      record, scale)
 
 
-def _load_tables(cfg: DataConfig, saved: DataSplit | None) -> tuple[dict[str, _Table], DataSplit | None]:
+def _load_tables(cfg: DataConfig, saved: DataSplit | None,
+                 regression: bool = False) -> tuple[dict[str, _Table], DataSplit | None]:
     """The tables of the splits the config gives (train, val, and test unless there is none), in that order."""
     if cfg.dataset_dir is not None:
-        return _dataset_dir_tables(cfg, saved)
+        return _dataset_dir_tables(cfg, saved, regression)
     files = {"train": cfg.train_file, "val": cfg.val_file, "test": cfg.test_file}
     if all(f is None for f in files.values()):
         return {
@@ -639,7 +691,7 @@ def _load_tables(cfg: DataConfig, saved: DataSplit | None) -> tuple[dict[str, _T
                         "none of the three for the bundled SMS Spam Collection.")
     tables = {
         split: _read_file(path, cfg.text_column, cfg.label_column, key=f"data.{split}_file", na_labels=cfg.na_labels,
-                          pair_column=cfg.text_pair_column)
+                          pair_column=cfg.text_pair_column, regression=regression)
         for split, path in files.items() if path is not None
     }
     fractions = cfg.split_fractions()
@@ -651,18 +703,23 @@ def _load_tables(cfg: DataConfig, saved: DataSplit | None) -> tuple[dict[str, _T
     return {name: tables[name] for name in SPLITS if name in tables}, split
 
 
-def _dataset_dir_tables(cfg: DataConfig, saved: DataSplit | None) -> tuple[dict[str, _Table], DataSplit | None]:
+def _dataset_dir_tables(cfg: DataConfig, saved: DataSplit | None,
+                        regression: bool = False) -> tuple[dict[str, _Table], DataSplit | None]:
     """The splits of data.dataset_dir; without a validation split, its train split is split by data.split as
     data.train_file is (as `saved` records, if given; the record's sha256 is over the folder's .arrow files)."""
     tables = {}
-    for split, (name, frame) in read_dataset_dir(cfg.dataset_dir, cfg.text_column, cfg.label_column).items():
-        wanted = [(cfg.text_column, "data.text_column", "text"), (cfg.label_column, "data.label_column", "labels")]
+    targets = target_columns(cfg.label_column) if regression else None
+    label_column = targets[0] if targets else cfg.label_column
+    for split, (name, frame) in read_dataset_dir(cfg.dataset_dir, cfg.text_column, label_column).items():
+        wanted = [(cfg.text_column, "data.text_column", "text")]
+        wanted += [(c, "data.label_column", "numeric target") for c in targets] if targets else [
+            (cfg.label_column, "data.label_column", "labels")]
         if cfg.text_pair_column is not None:
             wanted.append((cfg.text_pair_column, "data.text_pair_column", "second text of each pair"))
         for column, key, what in wanted:
             _check_column(name, "dataset", list(frame.columns), column, key, what)
-        source = _Source(name, cfg.text_column, cfg.label_column, None, cfg.na_labels,
-                         pair_column=cfg.text_pair_column)
+        source = _Source(name, cfg.text_column, label_column, None, cfg.na_labels,
+                         pair_column=cfg.text_pair_column, targets=targets)
         tables[split] = _Table(_validated_frame(frame, source), source)
     fractions = _dataset_dir_fractions(cfg, tables)
     if fractions is None:
@@ -683,7 +740,7 @@ def _dataset_dir_tables(cfg: DataConfig, saved: DataSplit | None) -> tuple[dict[
 
 
 def _new_folder_split(cfg: DataConfig, whole: _Table, fractions: tuple[float, ...]) -> DataSplit:
-    labels = whole.frame["label"].tolist()
+    labels = _strata(whole)
     check_every_label_in_every_part(labels, fractions, whole.source.name)
     parts = stratified_split(labels, fractions, cfg.split_seed)
     return DataSplit(str(cfg.dataset_dir), folder_sha256(cfg.dataset_dir), len(labels), fractions, cfg.split_seed,
@@ -710,7 +767,12 @@ def _split_of(cfg: DataConfig, whole: _Table, fractions: tuple[float, ...], save
         saved.check_source(cfg.train_file, len(whole.frame))
         return saved
     check_label_spellings([whole])  # before the labels are grouped for stratification
-    return DataSplit.make(cfg.train_file, whole.frame["label"].tolist(), fractions, cfg.split_seed)
+    return DataSplit.make(cfg.train_file, _strata(whole), fractions, cfg.split_seed)
+
+
+def _strata(table: _Table) -> list:
+    """What a split is stratified by: the labels; numeric targets (task=regression) are not: one stratum."""
+    return table.frame["label"].tolist() if table.source.targets is None else [0] * len(table.frame)
 
 
 def _rows_of(table: _Table, name: str, rows: Sequence[int]) -> _Table:
@@ -799,7 +861,7 @@ def load_eval_file(path: str | Path, text_column: str, label_column: str, label_
                    keys: tuple[str, str, str] = ("--data", "--text-column", "--label-column"),
                    long_texts: str = "truncate", head_tokens: int | None = None,
                    pair_column: str | None = None, chunk_stride: int | None = None,
-                   ) -> tuple[ClassificationDataset, int]:
+                   scale: TargetScale | None = None) -> tuple[ClassificationDataset, int]:
     """A labelled file read, validated, mapped with the run's labels and cut to max_length as in training.
 
     Returns the dataset and how many texts were truncated. `keys` name the settings that chose the
@@ -807,11 +869,15 @@ def load_eval_file(path: str | Path, text_column: str, label_column: str, label_
     """
     # NA / NaN ... are labels here exactly when the run trained with such a label (data.na_labels=true).
     na_labels = any(isinstance(label, str) and label.strip() in NA_SPELLINGS for label in label_map.labels)
-    table = _read_file(path, text_column, label_column, key=keys[0], column_keys=(keys[1], keys[2]),
-                       na_labels=na_labels, pair_column=pair_column, pair_key="--text-pair-column")
+    table = _read_file(path, text_column, scale.names if scale else label_column, key=keys[0],
+                       column_keys=(keys[1], keys[2]), na_labels=na_labels, pair_column=pair_column,
+                       pair_key="--text-pair-column", regression=scale is not None)
     check_label_spellings([table])
     _check_not_empty(table.source.name, len(table.frame))
-    labels = _label_ids(table, label_map, "the run's training data")
+    if scale is not None:  # task=regression: the run's targets, standardized as in training
+        labels = scale.standardize([list(v) for v in table.frame["label"]])
+    else:
+        labels = _label_ids(table, label_map, "the run's training data")
     tokens = _tokenize(table)
     if long_texts == "chunk":
         return windowed([ids for ids, _ in tokens], labels, table.frame["text"].tolist(), max_length, chunk_stride), 0
@@ -887,7 +953,9 @@ class PadCollate:
         return {
             "input_ids": input_ids,
             "lengths": torch.tensor(lengths, dtype=torch.long),
-            "labels": torch.tensor([label for _, label in batch], dtype=torch.long),
+            # class ids; or each row's standardized targets (task=regression), float32
+            "labels": torch.tensor([label for _, label in batch],
+                                   dtype=torch.float32 if isinstance(batch[0][1], list) else torch.long),
         }
 
 

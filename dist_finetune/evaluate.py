@@ -28,7 +28,8 @@ from .hf_import import POOLING, eval_labels, load_hf_classifier
 from .distributed import leave, DistEnv, init_distributed
 from .metrics import format_table
 from .step import evaluate
-from .report import plot_confusion, write_json
+from .regression import TargetScale, format_table as regression_table
+from .report import plot_confusion, plot_scatter, write_json
 from .runs import (RunError, reading_run, check_same_labels, load_checkpoint_model, load_run_config,
                    load_run_data, resolve_checkpoint, run_facts)
 
@@ -114,6 +115,7 @@ class EvalJob:
     max_length: int
     precision: str
     checkpoint: Path
+    scale: TargetScale | None = None  # task=regression: the run's targets' mean and deviation
 
 
 def prepare(args: argparse.Namespace) -> EvalJob:
@@ -125,6 +127,7 @@ def prepare(args: argparse.Namespace) -> EvalJob:
     if args.batch_size is not None:
         cfg = replace(cfg, [f"eval.batch_size={args.batch_size}"])
     ckpt_run, tag = resolve_checkpoint(run_dir, args.checkpoint)
+    scale = load_run_data(cfg, run_dir).scale if cfg.task == "regression" else None  # from its training split
     if args.data is not None:
         facts = run_facts(run_dir, cfg)
         text_column = args.text_column or cfg.data.text_column
@@ -134,7 +137,8 @@ def prepare(args: argparse.Namespace) -> EvalJob:
             raise RunError(f"--text-pair-column: {run_dir} was trained on single texts, not pairs; drop the flag")
         dataset, truncated = load_eval_file(args.data, text_column, label_column, facts.labels, facts.max_length,
                                             long_texts=cfg.data.long_texts, head_tokens=cfg.data.head_tokens,
-                                            pair_column=pair_column, chunk_stride=cfg.data.chunk_stride)
+                                            pair_column=pair_column, chunk_stride=cfg.data.chunk_stride,
+                                            scale=scale)
         name, max_length, labels = args.data.stem, facts.max_length, facts.labels
     else:
         split = args.split or "test"
@@ -148,7 +152,7 @@ def prepare(args: argparse.Namespace) -> EvalJob:
         name, max_length, labels = split, bundle.max_length, bundle.label_map
     model = load_checkpoint_model(cfg, len(labels), ckpt_run, tag, run_dir)
     return EvalJob(cfg, model, dataset, truncated, name, labels.to_json(), max_length, facts.precision,
-                   ckpt_run / "checkpoints" / tag)
+                   ckpt_run / "checkpoints" / tag, scale)
 
 
 def prepare_weights(args: argparse.Namespace) -> EvalJob:
@@ -187,8 +191,9 @@ def run(args: argparse.Namespace, job: EvalJob, env: DistEnv) -> dict[str, Any]:
     model = job.model.to(env.device, torch.float32 if autocast else DTYPES[precision])
     collate = make_collate(job.cfg.data.padding, job.max_length)
     with torch.autocast(env.device.type, torch.bfloat16, enabled=autocast):
-        result = evaluate(model, job.dataset, job.cfg, env, collate, num_classes=len(job.labels))
-    result["per_class"] = [{"label": label, **s} for label, s in zip(job.labels, result["per_class"])]
+        result = evaluate(model, job.dataset, job.cfg, env, collate, num_classes=len(job.labels), scale=job.scale)
+    if job.scale is None:
+        result["per_class"] = [{"label": label, **s} for label, s in zip(job.labels, result["per_class"])]
     return {
         "run": None if args.run is None else str(args.run), "checkpoint": str(job.checkpoint),
         "split": None if args.data is not None else job.name, "data": None if args.data is None else str(args.data),
@@ -198,7 +203,7 @@ def run(args: argparse.Namespace, job: EvalJob, env: DistEnv) -> dict[str, Any]:
     }
 
 
-REPORT_KEYS = ("run", "checkpoint", "labels", "confusion_matrix", "accuracy", "examples")
+REPORT_KEYS = ("run", "checkpoint", "labels", "examples")  # and confusion_matrix + accuracy, or per_target + rmse
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 _LARGEST_REPORT = 64 * 2**20  # a bigger file is no report of ours: not read
 
@@ -217,7 +222,8 @@ def _is_our_report(path: Path) -> bool:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError):
         return False
-    return isinstance(data, dict) and all(key in data for key in REPORT_KEYS)
+    return isinstance(data, dict) and all(key in data for key in REPORT_KEYS) and (
+        all(key in data for key in ("confusion_matrix", "accuracy")) or all(key in data for key in ("per_target", "rmse")))
 
 
 def _is_png(path: Path) -> bool:
@@ -251,8 +257,13 @@ def write_outputs(args: argparse.Namespace, report: dict[str, Any], name: str) -
     """Each file whole or not at all (written under a temporary name, then renamed)."""
     out, png = output_paths(args)
     out.parent.mkdir(parents=True, exist_ok=True)
+    points = report.pop("points", None)
     write_json(out, report)
-    plot_confusion(report["confusion_matrix"], report["labels"], png, title=f"{name} ({report['examples']} examples)")
+    if points is not None:  # task=regression: predicted against true, where the confusion matrix would be
+        plot_scatter(points, report["labels"], png)
+    else:
+        plot_confusion(report["confusion_matrix"], report["labels"], png,
+                       title=f"{name} ({report['examples']} examples)")
     return out, png
 
 
@@ -278,7 +289,7 @@ def evaluate_held(args: argparse.Namespace) -> int:
         what = f"split {job.name}" if args.data is None else f"file {args.data}"
         source = f"{args.run}: checkpoint {job.checkpoint.name}" if args.run else f"weights {args.weights}"
         print(f"{source}, {what}, {env.world_size} rank(s)")
-        print(format_table(report, report["labels"]))
+        print(regression_table(report) if job.scale is not None else format_table(report, report["labels"]))
         if job.truncated:
             print(f"note: {job.truncated} text(s) longer than max_length={job.max_length} tokens were "
                   "truncated, as in training", file=sys.stderr)

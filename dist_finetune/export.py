@@ -15,7 +15,8 @@ from .distributed import leave
 from .checkpoint import checkpoint_dir
 from .exporter import save_format
 from .hf_export import HfExportError, export_notes, hf_leftovers, unsupported
-from .runs import (RunError, reading_run, load_checkpoint_model, load_run_config, resolve_checkpoint, run_facts)
+from .runs import (RunError, reading_run, load_checkpoint_model, load_run_config, load_run_data, resolve_checkpoint,
+                   run_facts)
 from .weights import export_leftovers
 
 
@@ -72,7 +73,8 @@ def export_run(run_dir: Path, checkpoint: str, out_dir: Path, fmt: str = "native
     ckpt_run, tag = resolve_checkpoint(run_dir, checkpoint)
     facts = run_facts(run_dir, cfg)
     model = load_checkpoint_model(cfg, len(facts.labels), ckpt_run, tag, run_dir)
-    save_format(fmt, model, out_dir, cfg, facts.labels.to_json(), facts.max_length)
+    scale = load_run_data(cfg, run_dir).scale if cfg.task == "regression" else None  # the targets' scale
+    save_format(fmt, model, out_dir, cfg, facts.labels.to_json(), facts.max_length, scale)
     return checkpoint_dir(ckpt_run) / tag
 
 

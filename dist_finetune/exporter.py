@@ -9,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from .config import Config, DataConfig, LoraConfig, to_dict
+from .regression import TargetScale
 from .hf_export import HF_EXPORT_SUBDIR, save_hf
 from .lora import has_lora, merge_lora
 from .model import GPTClassifier
@@ -19,26 +20,30 @@ from .weights import save_export
 EXPORT_SUBDIRS = {"native": "export", "hf": HF_EXPORT_SUBDIR}  # where training writes each format
 
 
-def export_checkpoint(cfg: Config, run_dir: Path, tag: str, labels: list, max_length: int) -> list[Path]:
+def export_checkpoint(cfg: Config, run_dir: Path, tag: str, labels: list, max_length: int,
+                      scale: TargetScale | None = None) -> list[Path]:
     """Reads the checkpoint's files alone (call it on one rank); writes RUN/export, RUN/export_hf as
     checkpoint.export_formats says and returns those folders."""
     model = load_checkpoint_model(cfg, len(labels), run_dir, tag, run_dir)
     folders = [run_dir / EXPORT_SUBDIRS[f] for f in cfg.checkpoint.export_formats]
     for fmt, folder in zip(cfg.checkpoint.export_formats, folders):
-        save_format(fmt, model, folder, cfg, labels, max_length)
+        save_format(fmt, model, folder, cfg, labels, max_length, scale)
     return folders
 
 
-def save_format(fmt: str, model: GPTClassifier, out_dir: Path, cfg: Config, labels: list, max_length: int) -> None:
+def save_format(fmt: str, model: GPTClassifier, out_dir: Path, cfg: Config, labels: list, max_length: int,
+                scale: TargetScale | None = None) -> None:
+    """`scale`: task=regression, the targets' mean and deviation (saved with, or folded into, the export)."""
     if fmt == "hf":
-        save_hf(model, out_dir, labels, max_length)
+        save_hf(model, out_dir, labels, max_length, scale)
     else:
         save_model(model, out_dir, cfg.model.pooling, labels, max_length, cfg.data.padding, cfg.lora,
-                   cfg.data)
+                   cfg.data, scale)
 
 
 def save_model(model: GPTClassifier, out_dir: Path, pooling: str, labels: list, max_length: int | None,
-               padding: str, lora: LoraConfig | None, data: DataConfig | None = None) -> None:
+               padding: str, lora: LoraConfig | None, data: DataConfig | None = None,
+               scale: TargetScale | None = None) -> None:
     """LoRA adapters are merged into plain weights unless lora.export=separate."""
     lora, data = lora or LoraConfig(), data or DataConfig()
     keep = has_lora(model) and lora.export == "separate"
@@ -47,4 +52,4 @@ def save_model(model: GPTClassifier, out_dir: Path, pooling: str, labels: list, 
     save_export(model, out_dir, pooling, labels, max_length=max_length, padding=padding,
                 lora=to_dict(lora) if keep else None, long_texts=data.long_texts, head_tokens=data.head_tokens,
                 text_pair_column=data.text_pair_column, chunk_stride=data.chunk_stride,
-                chunk_aggregate=data.chunk_aggregate)
+                chunk_aggregate=data.chunk_aggregate, targets=scale.to_json() if scale is not None else None)

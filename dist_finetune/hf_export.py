@@ -17,6 +17,7 @@ from __future__ import annotations
 import copy
 import json
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -72,8 +73,10 @@ def hf_leftovers(folder: Path) -> list[str]:
     return sorted(p.name for p in folder.iterdir() if p.name not in HF_FILES)
 
 
-def save_hf(model: GPTClassifier, folder: Path, labels: list, max_length: int) -> None:
-    """Writes the hf folder as a whole (it replaces `folder`); LoRA adapters are merged into a copy."""
+def save_hf(model: GPTClassifier, folder: Path, labels: list, max_length: int, scale: Any = None) -> None:
+    """Writes the hf folder as a whole (it replaces `folder`); LoRA adapters are merged into a copy. A regression
+    model (`scale`: its targets' TargetScale) gets the scale folded into its head, so transformers' outputs are in
+    the targets' units: W' = diag(std) W, b' = std * b + mean."""
     from safetensors.torch import save_file
 
     reason = unsupported(model.pooling, model.config.causal)
@@ -86,8 +89,15 @@ def save_hf(model: GPTClassifier, folder: Path, labels: list, max_length: int) -
                             "refusing to replace it: choose another folder")
     if has_lora(model):
         model = merge_lora(copy.deepcopy(model))
+    if scale is not None:
+        model = copy.deepcopy(model)
+        std = torch.tensor(scale.std, dtype=torch.float64)
+        with torch.no_grad():
+            weight, bias = model.head.weight.double(), model.head.bias.double()
+            model.head.weight.copy_((weight * std[:, None]).float())
+            model.head.bias.copy_((bias * std + torch.tensor(scale.mean, dtype=torch.float64)).float())
     state = hf_state_dict(model)
-    config = hf_config(model, labels)
+    config = hf_config(model, labels, "regression" if scale is not None else "single_label_classification")
     folder.parent.mkdir(parents=True, exist_ok=True)
     with files.building_dir(folder) as new:
         with files.writing(new / HF_WEIGHTS) as tmp:
@@ -96,7 +106,7 @@ def save_hf(model: GPTClassifier, folder: Path, labels: list, max_length: int) -
         write_tokenizer(new, max_length)
 
 
-def hf_config(model: GPTClassifier, labels: list) -> dict:
+def hf_config(model: GPTClassifier, labels: list, problem_type: str = "single_label_classification") -> dict:
     names = [str(label) for label in labels]
     if len(set(names)) != len(names):
         raise HfExportError(f"--format hf: labels {labels} are not distinct as strings (transformers' "
@@ -110,7 +120,7 @@ def hf_config(model: GPTClassifier, labels: list) -> dict:
         "layer_norm_epsilon": LAYER_NORM_EPS, "initializer_range": 0.02, "scale_attn_weights": True,
         "use_cache": True, "bos_token_id": EOT_ID, "eos_token_id": EOT_ID, "pad_token_id": PAD_ID,
         "num_labels": len(names), "id2label": {str(i): n for i, n in enumerate(names)},
-        "label2id": {n: i for i, n in enumerate(names)}, "problem_type": "single_label_classification",
+        "label2id": {n: i for i, n in enumerate(names)}, "problem_type": problem_type,
         "dtype": "float32",
     }
 

@@ -120,8 +120,13 @@ def _check_output(path: Path, source: Path, overwrite: bool) -> str:
 
 
 def with_predictions(frame: pd.DataFrame, predictions: list[Prediction], labels: list) -> pd.DataFrame:
-    """The input columns, then predicted_label and prob_<label> (replacing columns of those names)."""
+    """The input columns, then predicted_label and prob_<label> (replacing columns of those names); for a
+    regression model, predicted_<target> per target."""
     out = frame.copy()
+    if predictions and predictions[0].values is not None:
+        for target in labels:
+            out[f"predicted_{target}"] = [p.values[target] for p in predictions]
+        return out
     out[PREDICTED] = [p.label for p in predictions]
     for label in labels:
         out[f"prob_{label}"] = [p.probabilities[label] for p in predictions]
@@ -140,6 +145,12 @@ def write_table(frame: pd.DataFrame, path: Path, fmt: str) -> None:
 
 
 def line(text: str, prediction: Prediction, as_json: bool) -> str:
+    if prediction.values is not None:  # task=regression
+        if as_json:
+            return json.dumps({"text": text, "predicted": prediction.values}, ensure_ascii=False)
+        shown = " ".join(text.split())
+        shown = shown if len(shown) <= 60 else shown[:57] + "..."
+        return "\t".join(f"{t}={v:.4f}" for t, v in prediction.values.items()) + f"\t{shown}"
     probs = {str(c): p for c, p in prediction.probabilities.items()}
     label = prediction.label
     if as_json:

@@ -25,7 +25,7 @@ from .runs import RunError
 HISTORY_FIELDS = (
     "step", "epoch", "examples_seen", "train_loss", "train_accuracy", "val_loss", "val_accuracy", "lr",
 )
-PLOTS = ("loss.png", "accuracy.png", "confusion_test.png")
+PLOTS = ("loss.png", "accuracy.png", "confusion_test.png", "scatter_test.png")
 
 
 def peak_memory_bytes(device: torch.device) -> int:
@@ -227,12 +227,15 @@ class Reporter:
         writer.writerows(self.history)
         files.atomic_write_text(self.run_dir / "history.csv", text.getvalue())
 
-    def finish(self, summary: dict[str, Any], plots: bool = True) -> None:
+    def finish(self, summary: dict[str, Any], plots: bool = True, points: Any = None) -> None:
+        """`points`: task=regression, the test split's (predicted, true) values, for scatter_test.png."""
         if not self.enabled:
             return
         self.close_progress()
         if plots and self.history:
             plot_history(self.history, self.run_dir)
+        if plots and points is not None:
+            plot_scatter(points, summary["labels"], self.run_dir / "scatter_test.png")
         test = summary.get("test") or {}
         if plots and "confusion_matrix" in test:
             plot_confusion(test["confusion_matrix"], summary["labels"], self.run_dir / "confusion_test.png",
@@ -268,6 +271,8 @@ def plot_history(history: list[dict[str, Any]], run_dir: Path) -> None:
     epochs = [row["epoch"] for row in history]
     seen = [row["examples_seen"] for row in history]
     for metric, filename in (("loss", "loss.png"), ("accuracy", "accuracy.png")):
+        if all(row.get(f"val_{metric}") is None for row in history):  # task=regression: no accuracy
+            continue
         fig, ax = plt.subplots(figsize=(5, 3))
         for split, style in (("train", "-"), ("val", "-.")):
             values = [_finite(row.get(f"{split}_{metric}")) for row in history]
@@ -327,6 +332,26 @@ def plot_confusion(confusion: list[list[int]], labels: list, path: Path, title: 
     save_figure(fig, path)
 
 
+def plot_scatter(points: Any, targets: list, path: Path) -> None:
+    """task=regression: predicted against true value of each test text, one panel per target."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    predicted, true = (p.numpy() for p in points)
+    fig, axes = plt.subplots(1, len(targets), figsize=(4 * len(targets), 4), squeeze=False)
+    for k, (ax, name) in enumerate(zip(axes[0], targets)):
+        ax.scatter(true[:, k], predicted[:, k], s=8, alpha=0.6)
+        low, high = float(min(true[:, k].min(), predicted[:, k].min())), float(max(true[:, k].max(),
+                                                                                    predicted[:, k].max()))
+        ax.plot([low, high], [low, high], "k--", linewidth=1)  # where predicted = true
+        ax.set_xlabel(f"true {name}")
+        ax.set_ylabel(f"predicted {name}")
+    fig.tight_layout()
+    save_figure(fig, path)
+
+
 def _row(cells: list[Any]) -> str:
     return "| " + " | ".join(str(c) for c in cells) + " |"
 
@@ -347,6 +372,14 @@ def report_markdown(summary: dict[str, Any], run_dir: Path, images: list[str]) -
     if summary.get("class_weights"):
         weights = ", ".join(f"{label} {w:.4g}" for label, w in zip(summary["labels"], summary["class_weights"]))
         lines += [f"Training loss weighted by class: {weights}.", ""]
+    if "rmse" in (summary.get(splits[0]) or {}):  # task=regression
+        lines += [_row(["split", "examples", "loss", "RMSE", "MAE", "R²", "Pearson", "Spearman"]),
+                  "|---|---:|---:|---:|---:|---:|---:|---:|"]
+        lines += [_row([split, summary[split]["examples"], *(f"{summary[split][k]:.4f}" for k in (
+            "loss", "rmse", "mae", "r2", "pearson", "spearman"))]) for split in splits]
+        if images:
+            lines += ["", "## Plots", ""] + [f"![{name[:-4].replace('_', ' ')}]({name})" for name in images]
+        return "\n".join(lines) + "\n"
     lines += [_row(["split", "examples", "loss", "accuracy", "macro F1"]), "|---|---:|---:|---:|---:|"]
     for split in splits:
         r = summary[split]

@@ -146,7 +146,7 @@ def load_run_data(cfg: Config, run_dir: Path, saved: bool = True) -> DataBundle:
     (resume, evaluate), afresh otherwise (a new run, which writes the record when it commits)."""
     folder_split = cfg.data.dataset_dir is not None and (run_dir / SPLIT_FILE).is_file()  # a folder without val
     split = read_split(run_dir) if saved and (cfg.data.split_fractions() is not None or folder_split) else None
-    return load_data(cfg.data, GPTConfig.from_model_config(cfg.model).context_length, split)
+    return load_data(cfg.data, GPTConfig.from_model_config(cfg.model).context_length, split, cfg.task)
 
 
 def run_facts(run_dir: Path, cfg: Config, bundle: DataBundle | None = None) -> RunFacts:
@@ -295,7 +295,7 @@ MARKER_VERSION = 1
 # What training and evaluate write at the top of a run folder. `--overwrite` replaces a folder holding the
 # marker and only these (and their temporary twins `NAME.tmp`, `.NAME.*` of an interrupted write).
 RUN_FILES = frozenset({"config.yaml", SPLIT_FILE, "checkpoints", "metrics.jsonl", "history.csv", "loss.png",
-                       "accuracy.png", "confusion_test.png", "summary.json", "report.md", "tensorboard", "export",
+                       "accuracy.png", "confusion_test.png", "scatter_test.png", "summary.json", "report.md", "tensorboard", "export",
                        HF_EXPORT_SUBDIR, "samples", "eval", "logs", ".write_probe", TRACKER_IDS, "mlruns", "wandb"})
 PACKAGE_DIR = Path(__file__).resolve().parent
 

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from .config import Config
 from .distributed import DistEnv, all_gather_rows, all_reduce_sum
 from .loaders import ShardedEvalSampler, eval_loader
+from . import regression
 from .metrics import from_confusion
 from .tokenizer import PAD_ID
 
@@ -28,7 +29,11 @@ def forward(model, batch: dict[str, torch.Tensor], device: torch.device) -> tupl
     return model(input_ids, lengths).float(), labels
 
 
-def loss_of(logits: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+def loss_of(logits: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor | None = None,
+            huber: bool = False) -> torch.Tensor:
+    """Cross-entropy over class ids; for float targets (task=regression), MSE or Huber on standardized values."""
+    if labels.is_floating_point():
+        return regression.loss(logits, labels, huber)
     return F.cross_entropy(logits, labels, weight=weight)
 
 
@@ -42,7 +47,10 @@ def batch_sums(loss: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor, t
     finite = torch.isfinite(loss.detach()).double()
     n = labels.numel()
     loss_sum = torch.nan_to_num(loss.detach().double() * n, nan=0.0, posinf=0.0, neginf=0.0) * finite
-    correct = (logits.detach().argmax(-1) == labels).sum().double() * finite
+    if labels.is_floating_point():  # regression: no accuracy
+        correct = torch.zeros((), dtype=torch.float64, device=loss.device)
+    else:
+        correct = (logits.detach().argmax(-1) == labels).sum().double() * finite
     return torch.stack([loss_sum, correct, finite * n, finite * tokens, 1.0 - finite])
 
 
@@ -78,7 +86,8 @@ def eval_batch_size(cfg: Config) -> int:
 
 
 def evaluate(model, dataset, cfg: Config, env: DistEnv, collate, max_batches: int | None = None,
-             num_classes: int | None = None, aggregate: str | None = None) -> dict[str, Any]:
+             num_classes: int | None = None, aggregate: str | None = None,
+             scale: regression.TargetScale | None = None) -> dict[str, Any]:
     """Exact metrics: every rank runs the same number of forwards (ZeRO-3 gathers), sums reduced.
 
     `model` is any module called as `model(input_ids, lengths) -> logits` (a DeepSpeed engine is one).
@@ -97,6 +106,18 @@ def evaluate(model, dataset, cfg: Config, env: DistEnv, collate, max_batches: in
     # ZeRO-3 gathers parameters inside the forward; those must not become inference tensors.
     grad_off = torch.no_grad if cfg.zero.stage == 3 else torch.inference_mode
     doc_ids = getattr(dataset, "doc_ids", None)
+    if scale is not None:  # task=regression
+        with grad_off():
+            local_outputs, local_targets = _outputs_and_targets(model, iter(loader), steps, env, len(scale.names))
+        model.train(was_training)
+        counts = [min(len(ShardedEvalSampler(len(dataset), r, env.world_size)), steps * batch_size)
+                  for r in range(env.world_size)]
+        outputs, targets = all_gather_rows(local_outputs, counts, env), all_gather_rows(local_targets, counts, env)
+        if doc_ids is not None and max_batches is None:
+            outputs, targets = _per_document(outputs, targets, doc_ids, aggregate)
+        result = regression.metrics(outputs, targets, scale, cfg.loss.regression == "huber")
+        result["points"] = (scale.to_units(outputs), scale.to_units(targets))  # for a scatter plot; popped
+        return result
     with grad_off():
         if doc_ids is not None and max_batches is None:
             local = _window_logits(model, iter(loader), steps, env)
@@ -129,6 +150,33 @@ def _forwards(model, batches, steps: int, env: DistEnv):
         yield logits, labels, real
 
 
+def _outputs_and_targets(model, batches, steps: int, env: DistEnv, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """This rank's outputs and targets (float64, on the CPU), in dataset order."""
+    outputs, targets = [torch.zeros((0, width), dtype=torch.float64)], [torch.zeros((0, width), dtype=torch.float64)]
+    for logits, labels, real in _forwards(model, batches, steps, env):
+        if real:
+            outputs.append(logits.double().cpu())
+            targets.append(labels.double().cpu())
+    return torch.cat(outputs), torch.cat(targets)
+
+
+def _per_document(outputs: torch.Tensor, targets: torch.Tensor, doc_ids: list[int],
+                  aggregate: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """data.long_texts=chunk: one row per text, from its windows' rows (mean or max), and its target."""
+    docs = torch.as_tensor(doc_ids)
+    count, width = int(docs[-1]) + 1, outputs.shape[-1]
+    per_doc = torch.zeros((count, width), dtype=torch.float64)
+    if aggregate == "max":
+        per_doc.fill_(-math.inf)
+        per_doc.scatter_reduce_(0, docs[:, None].expand(-1, width), outputs, reduce="amax")
+    else:
+        per_doc.index_add_(0, docs, outputs)
+        per_doc /= torch.bincount(docs, minlength=count).clamp(min=1)[:, None]
+    first = torch.zeros(count, dtype=torch.long)
+    first[docs.flip(0)] = torch.arange(len(doc_ids) - 1, -1, -1)  # each text's first window
+    return per_doc, targets[first]
+
+
 def _window_logits(model, batches, steps: int, env: DistEnv) -> torch.Tensor:
     """This rank's windows' logits (float64, on the CPU), in dataset order."""
     rows, width = [], 0
@@ -142,20 +190,10 @@ def _window_logits(model, batches, steps: int, env: DistEnv) -> torch.Tensor:
 def _document_sums(logits: torch.Tensor, doc_ids: list[int], labels: list[int], aggregate: str) -> torch.Tensor:
     """[loss sum, confusion cells] over texts, each scored from its windows' logits (all windows present)."""
     n = logits.shape[-1]
-    docs = torch.as_tensor(doc_ids)
-    count = int(docs[-1]) + 1 if len(doc_ids) else 0
-    per_doc = torch.zeros((count, n), dtype=torch.float64)
-    if aggregate == "max":
-        per_doc.fill_(-math.inf)
-        per_doc.scatter_reduce_(0, docs[:, None].expand(-1, n), logits, reduce="amax")
-    else:
-        per_doc.index_add_(0, docs, logits)
-        per_doc /= torch.bincount(docs, minlength=count).clamp(min=1)[:, None]
-    first = torch.zeros(count, dtype=torch.long)
-    first[docs.flip(0)] = torch.arange(len(doc_ids) - 1, -1, -1)  # each text's first window
-    targets = torch.as_tensor(labels)[first]
     sums = torch.zeros(1 + n * n, dtype=torch.float64)
-    if count:
+    if doc_ids:
+        per_doc, targets = _per_document(logits, torch.as_tensor(labels)[:, None], doc_ids, aggregate)
+        targets = targets[:, 0]
         sums[0] = F.cross_entropy(per_doc, targets, reduction="sum")
         sums[1:] = torch.bincount(targets * n + per_doc.argmax(-1), minlength=n * n).double()
     return sums

@@ -24,6 +24,7 @@ from .config import Config, ConfigError, to_dict
 from .data import make_collate
 from .distributed import DistEnv, all_reduce_sum, broadcast_decision, broadcast_object, set_activity
 from .encoding import default_stride, describe
+from .regression import METRICS as REGRESSION_METRICS
 from .engine import build_engine, param_group_names, plan_batches
 from .exporter import EXPORT_SUBDIRS, export_checkpoint
 from .hf_export import export_notes
@@ -212,7 +213,8 @@ class Trainer:
         faults.crash_or_stall(next_step, env.rank)
         set_activity(f"training step {next_step}")
         logits, labels = forward(self.engine, batch, env.device)
-        loss = faults.perturb_loss(loss_of(logits, labels, self.loss_weight), next_step, env.rank)
+        loss = faults.perturb_loss(loss_of(logits, labels, self.loss_weight, self.cfg.loss.regression == "huber"),
+                                   next_step, env.rank)
         bad = not self.deferred and nonfinite_on_any_rank(loss, env)
         if bad:
             self.on_nonfinite_loss(next_step, index)  # stops, or drops this whole window
@@ -464,32 +466,38 @@ class Trainer:
         speed = s.examples_seen / max(s.train_seconds, 1e-9)
         self.reporter.step(s.global_step, f"epoch {s.epoch + 1} loss {loss_avg:.4f} lr {lr:.2e}")
         self.reporter.event("train", step=s.global_step, epoch=round(s.global_step / self.steps_per_epoch, 4),
-                            examples_seen=s.examples_seen, train_loss=loss_avg, train_accuracy=acc_avg, lr=lr,
+                            examples_seen=s.examples_seen, train_loss=loss_avg,
+                            train_accuracy=None if self.data.scale is not None else acc_avg, lr=lr,
                             samples_per_second=speed, micro_batches=int(micro))
 
     def evaluate_and_decide(self) -> int:
         s, env = self.state, self.env
         set_activity(f"evaluation at step {s.global_step}")
         lap = time.perf_counter()
-        val = evaluate(self.engine, self.data.val, self.cfg, env, self.collate, self.cfg.eval.max_batches)
+        val = evaluate(self.engine, self.data.val, self.cfg, env, self.collate, self.cfg.eval.max_batches,
+                       scale=self.data.scale)
+        val.pop("points", None)
         self.flush()
         s.eval_seconds += time.perf_counter() - lap
         train_loss, train_acc = mean_loss_accuracy(s.pending)
         s.pending = [0.0, 0.0, 0.0]
-        metric = val["loss"] if self.cfg.early_stopping.metric == "val_loss" else val["accuracy"]
+        metric = val[self.cfg.early_stopping.metric.removeprefix("val_")]
         decision = broadcast_decision(self.stopper.update(metric) if env.is_main else CONTINUE, env)
         s.last_eval_step = s.global_step
         if decision == NEW_BEST:
             s.best_step = s.global_step
         self.reporter.eval_point({
             "step": s.global_step, "epoch": round(s.global_step / self.steps_per_epoch, 4),
-            "examples_seen": s.examples_seen, "train_loss": train_loss, "train_accuracy": train_acc,
-            "val_loss": val["loss"], "val_accuracy": val["accuracy"], "lr": self.engine.get_lr()[0],
+            "examples_seen": s.examples_seen, "train_loss": train_loss,
+            "train_accuracy": None if self.data.scale is not None else train_acc,
+            "val_loss": val["loss"], "val_accuracy": val.get("accuracy"), "lr": self.engine.get_lr()[0],
+            **{f"val_{key}": val[key] for key in REGRESSION_METRICS if key in val},
             "decision": ("continue", "new_best", "stop")[decision],
         })
         best = " (new best)" if decision == NEW_BEST else ""
-        self.reporter.say(f"eval step {s.global_step}: val_loss {val['loss']:.4f} val_accuracy "
-                          f"{val['accuracy']:.4f}{best}")
+        shown = ("rmse", "r2") if self.data.scale is not None else ("accuracy",)
+        scores = " ".join(f"val_{key} {val[key]:.4f}" for key in shown)
+        self.reporter.say(f"eval step {s.global_step}: val_loss {val['loss']:.4f} {scores}{best}")
         if decision == STOP and env.is_main:  # the stopper's record lives on rank 0
             self.reporter.say(self.stop_reason())
         return decision
@@ -607,24 +615,28 @@ class Trainer:
         if best_tag is not None:
             with logs.captured_output("deepspeed.checkpoint"):  # ZeRO-3 consolidation prints as it goes
                 checkpoint.load(self.engine, run_dir, env, best_tag, weights_only=True)
-        results = {split: evaluate(self.engine, getattr(self.data, split), self.cfg, env, self.collate)
+        results = {split: evaluate(self.engine, getattr(self.data, split), self.cfg, env, self.collate,
+                                   scale=self.data.scale)
                    for split in self.data.splits()}  # no test split: none
+        points = {split: r.pop("points", None) for split, r in results.items()}  # regression: for the scatter plot
         self.phases["final_eval_seconds"] = time.perf_counter() - lap
         lap = time.perf_counter()
         exported = env.is_main and self.cfg.checkpoint.export and best_tag is not None
         if exported:
             with logs.captured_output("deepspeed.checkpoint"):  # the ZeRO consolidation's prints
-                export_checkpoint(self.cfg, run_dir, best_tag, self.data.label_map.to_json(), self.data.max_length)
+                export_checkpoint(self.cfg, run_dir, best_tag, self.data.label_map.to_json(), self.data.max_length,
+                                  self.data.scale)
         self.phases["export_seconds"] = time.perf_counter() - lap
         summary = self.summary(results, best_tag)
-        self.reporter.finish(summary, plots=self.cfg.report.plots)
+        self.reporter.finish(summary, plots=self.cfg.report.plots, points=points.get("test"))
         self.reporter.say(self.outcome(best_tag, exported))
         if exported and "hf" in self.cfg.checkpoint.export_formats:
             for note in export_notes(self.cfg.data.long_texts):
                 self.reporter.say(note)
-        test = f"test accuracy {summary['test']['accuracy']:.4f}, " if "test" in summary else "no test split, "
+        key = "rmse" if self.data.scale is not None else "accuracy"
+        test = f"test {key} {summary['test'][key]:.4f}, " if "test" in summary else "no test split, "
         self.reporter.say(
-            f"done: {test}val {summary['val']['accuracy']:.4f}, "
+            f"done: {test}val {summary['val'][key]:.4f}, "
             f"best step {self.state.best_step}, {summary['wall_seconds']:.1f} s -> {run_dir}")
         return summary
 
@@ -640,13 +652,18 @@ class Trainer:
             return f"{where}; exported model: {', '.join(map(str, folders))}"
         return f"{where}; not exported (checkpoint.export=false)"
 
+    def split_result(self, r: dict[str, Any], labels: list) -> dict[str, Any]:
+        """A split's entry of summary.json: regression metrics as evaluated, or the classification scores."""
+        if self.data.scale is not None:
+            return r
+        return {"accuracy": r["accuracy"], "loss": r["loss"], "examples": r["examples"],
+                **from_confusion(r["confusion_matrix"]).to_dict(labels)}
+
     def summary(self, results: dict[str, dict[str, Any]], best_tag: str | None) -> dict[str, Any]:
         s, cfg, labels = self.state, self.cfg, self.data.label_map.to_json()
         seconds = max(s.train_seconds, 1e-9)
         return {
-            **{split: {"accuracy": r["accuracy"], "loss": r["loss"], "examples": r["examples"],
-                       **from_confusion(r["confusion_matrix"]).to_dict(labels)}
-               for split, r in results.items()},
+            **{split: self.split_result(r, labels) for split, r in results.items()},
             "best_step": s.best_step,
             "global_step": s.global_step,
             "epochs_completed": _whole(s.global_step / self.steps_per_epoch),

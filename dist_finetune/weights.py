@@ -532,7 +532,7 @@ def save_export(model: GPTClassifier, folder: Path, pooling: str, labels: list |
                 max_length: int | None = None, padding: str = "fixed", lora: dict | None = None,
                 long_texts: str = "truncate", head_tokens: int | None = None,
                 text_pair_column: str | None = None, chunk_stride: int | None = None,
-                chunk_aggregate: str = "mean") -> None:
+                chunk_aggregate: str = "mean", targets: dict | None = None) -> None:
     """model.safetensors (fp32, canonical names) + model_config.json + labels.json (as given).
 
     model_config.json also references the tokenizer and how training truncated and padded the texts
@@ -559,6 +559,8 @@ def save_export(model: GPTClassifier, folder: Path, pooling: str, labels: list |
               "pair_separator": list(PAIR_SEPARATOR) if text_pair_column is not None else None}
     if long_texts == "chunk":
         config.update(chunk_stride=chunk_stride, chunk_aggregate=chunk_aggregate)
+    if targets is not None:  # task=regression: outputs are standardized targets; this turns them back
+        config.update(task="regression", targets=targets)
     if lora is not None:
         config["lora"] = lora
     with files.building_dir(folder) as new:
@@ -786,6 +788,7 @@ class ExportInfo:
     text_pair_column: str | None = None  # a model of text pairs: the column its second texts came from
     chunk_stride: int | None = None  # long_texts=chunk: window starts apart (None: the default of encoding.py)
     chunk_aggregate: str = "mean"
+    targets: dict | None = None  # task=regression: {"targets": names, "mean": [...], "std": [...]}
 
 
 def read_export_info(folder: Path) -> ExportInfo:
@@ -797,7 +800,7 @@ def read_export_info(folder: Path) -> ExportInfo:
                       config.get("max_length") or spec.gpt.context_length, config.get("padding", "fixed"),
                       config.get("long_texts", "truncate"), config.get("head_tokens"),
                       config.get("text_pair_column"), config.get("chunk_stride"),
-                      config.get("chunk_aggregate", "mean"))
+                      config.get("chunk_aggregate", "mean"), config.get("targets"))
     separator = config.get("pair_separator")
     if info.text_pair_column is not None and separator != list(PAIR_SEPARATOR):
         raise WeightsError(f"{folder / EXPORT_CONFIG}: pair_separator {separator!r} is not this version's "
