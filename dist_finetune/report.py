@@ -4,6 +4,7 @@ Nothing here holds a collective: callers hand in numbers already reduced across 
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
@@ -99,6 +100,8 @@ class Reporter:
         self._load_history()
         if self.trackers and self.tracking is not None:
             self._open = trackers.open_trackers(self.trackers, self.tracking)
+            for message in self.tracking.warnings:
+                self.warn(message)
 
     def _load_history(self) -> None:
         """A resumed run keeps the history it had (events after the checkpoint are replayed anew). A last
@@ -156,6 +159,8 @@ class Reporter:
                 self.warn(f"report.trackers: {tracker.name} failed ({type(exc).__name__}: "
                           f"{str(exc).splitlines()[0] if str(exc) else 'no message'}); no more logging to it in "
                           "this run")
+                with contextlib.suppress(Exception):  # its run ends as failed, not running for ever
+                    tracker.close("failed")
 
     def end_trackers(self, status: str) -> None:
         """finished, failed or stopped (a signal; resume continues the same tracker runs)."""

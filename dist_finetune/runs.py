@@ -309,11 +309,18 @@ RUN_SUBFOLDERS = {
     "tensorboard": re.compile(r"events\.out\.tfevents\.[^/]+"),
     "samples": re.compile(r"rank\d+\.jsonl"),
     "logs": re.compile(r"train_rank\d+\.log"),
-    "mlruns": re.compile(r"mlflow\.db(-journal|-wal|-shm)?|artifacts"),  # the local MLflow store (trackers.py)
-    "wandb": re.compile(r"(offline-)?run-\d{8}_\d{6}-[a-z0-9]+|latest-run|debug(-internal|-core)?\.log"),
 }
-# Links W&B keeps to its newest run folder and that run's logs (never followed: rmtree unlinks them).
-RUN_SUBFOLDER_LINKS = {"wandb": ("latest-run", "debug.log", "debug-internal.log")}
+# Tracker folders (trackers.py), checked to the last file: every path under them, relative to the folder, must be
+# one these patterns name. Links are W&B's own (its newest run, its logs); rmtree unlinks them, never follows.
+_REPORTS = r"(report\.md|summary\.json|[a-z_]+\.png)"  # the artifacts the trackers are given
+_WANDB_RUN = r"(offline-)?run-\d{8}_\d{6}-[A-Za-z0-9_-]+"
+TRACKER_TREES = {
+    "mlruns": re.compile(r"mlflow\.db(-journal|-wal|-shm)?|artifacts(/[0-9a-f]{32}(/artifacts(/" + _REPORTS + ")?)?)?"),
+    "wandb": re.compile(r"latest-run|debug(-internal)?\.log|" + _WANDB_RUN + r"(/run-[A-Za-z0-9_-]+\.wandb(\.synced)?"
+                        r"|/files(/(requirements\.txt|output\.log|wandb-metadata\.json|wandb-summary\.json|"
+                        r"config\.yaml|" + _REPORTS + "))?|/logs(/debug(-internal|-core)?\.log)?|/tmp(/code)?)?"),
+}
+TRACKER_LINKS = re.compile(r"latest-run|debug(-internal)?\.log|" + _WANDB_RUN + r"/logs/debug-core\.log")
 CHECKPOINT_FILE = re.compile(r"[^/]+\.pt|rng_rank\d+\.json|manifest\.json|run_state\.json|latest")
 # The temporary twins our writers leave when a kill interrupts them (files.py, checkpoint.py):
 # `.NAME.<random>.tmp`, `.NAME.old.<random>`, `.NAME.new.<random>` and `NAME.tmp`.
@@ -347,13 +354,27 @@ def _foreign_inside(path: Path, folder: str) -> list[str]:
     foreign = []
     for entry in root.iterdir():
         rel, ours = f"{folder}/{entry.name}", bool(pattern.fullmatch(entry.name))
-        if entry.is_symlink() and entry.name in RUN_SUBFOLDER_LINKS.get(folder, ()):
-            continue
         if entry.is_symlink() or not (ours or _twin_of(entry.name, pattern.fullmatch)):
             foreign.append(rel)
         elif folder == "checkpoints" and ours and entry.is_dir():
             foreign += [f"{rel}/{f.name}" for f in entry.iterdir() if f.is_symlink() or not (
                 CHECKPOINT_FILE.fullmatch(f.name) or _twin_of(f.name, CHECKPOINT_FILE.fullmatch))]
+    return foreign
+
+
+def _foreign_in_tree(path: Path, folder: str) -> list[str]:
+    """Paths under a tracker's folder that the tracker does not write (a user's notes, a backup, a link)."""
+    root, pattern = path / folder, TRACKER_TREES[folder]
+    if root.is_symlink():
+        return [folder]
+    if not root.is_dir():
+        return []
+    foreign = []
+    for entry in sorted(root.rglob("*")):
+        rel = entry.relative_to(root).as_posix()
+        ours = TRACKER_LINKS.fullmatch(rel) if entry.is_symlink() else pattern.fullmatch(rel)
+        if not ours:
+            foreign.append(f"{folder}/{rel}")
     return foreign
 
 
@@ -363,6 +384,8 @@ def foreign_files(path: Path, names: list[str]) -> list[str]:
     for name in names:
         if name in RUN_SUBFOLDERS:
             foreign += _foreign_inside(path, name)
+        elif name in TRACKER_TREES:
+            foreign += _foreign_in_tree(path, name)
     return foreign
 
 

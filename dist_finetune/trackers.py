@@ -11,7 +11,9 @@ import importlib.util
 import json
 import os
 import shutil
-from dataclasses import dataclass
+import contextlib
+import sqlite3
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Protocol
 
@@ -85,6 +87,7 @@ class RunInfo:
     experiment: str | None
     config: dict[str, Any]
     saved: dict[str, Any]  # trackers.json of this run folder: {} for a new run
+    warnings: list[str] = field(default_factory=list)  # for the reporter to show once the trackers are open
 
 
 class TensorBoardTracker:
@@ -126,13 +129,12 @@ class MLflowTracker:
         local = (info.run_dir / "mlruns").resolve()
         if not server:
             local.mkdir(parents=True, exist_ok=True)
+            repoint_moved_store(local)
         self.client = MlflowClient(tracking_uri=server or f"sqlite:///{local / 'mlflow.db'}")
         store = server or "RUN/mlruns"  # a run folder moved elsewhere keeps its local store
         saved = info.saved.get(self.name) or {}
-        self.run_id = saved.get("run_id") if saved.get("store") == store else None
-        if self.run_id is not None:
-            self.client.update_run(self.run_id, status="RUNNING")
-        else:
+        self.run_id = self._continued(saved.get("run_id"), info) if saved.get("store") == store else None
+        if self.run_id is None:
             experiment = info.experiment or os.environ.get("MLFLOW_EXPERIMENT_NAME") or DEFAULT_EXPERIMENT
             found = self.client.get_experiment_by_name(experiment)
             experiment_id = found.experiment_id if found else self.client.create_experiment(
@@ -142,6 +144,21 @@ class MLflowTracker:
             for start in range(0, len(params), 100):  # the store's batch limit
                 self.client.log_batch(self.run_id, params=params[start:start + 100])
         self.ids = {"run_id": self.run_id, "store": store}
+
+    def _continued(self, run_id: str | None, info: RunInfo) -> str | None:
+        """The run trackers.json names, running again; None (a new run, with a warning) if the store lacks it."""
+        from mlflow.exceptions import MlflowException
+
+        if run_id is None:
+            return None
+        try:
+            self.client.get_run(run_id)
+        except MlflowException:
+            info.warnings.append(f"{info.run_dir / IDS_FILE}: MLflow run {run_id} is not in the store; logging to "
+                                 "a new run")
+            return None
+        self.client.update_run(run_id, status="RUNNING")
+        return run_id
 
     def metrics(self, values: dict[str, float], step: int) -> None:
         from mlflow.entities import Metric
@@ -160,6 +177,21 @@ class MLflowTracker:
                                                         "stopped": "KILLED"}[status])
 
 
+def repoint_moved_store(local: Path) -> None:
+    """A run folder that was moved or copied: its SQLite store still names the old folder's artifact paths, where
+    new artifacts would land (in another run, or a folder made again). Point them at this folder's."""
+    database = local / "mlflow.db"
+    if not database.is_file():
+        return
+    here = (local / "artifacts").as_uri()
+    with contextlib.closing(sqlite3.connect(database)) as db, db:
+        for (old,) in db.execute("SELECT DISTINCT artifact_location FROM experiments").fetchall():
+            if old and old != here and old.startswith("file://") and old.endswith("/mlruns/artifacts"):
+                db.execute("UPDATE experiments SET artifact_location = ? WHERE artifact_location = ?", (here, old))
+                db.execute("UPDATE runs SET artifact_uri = ? || substr(artifact_uri, ?) WHERE artifact_uri LIKE ?",
+                           (here, len(old) + 1, old + "/%"))
+
+
 class WandbTracker:
     """Offline (files under RUN/wandb, `wandb sync` uploads them) unless WANDB_MODE says otherwise."""
 
@@ -170,11 +202,16 @@ class WandbTracker:
 
         saved = info.saved.get(self.name) or {}
         project = info.experiment or os.environ.get("WANDB_PROJECT") or DEFAULT_EXPERIMENT
-        self.run = wandb.init(
-            project=project, name=info.run_name, dir=str(info.run_dir), config=info.config,
-            id=saved.get("id"), resume="allow" if saved.get("id") else None,
-            mode=None if os.environ.get("WANDB_MODE") else "offline",
-            settings=wandb.Settings(console="off", silent=True))
+        settings = dict(project=project, name=info.run_name, dir=str(info.run_dir), config=info.config,
+                        mode=None if os.environ.get("WANDB_MODE") else "offline",
+                        settings=wandb.Settings(console="off", silent=True, init_timeout=60))
+        try:
+            self.run = wandb.init(id=saved.get("id"), resume="allow" if saved.get("id") else None, **settings)
+        except wandb.errors.UsageError:
+            if not saved.get("id"):
+                raise
+            info.warnings.append(f"{info.run_dir / IDS_FILE}: W&B refused run id {saved['id']!r}; logging to a new run")
+            self.run = wandb.init(**settings)
         self.ids = {"id": self.run.id, "project": project}
 
     def metrics(self, values: dict[str, float], step: int) -> None:
@@ -204,14 +241,17 @@ def _mlflow_key(key: str) -> str:
 
 
 def read_ids(run_dir: Path) -> dict[str, Any]:
+    """trackers.json's entries that look right ({tracker: {key: string}}); a damaged file or entry only costs
+    continuity: those trackers start new runs."""
     path = run_dir / IDS_FILE
-    if not path.is_file():
-        return {}
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-    except ValueError:
-        return {}  # a damaged file only costs continuity: the trackers start new runs
-    return data if isinstance(data, dict) else {}
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(data, dict):
+        return {}
+    return {name: entry for name, entry in data.items()
+            if name in OPENERS and isinstance(entry, dict) and all(isinstance(v, str) for v in entry.values())}
 
 
 def open_trackers(names: tuple[str, ...], info: RunInfo) -> list[Any]:
@@ -229,6 +269,12 @@ def open_trackers(names: tuple[str, ...], info: RunInfo) -> list[Any]:
                               f"{str(exc).splitlines()[0] if str(exc) else 'no message'}); fix it or remove "
                               f"{name} from report.trackers") from None
     ids = {t.name: t.ids for t in opened if t.ids}
-    if ids:
-        files.atomic_write_text(info.run_dir / IDS_FILE, json.dumps({**info.saved, **ids}, indent=2) + "\n")
+    try:
+        if ids:
+            files.atomic_write_text(info.run_dir / IDS_FILE, json.dumps({**info.saved, **ids}, indent=2) + "\n")
+    except OSError as exc:
+        for tracker in opened:
+            tracker.close("failed")
+        raise ConfigError(f"report.trackers: cannot write {info.run_dir / IDS_FILE} ({exc.strerror or exc}); free "
+                          "the disk or fix the folder, or remove report.trackers") from None
     return opened

@@ -161,6 +161,46 @@ def test_the_run_folder_with_tracker_files_is_replaceable_by_overwrite(resumed):
     names = sorted(p.name for p in resumed.dir.iterdir())
     assert {"mlruns", "wandb", "trackers.json", "tensorboard"} <= set(names)
     assert runs.foreign_files(resumed.dir, names) == []
+    # a user's file anywhere inside the trackers' folders is theirs: --overwrite must refuse the folder
+    run_folder = next((resumed.dir / "wandb").glob("offline-run-*"))
+    notes = [resumed.dir / "mlruns" / "artifacts" / "notes.txt", run_folder / "files" / "notes.txt",
+             resumed.dir / "wandb" / "run-20240101_000000-My_Run-1" / "precious.txt"]
+    for path in notes:
+        path.parent.mkdir(exist_ok=True)
+        path.write_text("mine")
+        try:
+            rel = path.relative_to(resumed.dir).as_posix()
+            assert runs.foreign_files(resumed.dir, names) == [rel], rel
+        finally:
+            path.unlink()
+    (resumed.dir / "wandb" / "run-20240101_000000-My_Run-1").rmdir()  # W&B ids may hold capitals, _ and -
+    assert runs.foreign_files(resumed.dir, names) == []
+
+
+def test_a_moved_run_folder_keeps_its_artifacts_in_its_own_store(resumed, tmp_path):
+    import shutil
+    import sqlite3
+
+    moved = tmp_path / "moved"
+    shutil.copytree(resumed.dir, moved, symlinks=True)
+    trackers.repoint_moved_store(moved / "mlruns")
+    with sqlite3.connect(moved / "mlruns" / "mlflow.db") as db:
+        locations = [row[0] for row in db.execute("SELECT artifact_location FROM experiments WHERE name = ?",
+                                                  ("tracker-test",))]
+        uris = [row[0] for row in db.execute("SELECT artifact_uri FROM runs")]
+    assert locations == [(moved / "mlruns" / "artifacts").as_uri()]
+    assert uris and all(uri.startswith((moved / "mlruns" / "artifacts").as_uri() + "/") for uri in uris)
+    run_id = json.loads((moved / "trackers.json").read_text())["mlflow"]["run_id"]
+    client = mlflow.tracking.MlflowClient(tracking_uri=f"sqlite:///{moved / 'mlruns' / 'mlflow.db'}")
+    assert {a.path for a in client.list_artifacts(run_id)} >= {"report.md", "summary.json"}  # found where it is
+
+
+def test_damaged_tracker_ids_are_dropped_not_fatal(tmp_path):
+    (tmp_path / "trackers.json").write_text(json.dumps({"mlflow": "oops", "wandb": {"id": ["x"]},
+                                                        "tensorboard": {}, "comet": {"id": "x"}}))
+    assert trackers.read_ids(tmp_path) == {"tensorboard": {}}
+    (tmp_path / "trackers.json").write_text("[1, 2]")
+    assert trackers.read_ids(tmp_path) == {}
 
 
 def test_a_tracker_that_is_not_installed_is_one_line_before_the_run_folder(tmp_path):
