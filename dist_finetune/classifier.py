@@ -42,6 +42,8 @@ class Prediction:
     probabilities: dict[Any, float]  # label -> probability, in class id order; they sum to 1
     truncated: bool  # the text was longer than max_length: only max_length of its tokens were used (long_texts)
     values: dict[str, float] | None = None  # task=regression: target -> predicted value (label None, no probabilities)
+    labels: list | None = None  # task=multi_label: every label at or above its threshold (label None; probabilities
+    #                              are each label's own sigmoid, not summing to 1)
 
 
 def is_transformers_folder(path: Path) -> bool:
@@ -139,6 +141,8 @@ class Classifier:
             outputs = torch.stack([p.max(0).values if info.chunk_aggregate == "max" else p.mean(0) for p in per_text])
         if info.targets is not None:
             return TargetScale.from_json(info.targets).to_units(outputs.double()).tolist()
+        if info.thresholds is not None:
+            return torch.sigmoid(outputs).tolist()
         return torch.softmax(outputs, dim=-1).tolist()
 
     def _logits(self, inputs: list[list[int]], batch_size: int) -> torch.Tensor:
@@ -159,6 +163,9 @@ class Classifier:
         labels = self.info.labels
         if self.info.targets is not None:  # task=regression: the values
             return Prediction(None, -1, {}, truncated, dict(zip(labels, probabilities)))
+        if self.info.thresholds is not None:  # task=multi_label: every label at its threshold
+            chosen = [label for label, p, t in zip(labels, probabilities, self.info.thresholds) if p >= t]
+            return Prediction(None, -1, dict(zip(labels, probabilities)), truncated, labels=chosen)
         index = max(range(len(probabilities)), key=probabilities.__getitem__)
         return Prediction(labels[index], index, dict(zip(labels, probabilities)), truncated)
 

@@ -127,6 +127,8 @@ class DataConfig:
     text_column: str = "text"
     # The label column; with task=regression, the column of the numeric target, or a list of target columns.
     label_column: str | tuple[str, ...] = field(default="label", metadata={"coerce": _label_columns})
+    # task=multi_label: what joins a text's labels in a label cell (a JSONL cell may be a list instead)
+    label_separator: str = "|"
     # Text pairs (premise / hypothesis, question / passage): the column of each row's second text; the model
     # reads text + a blank line + pair, cut longest-first to max_length (encoding.py).
     text_pair_column: str | None = None
@@ -317,15 +319,26 @@ class EvalConfig:
     batch_size: int | None = None  # None: 2 x micro_batch_size
     # Cap evaluation batches during training (None: the whole validation split).
     max_batches: int | None = None
+    # task=multi_label: a label is predicted when its probability reaches the threshold; tune_thresholds: each
+    # label's own threshold, the best-F1 one on the validation split at the end of training (saved with the export)
+    threshold: float = 0.5
+    tune_thresholds: bool = False
+
+
+TASK_METRICS = {  # what early_stopping.metric may name, besides val_loss, per task
+    "single_label": ("val_accuracy",),
+    "multi_label": ("val_micro_f1", "val_macro_f1", "val_subset_accuracy", "val_hamming_loss"),
+    "regression": ("val_mse", "val_rmse", "val_mae", "val_r2", "val_pearson", "val_spearman"),
+}
 
 
 @dataclass(frozen=True)
 class EarlyStoppingConfig:
     enabled: bool = True
-    # val_loss, val_accuracy (single_label); val_mse, val_rmse, val_mae, val_r2, val_pearson, val_spearman
-    # (regression)
-    metric: str = _choices("val_loss", "val_accuracy", "val_mse", "val_rmse", "val_mae", "val_r2", "val_pearson",
-                           "val_spearman", default="val_loss")
+    # val_loss; val_accuracy (single_label); val_micro_f1, val_macro_f1, val_subset_accuracy, val_hamming_loss
+    # (multi_label); val_mse, val_rmse, val_mae, val_r2, val_pearson, val_spearman (regression)
+    metric: str = _choices(*("val_loss",) + TASK_METRICS["single_label"] + TASK_METRICS["multi_label"]
+                           + TASK_METRICS["regression"], default="val_loss")
     mode: str = _choices("auto", "min", "max", default="auto")
     patience: int = 3
     min_delta: float = 0.0
@@ -333,7 +346,7 @@ class EarlyStoppingConfig:
     def resolved_mode(self) -> str:
         if self.mode != "auto":
             return self.mode
-        return "min" if self.metric in ("val_loss", "val_mse", "val_rmse", "val_mae") else "max"
+        return "min" if self.metric in ("val_loss", "val_mse", "val_rmse", "val_mae", "val_hamming_loss") else "max"
 
 
 EXPORT_FORMATS = ("native", "hf")
@@ -420,8 +433,9 @@ class ReportConfig:
 class Config:
     output_dir: str = _path("runs/default")
     seed: int = 123
-    # single_label: one class per text (softmax, cross-entropy); regression: numeric targets (regression.py)
-    task: str = _choices("single_label", "regression", default="single_label")
+    # single_label: one class per text (softmax, cross-entropy); multi_label: zero or more labels per text
+    # (sigmoid per label, binary cross-entropy: multilabel.py); regression: numeric targets (regression.py)
+    task: str = _choices("single_label", "multi_label", "regression", default="single_label")
     # bf16: DeepSpeed's bf16 (bf16 weights, fp32 master copy in the optimizer); bf16_autocast: fp32
     # weights, forward under torch.autocast(bf16) (DeepSpeed's torch_autocast); fp16: loss-scaled fp16.
     precision: str = _choices("bf16", "bf16_autocast", "fp16", "fp32", default="bf16")
@@ -673,13 +687,20 @@ def _validate_task(cfg: Config) -> None:
     _check(regression or isinstance(d.label_column, str),
            f"data.label_column: a list of columns ({list(d.label_column)}) is for task=regression (several numeric "
            "targets); give one column, or set task: regression")
-    classification_metric = cfg.early_stopping.metric == "val_accuracy"
-    _check(not (regression and classification_metric),
-           "early_stopping.metric: val_accuracy is a classification metric; with task=regression use val_loss, "
-           "val_mse, val_rmse, val_mae, val_r2, val_pearson or val_spearman")
-    _check(regression or cfg.early_stopping.metric in ("val_loss", "val_accuracy"),
-           f"early_stopping.metric: {cfg.early_stopping.metric} is a regression metric; with task={cfg.task} use "
-           "val_loss or val_accuracy")
+    allowed = ("val_loss",) + TASK_METRICS[cfg.task]
+    _check(cfg.early_stopping.metric in allowed,
+           f"early_stopping.metric: {cfg.early_stopping.metric} is not a metric of task={cfg.task}; use one of "
+           f"{' | '.join(allowed)}")
+    _check(0.0 < cfg.eval.threshold < 1.0, f"eval.threshold: must be between 0 and 1 (a probability), got "
+                                          f"{cfg.eval.threshold}")
+    if cfg.task == "multi_label":
+        _check(d.label_separator.strip() != "",
+               f"data.label_separator: {d.label_separator!r} cannot join labels; use a visible character such as |")
+        _check(d.train_file is not None or d.dataset_dir is not None,
+               "task=multi_label: the bundled SMS Spam Collection has one label per text; set data.train_file (or "
+               "data.dataset_dir) to your own data")
+        _check(d.balance != "undersample", "data.balance=undersample balances single labels; with "
+                                           "task=multi_label use auto or none (or loss.class_weights: balanced)")
     if regression:
         _check(d.train_file is not None or d.dataset_dir is not None,
                "task=regression: the bundled SMS Spam Collection has no numeric target; set data.train_file (or "

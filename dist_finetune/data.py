@@ -222,6 +222,7 @@ class _Source:
     rows: tuple[int, ...] | None = None  # a split of a file: each of its rows' row number in the file
     pair_column: str | None = None  # data.text_pair_column: the second text of each row
     targets: tuple[str, ...] | None = None  # task=regression: the numeric target columns (label: their values)
+    separator: str | None = None  # task=multi_label: what joins a cell's labels (label: a tuple of labels)
 
     def at(self, row: int, column: str | None = None) -> str:
         if self.rows is not None:
@@ -253,7 +254,8 @@ def target_columns(label_column: str | Sequence[str]) -> tuple[str, ...]:
 def _read_file(path: str | Path, text_column: str, label_column: str | Sequence[str], key: str | None = None,
                column_keys: tuple[str, str] = ("data.text_column", "data.label_column"),
                na_labels: bool = False, pair_column: str | None = None,
-               pair_key: str = "data.text_pair_column", regression: bool = False) -> _Table:
+               pair_key: str = "data.text_pair_column", regression: bool = False,
+               separator: str | None = None) -> _Table:
     path = Path(path)
     targets = target_columns(label_column) if regression else None
     first_label = targets[0] if targets else label_column
@@ -264,7 +266,8 @@ def _read_file(path: str | Path, text_column: str, label_column: str | Sequence[
     wanted += [(pair_column, pair_key, "second text of each pair")] if pair_column is not None else []
     for column, column_key, what in wanted:
         _check_column(path, fmt, list(frame.columns), column, column_key, what)
-    source = _Source(str(path), text_column, first_label, lines, na_labels, pair_column=pair_column, targets=targets)
+    source = _Source(str(path), text_column, first_label, lines, na_labels, pair_column=pair_column, targets=targets,
+                     separator=separator)
     return _Table(_validated_frame(frame, source), source)
 
 
@@ -286,6 +289,28 @@ def _validated_targets(frame: pd.DataFrame, source: _Source, pairs: list | None)
         out["pair"] = pd.Series([_text_value(v, source, row, source.pair_column)
                                  for row, v in enumerate(pairs, 1)], dtype=object)
     return out
+
+
+def _label_set(value: Any, source: _Source, row: int) -> tuple:
+    """task=multi_label: a cell's labels, in label order, each once; an empty cell is no label."""
+    where, separator = source.at(row, source.label_column), source.separator
+    if _is_missing(value) or (isinstance(value, str) and not value.strip()):
+        return ()
+    if isinstance(value, (list, tuple)) or hasattr(value, "tolist") and not isinstance(value, str):
+        parts = list(value.tolist() if hasattr(value, "tolist") else value)
+        for part in parts:
+            if isinstance(part, str) and separator in part:
+                raise DataError(f"{where}: label {part!r} holds data.label_separator {separator!r}, so it could not be "
+                                "written in a CSV cell; rename the label or choose another data.label_separator.")
+    elif isinstance(value, str):
+        parts = value.split(separator)
+        if any(not part.strip() for part in parts):
+            raise DataError(f"{where}: {value!r} has an empty label between the {separator!r} separators; remove the "
+                            "extra separator.")
+    else:
+        parts = [value]
+    labels = [_label_value(part, source, row) for part in parts]
+    return tuple(sorted_labels(set(labels))) if labels else ()
 
 
 def _target_value(value: Any, source: _Source, row: int, column: str) -> float:
@@ -521,6 +546,15 @@ def _is_missing(value: Any) -> bool:
 def _validated(texts: list, labels: list, source: _Source, pairs: list | None = None) -> pd.DataFrame:
     """Columns text, label (and pair, the second text of each row, for text pairs)."""
     clean_texts = [_text_value(v, source, row) for row, v in enumerate(texts, 1)]
+    if source.separator is not None:  # task=multi_label: each cell a tuple of labels
+        frame = pd.DataFrame({"text": pd.Series(clean_texts, dtype=object),
+                              "label": pd.Series([_label_set(v, source, row) for row, v in enumerate(labels, 1)],
+                                                 dtype=object)})
+        _check_label_kinds([label for cell in frame["label"] for label in cell], source)
+        if pairs is not None:
+            frame["pair"] = pd.Series([_text_value(v, source, row, source.pair_column)
+                                       for row, v in enumerate(pairs, 1)], dtype=object)
+        return frame
     clean_labels = [_label_value(v, source, row) for row, v in enumerate(labels, 1)]
     _check_label_kinds(clean_labels, source)
     label_col = pd.Series(clean_labels, dtype="int64" if clean_labels and _is_int(clean_labels[0]) else object)
@@ -630,7 +664,7 @@ def load_data(cfg: DataConfig, context_length: int, saved_split: DataSplit | Non
     own record: resume, evaluate), else afresh (a new run; the bundle's `split` is then written to the
     run folder)."""
     regression = task == "regression"
-    tables, record = _load_tables(cfg, saved_split, regression)
+    tables, record = _load_tables(cfg, saved_split, task)
     check_label_spellings(list(tables.values()))
     for split, table in tables.items():
         if len(table.frame) == 0:
@@ -643,6 +677,9 @@ def load_data(cfg: DataConfig, context_length: int, saved_split: DataSplit | Non
         label_map = LabelMap(target_columns(cfg.label_column))
         scale = TargetScale.of(label_map.labels, [list(v) for v in tables["train"].frame["label"]])
         labels = {split: scale.standardize([list(v) for v in table.frame["label"]]) for split, table in tables.items()}
+    elif task == "multi_label":  # multi-hot rows over the labels of the training split
+        label_map = _label_map_from_train(tables["train"], multi=True)
+        labels = {split: _multi_hot(table, label_map, tables["train"].source.name) for split, table in tables.items()}
     else:
         label_map = _label_map_from_train(tables["train"])
         labels = {split: _label_ids(table, label_map, tables["train"].source.name) for split, table in tables.items()}
@@ -676,10 +713,11 @@ def load_data(cfg: DataConfig, context_length: int, saved_split: DataSplit | Non
 
 
 def _load_tables(cfg: DataConfig, saved: DataSplit | None,
-                 regression: bool = False) -> tuple[dict[str, _Table], DataSplit | None]:
+                 task: str = "single_label") -> tuple[dict[str, _Table], DataSplit | None]:
     """The tables of the splits the config gives (train, val, and test unless there is none), in that order."""
+    regression, separator = task == "regression", cfg.label_separator if task == "multi_label" else None
     if cfg.dataset_dir is not None:
-        return _dataset_dir_tables(cfg, saved, regression)
+        return _dataset_dir_tables(cfg, saved, regression, separator)
     files = {"train": cfg.train_file, "val": cfg.val_file, "test": cfg.test_file}
     if all(f is None for f in files.values()):
         return {
@@ -691,7 +729,7 @@ def _load_tables(cfg: DataConfig, saved: DataSplit | None,
                         "none of the three for the bundled SMS Spam Collection.")
     tables = {
         split: _read_file(path, cfg.text_column, cfg.label_column, key=f"data.{split}_file", na_labels=cfg.na_labels,
-                          pair_column=cfg.text_pair_column, regression=regression)
+                          pair_column=cfg.text_pair_column, regression=regression, separator=separator)
         for split, path in files.items() if path is not None
     }
     fractions = cfg.split_fractions()
@@ -703,8 +741,8 @@ def _load_tables(cfg: DataConfig, saved: DataSplit | None,
     return {name: tables[name] for name in SPLITS if name in tables}, split
 
 
-def _dataset_dir_tables(cfg: DataConfig, saved: DataSplit | None,
-                        regression: bool = False) -> tuple[dict[str, _Table], DataSplit | None]:
+def _dataset_dir_tables(cfg: DataConfig, saved: DataSplit | None, regression: bool = False,
+                        separator: str | None = None) -> tuple[dict[str, _Table], DataSplit | None]:
     """The splits of data.dataset_dir; without a validation split, its train split is split by data.split as
     data.train_file is (as `saved` records, if given; the record's sha256 is over the folder's .arrow files)."""
     tables = {}
@@ -719,7 +757,7 @@ def _dataset_dir_tables(cfg: DataConfig, saved: DataSplit | None,
         for column, key, what in wanted:
             _check_column(name, "dataset", list(frame.columns), column, key, what)
         source = _Source(name, cfg.text_column, label_column, None, cfg.na_labels,
-                         pair_column=cfg.text_pair_column, targets=targets)
+                         pair_column=cfg.text_pair_column, targets=targets, separator=separator)
         tables[split] = _Table(_validated_frame(frame, source), source)
     fractions = _dataset_dir_fractions(cfg, tables)
     if fractions is None:
@@ -771,8 +809,10 @@ def _split_of(cfg: DataConfig, whole: _Table, fractions: tuple[float, ...], save
 
 
 def _strata(table: _Table) -> list:
-    """What a split is stratified by: the labels; numeric targets (task=regression) are not: one stratum."""
-    return table.frame["label"].tolist() if table.source.targets is None else [0] * len(table.frame)
+    """What a split is stratified by: the labels; numeric targets and label sets (regression, multi_label) are
+    not (too many distinct values): one stratum."""
+    single = table.source.targets is None and table.source.separator is None
+    return table.frame["label"].tolist() if single else [0] * len(table.frame)
 
 
 def _rows_of(table: _Table, name: str, rows: Sequence[int]) -> _Table:
@@ -802,8 +842,14 @@ def _bundled_table(split: str, frame: pd.DataFrame) -> _Table:
     return _Table(_validated(frame["text"].tolist(), frame["label"].tolist(), source), source)
 
 
-def _label_map_from_train(train: _Table) -> LabelMap:
-    labels = sorted_labels(set(train.frame["label"].tolist()))
+def _label_map_from_train(train: _Table, multi: bool = False) -> LabelMap:
+    cells = train.frame["label"].tolist()
+    labels = sorted_labels({label for cell in cells for label in cell} if multi else set(cells))
+    if multi and not labels:
+        raise DataError(f"{train.source.name}: no row of the training split has a label; task=multi_label needs "
+                        "labels to learn (cells of labels joined by data.label_separator).")
+    if multi:
+        return LabelMap(tuple(labels))
     if len(labels) < 2:
         raise DataError(
             f"{train.source.name}: the training split has only one label ({labels[0]!r}); a classifier "
@@ -825,6 +871,23 @@ def _label_ids(table: _Table, label_map: LabelMap, train_name: str) -> list[int]
             )
         ids.append(index[label])
     return ids
+
+
+def _multi_hot(table: _Table, label_map: LabelMap, train_name: str) -> list[list[float]]:
+    """task=multi_label: each row's labels as 0/1 per label of the run."""
+    index = {label: i for i, label in enumerate(label_map.labels)}
+    rows = []
+    for row, cell in enumerate(table.frame["label"].tolist(), 1):
+        hot = [0.0] * len(index)
+        for label in cell:
+            label = _coerce_label(label, label_map.is_int)
+            if label not in index:
+                raise DataError(f"{table.source.at(row, table.source.label_column)}: label {label!r} does not occur in "
+                                f"the training split ({train_name}); known labels: {list(label_map.labels)!r}. Fix the "
+                                "label, or add examples of it to the training data.")
+            hot[index[label]] = 1.0
+        rows.append(hot)
+    return rows
 
 
 def _tokenize(table: _Table) -> list[tuple[list[int], list[int] | None]]:
@@ -861,7 +924,8 @@ def load_eval_file(path: str | Path, text_column: str, label_column: str, label_
                    keys: tuple[str, str, str] = ("--data", "--text-column", "--label-column"),
                    long_texts: str = "truncate", head_tokens: int | None = None,
                    pair_column: str | None = None, chunk_stride: int | None = None,
-                   scale: TargetScale | None = None) -> tuple[ClassificationDataset, int]:
+                   scale: TargetScale | None = None, separator: str | None = None,
+                   ) -> tuple[ClassificationDataset, int]:
     """A labelled file read, validated, mapped with the run's labels and cut to max_length as in training.
 
     Returns the dataset and how many texts were truncated. `keys` name the settings that chose the
@@ -871,11 +935,13 @@ def load_eval_file(path: str | Path, text_column: str, label_column: str, label_
     na_labels = any(isinstance(label, str) and label.strip() in NA_SPELLINGS for label in label_map.labels)
     table = _read_file(path, text_column, scale.names if scale else label_column, key=keys[0],
                        column_keys=(keys[1], keys[2]), na_labels=na_labels, pair_column=pair_column,
-                       pair_key="--text-pair-column", regression=scale is not None)
+                       pair_key="--text-pair-column", regression=scale is not None, separator=separator)
     check_label_spellings([table])
     _check_not_empty(table.source.name, len(table.frame))
     if scale is not None:  # task=regression: the run's targets, standardized as in training
         labels = scale.standardize([list(v) for v in table.frame["label"]])
+    elif separator is not None:  # task=multi_label
+        labels = _multi_hot(table, label_map, "the run's training data")
     else:
         labels = _label_ids(table, label_map, "the run's training data")
     tokens = _tokenize(table)

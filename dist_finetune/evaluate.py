@@ -28,6 +28,8 @@ from .hf_import import POOLING, eval_labels, load_hf_classifier
 from .distributed import leave, DistEnv, init_distributed
 from .metrics import format_table
 from .step import evaluate
+from .export import run_thresholds
+from .multilabel import format_table as multi_label_table
 from .regression import TargetScale, format_table as regression_table
 from .report import plot_confusion, plot_scatter, write_json
 from .runs import (RunError, reading_run, check_same_labels, load_checkpoint_model, load_run_config,
@@ -116,6 +118,7 @@ class EvalJob:
     precision: str
     checkpoint: Path
     scale: TargetScale | None = None  # task=regression: the run's targets' mean and deviation
+    thresholds: list[float] | None = None  # task=multi_label: each label's threshold (the run's, tuned or not)
 
 
 def prepare(args: argparse.Namespace) -> EvalJob:
@@ -128,6 +131,7 @@ def prepare(args: argparse.Namespace) -> EvalJob:
         cfg = replace(cfg, [f"eval.batch_size={args.batch_size}"])
     ckpt_run, tag = resolve_checkpoint(run_dir, args.checkpoint)
     scale = load_run_data(cfg, run_dir).scale if cfg.task == "regression" else None  # from its training split
+    separator = cfg.data.label_separator if cfg.task == "multi_label" else None
     if args.data is not None:
         facts = run_facts(run_dir, cfg)
         text_column = args.text_column or cfg.data.text_column
@@ -138,7 +142,7 @@ def prepare(args: argparse.Namespace) -> EvalJob:
         dataset, truncated = load_eval_file(args.data, text_column, label_column, facts.labels, facts.max_length,
                                             long_texts=cfg.data.long_texts, head_tokens=cfg.data.head_tokens,
                                             pair_column=pair_column, chunk_stride=cfg.data.chunk_stride,
-                                            scale=scale)
+                                            scale=scale, separator=separator)
         name, max_length, labels = args.data.stem, facts.max_length, facts.labels
     else:
         split = args.split or "test"
@@ -152,7 +156,7 @@ def prepare(args: argparse.Namespace) -> EvalJob:
         name, max_length, labels = split, bundle.max_length, bundle.label_map
     model = load_checkpoint_model(cfg, len(labels), ckpt_run, tag, run_dir)
     return EvalJob(cfg, model, dataset, truncated, name, labels.to_json(), max_length, facts.precision,
-                   ckpt_run / "checkpoints" / tag, scale)
+                   ckpt_run / "checkpoints" / tag, scale, run_thresholds(run_dir, cfg, len(labels)))
 
 
 def prepare_weights(args: argparse.Namespace) -> EvalJob:
@@ -191,8 +195,9 @@ def run(args: argparse.Namespace, job: EvalJob, env: DistEnv) -> dict[str, Any]:
     model = job.model.to(env.device, torch.float32 if autocast else DTYPES[precision])
     collate = make_collate(job.cfg.data.padding, job.max_length)
     with torch.autocast(env.device.type, torch.bfloat16, enabled=autocast):
-        result = evaluate(model, job.dataset, job.cfg, env, collate, num_classes=len(job.labels), scale=job.scale)
-    if job.scale is None:
+        result = evaluate(model, job.dataset, job.cfg, env, collate, num_classes=len(job.labels), scale=job.scale,
+                          thresholds=job.thresholds, label_names=job.labels)
+    if job.cfg.task == "single_label":
         result["per_class"] = [{"label": label, **s} for label, s in zip(job.labels, result["per_class"])]
     return {
         "run": None if args.run is None else str(args.run), "checkpoint": str(job.checkpoint),
@@ -222,8 +227,9 @@ def _is_our_report(path: Path) -> bool:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError):
         return False
-    return isinstance(data, dict) and all(key in data for key in REPORT_KEYS) and (
-        all(key in data for key in ("confusion_matrix", "accuracy")) or all(key in data for key in ("per_target", "rmse")))
+    return isinstance(data, dict) and all(key in data for key in REPORT_KEYS) and any(
+        all(key in data for key in task_keys) for task_keys in (("confusion_matrix", "accuracy"), ("per_target", "rmse"),
+                                                                ("per_label", "micro_f1")))
 
 
 def _is_png(path: Path) -> bool:
@@ -253,12 +259,14 @@ def check_outputs(args: argparse.Namespace) -> None:
                                f"it, or {fix}")
 
 
-def write_outputs(args: argparse.Namespace, report: dict[str, Any], name: str) -> tuple[Path, Path]:
+def write_outputs(args: argparse.Namespace, report: dict[str, Any], name: str) -> tuple[Path, Path | None]:
     """Each file whole or not at all (written under a temporary name, then renamed)."""
     out, png = output_paths(args)
     out.parent.mkdir(parents=True, exist_ok=True)
     points = report.pop("points", None)
     write_json(out, report)
+    if "per_label" in report:  # task=multi_label: the report's tables say it all
+        return out, None
     if points is not None:  # task=regression: predicted against true, where the confusion matrix would be
         plot_scatter(points, report["labels"], png)
     else:
@@ -289,11 +297,12 @@ def evaluate_held(args: argparse.Namespace) -> int:
         what = f"split {job.name}" if args.data is None else f"file {args.data}"
         source = f"{args.run}: checkpoint {job.checkpoint.name}" if args.run else f"weights {args.weights}"
         print(f"{source}, {what}, {env.world_size} rank(s)")
-        print(regression_table(report) if job.scale is not None else format_table(report, report["labels"]))
+        table = {"regression": regression_table, "multi_label": multi_label_table}.get(job.cfg.task)
+        print(table(report) if table else format_table(report, report["labels"]))
         if job.truncated:
             print(f"note: {job.truncated} text(s) longer than max_length={job.max_length} tokens were "
                   "truncated, as in training", file=sys.stderr)
-        print(f"wrote {out} and {png}")
+        print(f"wrote {out}" + (f" and {png}" if png is not None else ""))
     return 0
 
 

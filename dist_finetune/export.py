@@ -8,6 +8,7 @@ GPT2ForSequenceClassification folder with its tokenizer (hf_export.py).
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
 from .cli import run_command
@@ -74,8 +75,22 @@ def export_run(run_dir: Path, checkpoint: str, out_dir: Path, fmt: str = "native
     facts = run_facts(run_dir, cfg)
     model = load_checkpoint_model(cfg, len(facts.labels), ckpt_run, tag, run_dir)
     scale = load_run_data(cfg, run_dir).scale if cfg.task == "regression" else None  # the targets' scale
-    save_format(fmt, model, out_dir, cfg, facts.labels.to_json(), facts.max_length, scale)
+    save_format(fmt, model, out_dir, cfg, facts.labels.to_json(), facts.max_length, scale,
+                run_thresholds(run_dir, cfg, len(facts.labels)))
     return checkpoint_dir(ckpt_run) / tag
+
+
+def run_thresholds(run_dir: Path, cfg, labels: int) -> list[float] | None:
+    """task=multi_label: the thresholds the run's summary records (tuned ones), else eval.threshold for each."""
+    if cfg.task != "multi_label":
+        return None
+    try:
+        recorded = json.loads((run_dir / "summary.json").read_text(encoding="utf-8")).get("thresholds")
+    except (OSError, ValueError, AttributeError):
+        recorded = None
+    if isinstance(recorded, list) and len(recorded) == labels and all(isinstance(t, float) for t in recorded):
+        return recorded
+    return [cfg.eval.threshold] * labels
 
 
 def main(argv: list[str] | None = None) -> int:

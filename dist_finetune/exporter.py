@@ -21,29 +21,30 @@ EXPORT_SUBDIRS = {"native": "export", "hf": HF_EXPORT_SUBDIR}  # where training 
 
 
 def export_checkpoint(cfg: Config, run_dir: Path, tag: str, labels: list, max_length: int,
-                      scale: TargetScale | None = None) -> list[Path]:
+                      scale: TargetScale | None = None, thresholds: list[float] | None = None) -> list[Path]:
     """Reads the checkpoint's files alone (call it on one rank); writes RUN/export, RUN/export_hf as
     checkpoint.export_formats says and returns those folders."""
     model = load_checkpoint_model(cfg, len(labels), run_dir, tag, run_dir)
     folders = [run_dir / EXPORT_SUBDIRS[f] for f in cfg.checkpoint.export_formats]
     for fmt, folder in zip(cfg.checkpoint.export_formats, folders):
-        save_format(fmt, model, folder, cfg, labels, max_length, scale)
+        save_format(fmt, model, folder, cfg, labels, max_length, scale, thresholds)
     return folders
 
 
 def save_format(fmt: str, model: GPTClassifier, out_dir: Path, cfg: Config, labels: list, max_length: int,
-                scale: TargetScale | None = None) -> None:
-    """`scale`: task=regression, the targets' mean and deviation (saved with, or folded into, the export)."""
+                scale: TargetScale | None = None, thresholds: list[float] | None = None) -> None:
+    """`scale`: task=regression, the targets' mean and deviation (saved with, or folded into, the export);
+    `thresholds`: task=multi_label, each label's decision threshold."""
     if fmt == "hf":
-        save_hf(model, out_dir, labels, max_length, scale)
+        save_hf(model, out_dir, labels, max_length, scale, multi_label=thresholds is not None)
     else:
         save_model(model, out_dir, cfg.model.pooling, labels, max_length, cfg.data.padding, cfg.lora,
-                   cfg.data, scale)
+                   cfg.data, scale, thresholds)
 
 
 def save_model(model: GPTClassifier, out_dir: Path, pooling: str, labels: list, max_length: int | None,
                padding: str, lora: LoraConfig | None, data: DataConfig | None = None,
-               scale: TargetScale | None = None) -> None:
+               scale: TargetScale | None = None, thresholds: list[float] | None = None) -> None:
     """LoRA adapters are merged into plain weights unless lora.export=separate."""
     lora, data = lora or LoraConfig(), data or DataConfig()
     keep = has_lora(model) and lora.export == "separate"
@@ -52,4 +53,5 @@ def save_model(model: GPTClassifier, out_dir: Path, pooling: str, labels: list, 
     save_export(model, out_dir, pooling, labels, max_length=max_length, padding=padding,
                 lora=to_dict(lora) if keep else None, long_texts=data.long_texts, head_tokens=data.head_tokens,
                 text_pair_column=data.text_pair_column, chunk_stride=data.chunk_stride,
-                chunk_aggregate=data.chunk_aggregate, targets=scale.to_json() if scale is not None else None)
+                chunk_aggregate=data.chunk_aggregate, targets=scale.to_json() if scale is not None else None,
+                thresholds=thresholds)

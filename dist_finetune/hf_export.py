@@ -73,7 +73,8 @@ def hf_leftovers(folder: Path) -> list[str]:
     return sorted(p.name for p in folder.iterdir() if p.name not in HF_FILES)
 
 
-def save_hf(model: GPTClassifier, folder: Path, labels: list, max_length: int, scale: Any = None) -> None:
+def save_hf(model: GPTClassifier, folder: Path, labels: list, max_length: int, scale: Any = None,
+            multi_label: bool = False) -> None:
     """Writes the hf folder as a whole (it replaces `folder`); LoRA adapters are merged into a copy. A regression
     model (`scale`: its targets' TargetScale) gets the scale folded into its head, so transformers' outputs are in
     the targets' units: W' = diag(std) W, b' = std * b + mean."""
@@ -97,7 +98,9 @@ def save_hf(model: GPTClassifier, folder: Path, labels: list, max_length: int, s
             model.head.weight.copy_((weight * std[:, None]).float())
             model.head.bias.copy_((bias * std + torch.tensor(scale.mean, dtype=torch.float64)).float())
     state = hf_state_dict(model)
-    config = hf_config(model, labels, "regression" if scale is not None else "single_label_classification")
+    problem = "regression" if scale is not None else "multi_label_classification" if multi_label else (
+        "single_label_classification")
+    config = hf_config(model, labels, problem)
     folder.parent.mkdir(parents=True, exist_ok=True)
     with files.building_dir(folder) as new:
         with files.writing(new / HF_WEIGHTS) as tmp:

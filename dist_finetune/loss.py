@@ -7,13 +7,18 @@ from collections.abc import Sequence
 import torch
 
 from .config import ConfigError
+from .multilabel import positive_weights
 
 
-def class_weights(spec: str | Sequence[float], train_labels: Sequence[int], labels: Sequence) -> list[float] | None:
-    """None for `none`; `balanced`: n_examples / (n_classes x count_c); a list: checked against the classes."""
+def class_weights(spec: str | Sequence[float], train_labels: Sequence, labels: Sequence,
+                  multi_label: bool = False) -> list[float] | None:
+    """None for `none`; `balanced`: n_examples / (n_classes x count_c) (multi_label: per label, negatives /
+    positives, the weight of its positives); a list: checked against the classes."""
     n_classes = len(labels)
     if spec == "none":
         return None
+    if spec == "balanced" and multi_label:
+        return positive_weights(train_labels)
     if spec == "balanced":
         counts = Counter(train_labels)
         return [len(train_labels) / (n_classes * counts[c]) if counts[c] else 0.0 for c in range(n_classes)]

@@ -127,7 +127,10 @@ def with_predictions(frame: pd.DataFrame, predictions: list[Prediction], labels:
         for target in labels:
             out[f"predicted_{target}"] = [p.values[target] for p in predictions]
         return out
-    out[PREDICTED] = [p.label for p in predictions]
+    if predictions and predictions[0].labels is not None:  # task=multi_label: the labels, joined by |
+        out["predicted_labels"] = ["|".join(map(str, p.labels)) for p in predictions]
+    else:
+        out[PREDICTED] = [p.label for p in predictions]
     for label in labels:
         out[f"prob_{label}"] = [p.probabilities[label] for p in predictions]
     return out
@@ -152,9 +155,10 @@ def line(text: str, prediction: Prediction, as_json: bool) -> str:
         shown = shown if len(shown) <= 60 else shown[:57] + "..."
         return "\t".join(f"{t}={v:.4f}" for t, v in prediction.values.items()) + f"\t{shown}"
     probs = {str(c): p for c, p in prediction.probabilities.items()}
-    label = prediction.label
+    label = prediction.label if prediction.labels is None else "|".join(map(str, prediction.labels))
     if as_json:
-        return json.dumps({"text": text, PREDICTED: label, "probabilities": probs}, ensure_ascii=False)
+        chosen = {PREDICTED: label} if prediction.labels is None else {"predicted_labels": prediction.labels}
+        return json.dumps({"text": text, **chosen, "probabilities": probs}, ensure_ascii=False)
     shown = " ".join(text.split())
     shown = shown if len(shown) <= 60 else shown[:57] + "..."
     return f"{label}\t" + "\t".join(f"{c}={p:.4f}" for c, p in probs.items()) + f"\t{shown}"

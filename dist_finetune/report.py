@@ -377,6 +377,19 @@ def report_markdown(summary: dict[str, Any], run_dir: Path, images: list[str]) -
     if summary.get("class_weights"):
         weights = ", ".join(f"{label} {w:.4g}" for label, w in zip(summary["labels"], summary["class_weights"]))
         lines += [f"Training loss weighted by class: {weights}.", ""]
+    if "per_label" in (summary.get(splits[0]) or {}):  # task=multi_label
+        lines += [_row(["split", "examples", "loss", "micro F1", "macro F1", "subset accuracy", "Hamming loss"]),
+                  "|---|---:|---:|---:|---:|---:|---:|"]
+        lines += [_row([split, summary[split]["examples"], *(f"{summary[split][k]:.4f}" for k in (
+            "loss", "micro_f1", "macro_f1", "subset_accuracy", "hamming_loss"))]) for split in splits]
+        last = summary[splits[-1]]
+        lines += ["", f"## {splits[-1].capitalize()} split, per label", "",
+                  _row(["label", "precision", "recall", "F1", "support", "threshold"]), "|---|---:|---:|---:|---:|---:|"]
+        lines += [_row([p["label"], f"{p['precision']:.4f}", f"{p['recall']:.4f}", f"{p['f1']:.4f}", p["support"],
+                        f"{p['threshold']:.2f}"]) for p in last["per_label"]]
+        if images:
+            lines += ["", "## Plots", ""] + [f"![{name[:-4].replace('_', ' ')}]({name})" for name in images]
+        return "\n".join(lines) + "\n"
     if "rmse" in (summary.get(splits[0]) or {}):  # task=regression
         lines += [_row(["split", "examples", "loss", "RMSE", "MAE", "R²", "Pearson", "Spearman"]),
                   "|---|---:|---:|---:|---:|---:|---:|---:|"]

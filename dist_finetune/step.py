@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from .config import Config
 from .distributed import DistEnv, all_gather_rows, all_reduce_sum
 from .loaders import ShardedEvalSampler, eval_loader
-from . import regression
+from . import multilabel, regression
 from .metrics import from_confusion
 from .tokenizer import PAD_ID
 
@@ -30,10 +30,13 @@ def forward(model, batch: dict[str, torch.Tensor], device: torch.device) -> tupl
 
 
 def loss_of(logits: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor | None = None,
-            huber: bool = False) -> torch.Tensor:
-    """Cross-entropy over class ids; for float targets (task=regression), MSE or Huber on standardized values."""
-    if labels.is_floating_point():
+            task: str = "single_label", huber: bool = False) -> torch.Tensor:
+    """Cross-entropy over class ids (`weight`: per class); multi_label: binary cross-entropy per label (`weight`:
+    per label, on positives); regression: MSE or Huber on standardized targets."""
+    if task == "regression":
         return regression.loss(logits, labels, huber)
+    if task == "multi_label":
+        return multilabel.loss(logits, labels, weight)
     return F.cross_entropy(logits, labels, weight=weight)
 
 
@@ -41,14 +44,17 @@ def loss_of(logits: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor | N
 LOSS_SUM, CORRECT, EXAMPLES, TOKENS, NONFINITE = range(5)
 
 
-def batch_sums(loss: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor, tokens: int) -> torch.Tensor:
+def batch_sums(loss: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor, tokens: int,
+               task: str = "single_label") -> torch.Tensor:
     """[loss x examples, correct, examples, real tokens, non-finite losses] of one micro-batch, on the
     device (nothing is read back: no host synchronisation). A non-finite loss counts only as such."""
     finite = torch.isfinite(loss.detach()).double()
     n = labels.numel()
     loss_sum = torch.nan_to_num(loss.detach().double() * n, nan=0.0, posinf=0.0, neginf=0.0) * finite
-    if labels.is_floating_point():  # regression: no accuracy
+    if task == "regression":  # no accuracy
         correct = torch.zeros((), dtype=torch.float64, device=loss.device)
+    elif task == "multi_label":  # every label right, at 0.5
+        correct = ((logits.detach() > 0) == (labels > 0.5)).all(-1).sum().double() * finite
     else:
         correct = (logits.detach().argmax(-1) == labels).sum().double() * finite
     return torch.stack([loss_sum, correct, finite * n, finite * tokens, 1.0 - finite])
@@ -87,7 +93,8 @@ def eval_batch_size(cfg: Config) -> int:
 
 def evaluate(model, dataset, cfg: Config, env: DistEnv, collate, max_batches: int | None = None,
              num_classes: int | None = None, aggregate: str | None = None,
-             scale: regression.TargetScale | None = None) -> dict[str, Any]:
+             scale: regression.TargetScale | None = None, thresholds: list[float] | None = None,
+             label_names: list | None = None) -> dict[str, Any]:
     """Exact metrics: every rank runs the same number of forwards (ZeRO-3 gathers), sums reduced.
 
     `model` is any module called as `model(input_ids, lengths) -> logits` (a DeepSpeed engine is one).
@@ -106,15 +113,20 @@ def evaluate(model, dataset, cfg: Config, env: DistEnv, collate, max_batches: in
     # ZeRO-3 gathers parameters inside the forward; those must not become inference tensors.
     grad_off = torch.no_grad if cfg.zero.stage == 3 else torch.inference_mode
     doc_ids = getattr(dataset, "doc_ids", None)
-    if scale is not None:  # task=regression
+    if scale is not None or thresholds is not None:  # regression, multi_label: every rank gets every output
+        width = len(scale.names) if scale is not None else len(thresholds)
         with grad_off():
-            local_outputs, local_targets = _outputs_and_targets(model, iter(loader), steps, env, len(scale.names))
+            local_outputs, local_targets = _outputs_and_targets(model, iter(loader), steps, env, width)
         model.train(was_training)
         counts = [min(len(ShardedEvalSampler(len(dataset), r, env.world_size)), steps * batch_size)
                   for r in range(env.world_size)]
         outputs, targets = all_gather_rows(local_outputs, counts, env), all_gather_rows(local_targets, counts, env)
         if doc_ids is not None and max_batches is None:
             outputs, targets = _per_document(outputs, targets, doc_ids, aggregate)
+        if thresholds is not None:
+            result = multilabel.metrics(outputs, targets, label_names or list(range(width)), thresholds)
+            result["points"] = (outputs, targets)  # for tuning thresholds on the validation split; popped
+            return result
         result = regression.metrics(outputs, targets, scale, cfg.loss.regression == "huber")
         result["points"] = (scale.to_units(outputs), scale.to_units(targets))  # for a scatter plot; popped
         return result

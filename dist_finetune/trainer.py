@@ -24,7 +24,9 @@ from .config import Config, ConfigError, to_dict
 from .data import make_collate
 from .distributed import DistEnv, all_reduce_sum, broadcast_decision, broadcast_object, set_activity
 from .encoding import default_stride, describe
+from .multilabel import METRICS as MULTI_LABEL_METRICS, tune_thresholds
 from .regression import METRICS as REGRESSION_METRICS
+
 from .engine import build_engine, param_group_names, plan_batches
 from .exporter import EXPORT_SUBDIRS, export_checkpoint
 from .hf_export import export_notes
@@ -41,6 +43,9 @@ from .trackers import RunInfo, check_installed as check_trackers_installed, read
 from .step import (CORRECT, EXAMPLES, LOSS_SUM, NONFINITE, TOKENS, RunningSums, batch_sums, evaluate, forward,
                    loss_of, mean_loss_accuracy)
 from .weights import load_pretrained
+
+# What the console shows of an evaluation, per task (the first: the done line's)
+HEADLINE = {"single_label": ("accuracy",), "multi_label": ("micro_f1", "subset_accuracy"), "regression": ("rmse", "r2")}
 
 CONTINUE, NEW_BEST, STOP = 0, 1, 2
 
@@ -213,8 +218,8 @@ class Trainer:
         faults.crash_or_stall(next_step, env.rank)
         set_activity(f"training step {next_step}")
         logits, labels = forward(self.engine, batch, env.device)
-        loss = faults.perturb_loss(loss_of(logits, labels, self.loss_weight, self.cfg.loss.regression == "huber"),
-                                   next_step, env.rank)
+        loss = faults.perturb_loss(loss_of(logits, labels, self.loss_weight, self.cfg.task,
+                                           self.cfg.loss.regression == "huber"), next_step, env.rank)
         bad = not self.deferred and nonfinite_on_any_rank(loss, env)
         if bad:
             self.on_nonfinite_loss(next_step, index)  # stops, or drops this whole window
@@ -223,7 +228,7 @@ class Trainer:
         self.engine.backward(loss)  # also for a dropped window: DeepSpeed's counters stay aligned
         self.engine.step()
         if not bad:
-            self.sums.add(batch_sums(loss, logits, labels, int(batch["lengths"].sum())))
+            self.sums.add(batch_sums(loss, logits, labels, int(batch["lengths"].sum()), self.cfg.task))
             s.examples_seen += labels.numel() * env.world_size
 
     def after_window(self) -> bool:
@@ -339,7 +344,10 @@ class Trainer:
         cfg, env = self.cfg, self.env
         self.data = load_run_data(cfg, self.run_dir, saved=self.folder.resume_tag is not None)  # a resume: its split
         self.loss_weight = weight_tensor(
-            class_weights(cfg.loss.class_weights, self.data.train.labels, self.data.label_map.labels), env.device)
+            class_weights(cfg.loss.class_weights, self.data.train.labels, self.data.label_map.labels,
+                          cfg.task == "multi_label"), env.device)
+        # task=multi_label: each label's decision threshold (tuned on the validation split at the end, if asked)
+        self.thresholds = [cfg.eval.threshold] * len(self.data.label_map) if cfg.task == "multi_label" else None
         self.plan = plan_batches(cfg, env.world_size)
         self.collate = make_collate(cfg.data.padding, self.data.max_length)
         self.loader = train_loader(self.data.train, self.plan.micro_batch_size, self.collate, env.rank,
@@ -467,15 +475,14 @@ class Trainer:
         self.reporter.step(s.global_step, f"epoch {s.epoch + 1} loss {loss_avg:.4f} lr {lr:.2e}")
         self.reporter.event("train", step=s.global_step, epoch=round(s.global_step / self.steps_per_epoch, 4),
                             examples_seen=s.examples_seen, train_loss=loss_avg,
-                            train_accuracy=None if self.data.scale is not None else acc_avg, lr=lr,
+                            train_accuracy=None if self.cfg.task == "regression" else acc_avg, lr=lr,
                             samples_per_second=speed, micro_batches=int(micro))
 
     def evaluate_and_decide(self) -> int:
         s, env = self.state, self.env
         set_activity(f"evaluation at step {s.global_step}")
         lap = time.perf_counter()
-        val = evaluate(self.engine, self.data.val, self.cfg, env, self.collate, self.cfg.eval.max_batches,
-                       scale=self.data.scale)
+        val = self.evaluate_split("val", self.cfg.eval.max_batches)
         val.pop("points", None)
         self.flush()
         s.eval_seconds += time.perf_counter() - lap
@@ -489,13 +496,13 @@ class Trainer:
         self.reporter.eval_point({
             "step": s.global_step, "epoch": round(s.global_step / self.steps_per_epoch, 4),
             "examples_seen": s.examples_seen, "train_loss": train_loss,
-            "train_accuracy": None if self.data.scale is not None else train_acc,
+            "train_accuracy": None if self.cfg.task == "regression" else train_acc,
             "val_loss": val["loss"], "val_accuracy": val.get("accuracy"), "lr": self.engine.get_lr()[0],
-            **{f"val_{key}": val[key] for key in REGRESSION_METRICS if key in val},
+            **{f"val_{key}": val[key] for key in REGRESSION_METRICS + MULTI_LABEL_METRICS if key in val},
             "decision": ("continue", "new_best", "stop")[decision],
         })
         best = " (new best)" if decision == NEW_BEST else ""
-        shown = ("rmse", "r2") if self.data.scale is not None else ("accuracy",)
+        shown = HEADLINE[self.cfg.task]
         scores = " ".join(f"val_{key} {val[key]:.4f}" for key in shown)
         self.reporter.say(f"eval step {s.global_step}: val_loss {val['loss']:.4f} {scores}{best}")
         if decision == STOP and env.is_main:  # the stopper's record lives on rank 0
@@ -615,9 +622,9 @@ class Trainer:
         if best_tag is not None:
             with logs.captured_output("deepspeed.checkpoint"):  # ZeRO-3 consolidation prints as it goes
                 checkpoint.load(self.engine, run_dir, env, best_tag, weights_only=True)
-        results = {split: evaluate(self.engine, getattr(self.data, split), self.cfg, env, self.collate,
-                                   scale=self.data.scale)
-                   for split in self.data.splits()}  # no test split: none
+        if self.thresholds is not None and self.cfg.eval.tune_thresholds:  # on the best model's validation outputs
+            self.thresholds = tune_thresholds(*self.evaluate_split("val")["points"])
+        results = {split: self.evaluate_split(split) for split in self.data.splits()}  # no test split: none
         points = {split: r.pop("points", None) for split, r in results.items()}  # regression: for the scatter plot
         self.phases["final_eval_seconds"] = time.perf_counter() - lap
         lap = time.perf_counter()
@@ -625,15 +632,16 @@ class Trainer:
         if exported:
             with logs.captured_output("deepspeed.checkpoint"):  # the ZeRO consolidation's prints
                 export_checkpoint(self.cfg, run_dir, best_tag, self.data.label_map.to_json(), self.data.max_length,
-                                  self.data.scale)
+                                  self.data.scale, self.thresholds)
         self.phases["export_seconds"] = time.perf_counter() - lap
         summary = self.summary(results, best_tag)
-        self.reporter.finish(summary, plots=self.cfg.report.plots, points=points.get("test"))
+        scatter = points.get("test") if self.cfg.task == "regression" else None
+        self.reporter.finish(summary, plots=self.cfg.report.plots, points=scatter)
         self.reporter.say(self.outcome(best_tag, exported))
         if exported and "hf" in self.cfg.checkpoint.export_formats:
             for note in export_notes(self.cfg.data.long_texts):
                 self.reporter.say(note)
-        key = "rmse" if self.data.scale is not None else "accuracy"
+        key = HEADLINE[self.cfg.task][0]
         test = f"test {key} {summary['test'][key]:.4f}, " if "test" in summary else "no test split, "
         self.reporter.say(
             f"done: {test}val {summary['val'][key]:.4f}, "
@@ -652,9 +660,14 @@ class Trainer:
             return f"{where}; exported model: {', '.join(map(str, folders))}"
         return f"{where}; not exported (checkpoint.export=false)"
 
+    def evaluate_split(self, split: str, max_batches: int | None = None) -> dict[str, Any]:
+        """Every rank calls it: the split's metrics for the run's task ("points" only where a caller needs them)."""
+        return evaluate(self.engine, getattr(self.data, split), self.cfg, self.env, self.collate, max_batches,
+                        scale=self.data.scale, thresholds=self.thresholds, label_names=self.data.label_map.to_json())
+
     def split_result(self, r: dict[str, Any], labels: list) -> dict[str, Any]:
         """A split's entry of summary.json: regression metrics as evaluated, or the classification scores."""
-        if self.data.scale is not None:
+        if self.cfg.task != "single_label":
             return r
         return {"accuracy": r["accuracy"], "loss": r["loss"], "examples": r["examples"],
                 **from_confusion(r["confusion_matrix"]).to_dict(labels)}
@@ -686,7 +699,9 @@ class Trainer:
             "labels": labels,
             "best_checkpoint": best_tag,
             "max_length": self.data.max_length,
-            "class_weights": class_weights(cfg.loss.class_weights, self.data.train.labels, labels),
+            "class_weights": class_weights(cfg.loss.class_weights, self.data.train.labels, labels,
+                                           cfg.task == "multi_label"),
+            **({"thresholds": self.thresholds} if self.thresholds is not None else {}),
             **({"windows": self.data.windows()} if self.data.windows() is not None else {}),  # long_texts=chunk
         }
 

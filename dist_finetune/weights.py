@@ -532,7 +532,8 @@ def save_export(model: GPTClassifier, folder: Path, pooling: str, labels: list |
                 max_length: int | None = None, padding: str = "fixed", lora: dict | None = None,
                 long_texts: str = "truncate", head_tokens: int | None = None,
                 text_pair_column: str | None = None, chunk_stride: int | None = None,
-                chunk_aggregate: str = "mean", targets: dict | None = None) -> None:
+                chunk_aggregate: str = "mean", targets: dict | None = None,
+                thresholds: list[float] | None = None) -> None:
     """model.safetensors (fp32, canonical names) + model_config.json + labels.json (as given).
 
     model_config.json also references the tokenizer and how training truncated and padded the texts
@@ -561,6 +562,8 @@ def save_export(model: GPTClassifier, folder: Path, pooling: str, labels: list |
         config.update(chunk_stride=chunk_stride, chunk_aggregate=chunk_aggregate)
     if targets is not None:  # task=regression: outputs are standardized targets; this turns them back
         config.update(task="regression", targets=targets)
+    if thresholds is not None:  # task=multi_label: a sigmoid per label, predicted at its threshold
+        config.update(task="multi_label", thresholds=list(thresholds))
     if lora is not None:
         config["lora"] = lora
     with files.building_dir(folder) as new:
@@ -789,6 +792,7 @@ class ExportInfo:
     chunk_stride: int | None = None  # long_texts=chunk: window starts apart (None: the default of encoding.py)
     chunk_aggregate: str = "mean"
     targets: dict | None = None  # task=regression: {"targets": names, "mean": [...], "std": [...]}
+    thresholds: list[float] | None = None  # task=multi_label: each label's decision threshold
 
 
 def read_export_info(folder: Path) -> ExportInfo:
@@ -800,7 +804,7 @@ def read_export_info(folder: Path) -> ExportInfo:
                       config.get("max_length") or spec.gpt.context_length, config.get("padding", "fixed"),
                       config.get("long_texts", "truncate"), config.get("head_tokens"),
                       config.get("text_pair_column"), config.get("chunk_stride"),
-                      config.get("chunk_aggregate", "mean"), config.get("targets"))
+                      config.get("chunk_aggregate", "mean"), config.get("targets"), config.get("thresholds"))
     separator = config.get("pair_separator")
     if info.text_pair_column is not None and separator != list(PAIR_SEPARATOR):
         raise WeightsError(f"{folder / EXPORT_CONFIG}: pair_separator {separator!r} is not this version's "
