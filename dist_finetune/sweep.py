@@ -133,7 +133,7 @@ def last_error_line(log: str) -> str:
 
 def read_summary(run_dir: Path) -> dict[str, Any]:
     s = json.loads((run_dir / "summary.json").read_text(encoding="utf-8"))
-    return {"train_acc": s["train"]["accuracy"], "val_acc": s["val"]["accuracy"],
+    return {"train_acc": s["train"].get("accuracy"), "val_acc": s["val"].get("accuracy"),  # single_label only
             "test_acc": (s.get("test") or {}).get("accuracy"),  # a run without a test split: blank
             "train_seconds": s["train_seconds"], "samples_per_second": s["samples_per_second"],
             "trainable_parameters": s["trainable_parameters"]}
