@@ -249,7 +249,7 @@ def test_evaluate_refuses_a_foreign_out_file_before_any_work(tmp_path, capsys):
         one_line_error(rc, capsys.readouterr().err, str(foreign), "not an evaluation report", "another --out")
     assert foreign.read_text() == '{"mine": true}\n'
     report = tmp_path / "old.json"
-    report.write_text(json.dumps(dict.fromkeys(evaluate.REPORT_KEYS, 1)))
+    report.write_text(json.dumps(dict.fromkeys((*evaluate.REPORT_KEYS, "confusion_matrix", "accuracy"), 1)))
     rc = evaluate.main(["--run", str(tmp_path / "no_run"), "--out", str(report)])
     one_line_error(rc, capsys.readouterr().err, str(report), "already exists", "--overwrite")
 
