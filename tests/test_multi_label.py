@@ -79,6 +79,16 @@ def test_metrics_count_every_label_decision():
     assert tune_thresholds(logits, targets)[2] == 0.5  # c's one positive (p 0.047) is below the grid: F1 0 for all
 
 
+def test_balanced_class_weights_become_per_label_positive_weights():
+    from dist_finetune.loss import class_weights
+
+    rows = [[1.0, 0.0, 0.0], [1.0, 1.0, 0.0], [0.0, 0.0, 0.0], [1.0, 0.0, 0.0]]
+    assert class_weights("balanced", rows, ["a", "b", "c"], multi_label=True) == [1 / 3, 3.0, 1.0]  # c: no positive
+    assert class_weights([1.0, 2.0, 3.0], rows, ["a", "b", "c"], multi_label=True) == [1.0, 2.0, 3.0]
+    with pytest.raises(ConfigError, match="2 weights given but the training data has 3 classes"):
+        class_weights([1.0, 2.0], rows, ["a", "b", "c"], multi_label=True)
+
+
 def test_config_checks_for_multi_label():
     with pytest.raises(ConfigError, match="has one label per text"):
         from_dict({"task": "multi_label"})
