@@ -53,6 +53,27 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def write_csv(path: Path, header: tuple[str, ...], rows: list[tuple]) -> Path:
+    import csv
+
+    with path.open("w", newline="") as f:
+        csv.writer(f).writerows([header, *rows])
+    return path
+
+
+def split_files(tmp: Path, write, sizes: tuple[int, int, int]) -> dict[str, Path]:
+    """train / val / test files of `sizes` rows, each written by write(path, rows, seed) with its own seed."""
+    files = {}
+    for seed, (split, rows) in enumerate(zip(("train", "val", "test"), sizes), 1):
+        files[split] = tmp / f"{split}.csv"
+        write(files[split], rows, seed)
+    return files
+
+
+def split_overrides(data: dict[str, Path]) -> list[str]:
+    return [f"data.{split}_file={data[split]}" for split in ("train", "val", "test")]
+
+
 def write_config(path: Path, base: dict[str, Any] | None = None) -> Path:
     path.write_text(yaml.safe_dump(base or TINY))
     return path

@@ -29,22 +29,17 @@ def write_split(path: Path, rows: int, seed: int) -> list[tuple[str, float, floa
     for _ in range(rows):
         words = [rng.choice(list(SCORES)) for _ in range(4)]
         table.append((" ".join(words), 10 + 1.5 * SCORES[words[-1]], -SCORES[words[-1]] / 2))
-    with path.open("w", newline="") as f:
-        csv.writer(f).writerows([("text", "rating", "delta"), *table])
+    runner.write_csv(path, ("text", "rating", "delta"), table)
     return table
 
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> dict[str, Path]:
-    tmp = tmp_path_factory.mktemp("reg")
-    for split, rows, seed in (("train", 256, 1), ("val", 64, 2), ("test", 64, 3)):
-        write_split(tmp / f"{split}.csv", rows, seed)
-    return {split: tmp / f"{split}.csv" for split in ("train", "val", "test")}
+    return runner.split_files(tmp_path_factory.mktemp("reg"), write_split, (256, 64, 64))
 
 
 def overrides(data: dict[str, Path]) -> list[str]:
-    return ["task=regression", f"data.train_file={data['train']}", f"data.val_file={data['val']}",
-            f"data.test_file={data['test']}", "data.label_column=[rating, delta]", "train.epochs=3",
+    return ["task=regression", *runner.split_overrides(data), "data.label_column=[rating, delta]", "train.epochs=3",
             "eval.every_steps=32", "early_stopping.metric=val_rmse", "report.plots=true",
             "checkpoint.export_formats=[native, hf]"]
 

@@ -29,22 +29,17 @@ def write_split(path: Path, rows: int, seed: int) -> list[tuple[str, str, str]]:
     labels = ["yes", "no"] * (rows // 2)
     rng.shuffle(labels)
     table = [(" ".join(rng.choice(WORDS) for _ in range(60)), ANSWERS[label], label) for label in labels]
-    with path.open("w", newline="") as f:
-        csv.writer(f).writerows([("question", "answer", "label"), *table])
+    runner.write_csv(path, ("question", "answer", "label"), table)
     return table
 
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> dict[str, Path]:
-    tmp = tmp_path_factory.mktemp("pairs")
-    for split, rows, seed in (("train", 64, 1), ("val", 16, 2), ("test", 24, 3)):
-        write_split(tmp / f"{split}.csv", rows, seed)
-    return {split: tmp / f"{split}.csv" for split in ("train", "val", "test")}
+    return runner.split_files(tmp_path_factory.mktemp("pairs"), write_split, (64, 16, 24))
 
 
 def overrides(data: dict[str, Path]) -> list[str]:
-    return [f"data.train_file={data['train']}", f"data.val_file={data['val']}", f"data.test_file={data['test']}",
-            "data.text_column=question", "data.text_pair_column=answer", MAX, "train.epochs=3",
+    return [*runner.split_overrides(data), "data.text_column=question", "data.text_pair_column=answer", MAX, "train.epochs=3",
             "eval.every_steps=8", "early_stopping.enabled=false"]
 
 
