@@ -693,6 +693,9 @@ def _validate_task(cfg: Config) -> None:
            f"{' | '.join(allowed)}")
     _check(0.0 < cfg.eval.threshold < 1.0, f"eval.threshold: must be between 0 and 1 (a probability), got "
                                           f"{cfg.eval.threshold}")
+    _check(cfg.task == "multi_label" or (cfg.eval.threshold == 0.5 and not cfg.eval.tune_thresholds),
+           f"eval.threshold / eval.tune_thresholds: only task=multi_label decides labels by thresholds (task is "
+           f"{cfg.task}); remove them")
     if cfg.task == "multi_label":
         _check(d.label_separator.strip() != "",
                f"data.label_separator: {d.label_separator!r} cannot join labels; use a visible character such as |")
@@ -726,6 +729,8 @@ def _validate_data(cfg: Config) -> None:
         _check(d.text_pair_column not in (d.text_column, d.label_column),
                f"data.text_pair_column: {d.text_pair_column!r} is also data.text_column or data.label_column; name "
                "the column that holds each row's second text")
+        _check(d.head_tokens is None, "data.head_tokens: with text pairs each text keeps a quarter of its own share "
+                                      "at the head; remove data.head_tokens")
         _check(d.max_length is None or d.max_length >= MIN_PAIR_LENGTH,
                f"data.max_length: {d.max_length} leaves no room for a text pair (a token of each text and the "
                f"separator); give at least {MIN_PAIR_LENGTH}")

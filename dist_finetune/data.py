@@ -259,7 +259,8 @@ def _read_file(path: str | Path, text_column: str, label_column: str | Sequence[
     path = Path(path)
     targets = target_columns(label_column) if regression else None
     first_label = targets[0] if targets else label_column
-    frame, fmt, lines = _read_frame(path, text_column, None if regression else label_column, key)
+    typed_labels = not regression and separator is None  # numbers, label lists: our own checks, per cell
+    frame, fmt, lines = _read_frame(path, text_column, label_column if typed_labels else None, key)
     wanted = [(text_column, column_keys[0], "text")]
     wanted += [(c, column_keys[1], "numeric target") for c in targets] if targets else [
         (label_column, column_keys[1], "labels")]
@@ -613,7 +614,10 @@ def check_label_spellings(tables: Sequence[_Table]) -> None:
     would silently be two classes."""
     first: dict[str, tuple[str, str]] = {}
     for table in tables:
-        for row, label in enumerate(table.frame["label"].tolist(), 1):
+        cells = table.frame["label"].tolist()
+        rows = ((row, label) for row, cell in enumerate(cells, 1)
+                for label in (cell if table.source.separator is not None else (cell,)))  # multi_label: each label
+        for row, label in rows:
             if not isinstance(label, str):
                 continue
             folded = label.strip().casefold()
@@ -676,6 +680,11 @@ def load_data(cfg: DataConfig, context_length: int, saved_split: DataSplit | Non
     if regression:  # the targets, standardized with the training split's mean and deviation
         label_map = LabelMap(target_columns(cfg.label_column))
         scale = TargetScale.of(label_map.labels, [list(v) for v in tables["train"].frame["label"]])
+        for name, mean, std in zip(scale.names, scale.mean, scale.std):
+            if not (math.isfinite(mean) and math.isfinite(std)):
+                raise DataError(f"{tables['train'].source.name}, column {name!r}: the targets are too large to "
+                                f"standardize (mean {mean:g}, standard deviation {std:g}); rescale them, e.g. to "
+                                "thousands or a logarithm.")
         labels = {split: scale.standardize([list(v) for v in table.frame["label"]]) for split, table in tables.items()}
     elif task == "multi_label":  # multi-hot rows over the labels of the training split
         label_map = _label_map_from_train(tables["train"], multi=True)
@@ -748,7 +757,9 @@ def _dataset_dir_tables(cfg: DataConfig, saved: DataSplit | None, regression: bo
     tables = {}
     targets = target_columns(cfg.label_column) if regression else None
     label_column = targets[0] if targets else cfg.label_column
-    for split, (name, frame) in read_dataset_dir(cfg.dataset_dir, cfg.text_column, label_column).items():
+    typed_labels = not regression and separator is None  # numbers, label lists: our own checks, per cell
+    for split, (name, frame) in read_dataset_dir(cfg.dataset_dir, cfg.text_column,
+                                                 label_column if typed_labels else None).items():
         wanted = [(cfg.text_column, "data.text_column", "text")]
         wanted += [(c, "data.label_column", "numeric target") for c in targets] if targets else [
             (cfg.label_column, "data.label_column", "labels")]

@@ -30,8 +30,11 @@ def default_head(max_length: int) -> int:
     return max(1, max_length // 4)
 
 
-def describe(max_length: int, mode: str = "truncate", head: int | None = None) -> str:
+def describe(max_length: int, mode: str = "truncate", head: int | None = None, pairs: bool = False) -> str:
     """How a longer text was cut, for warnings: `their first 64 tokens`."""
+    if pairs:
+        how = "its head and tail" if mode == "head_tail" else "its first tokens"
+        return f"{max_length} tokens in all, longest text first, each text keeping {how}"
     if mode == "head_tail":
         keep_head = min(default_head(max_length) if head is None else head, max_length)
         return f"their first {keep_head} and last {max_length - keep_head} tokens"

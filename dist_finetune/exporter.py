@@ -54,4 +54,4 @@ def save_model(model: GPTClassifier, out_dir: Path, pooling: str, labels: list, 
                 lora=to_dict(lora) if keep else None, long_texts=data.long_texts, head_tokens=data.head_tokens,
                 text_pair_column=data.text_pair_column, chunk_stride=data.chunk_stride,
                 chunk_aggregate=data.chunk_aggregate, targets=scale.to_json() if scale is not None else None,
-                thresholds=thresholds)
+                thresholds=thresholds, text_column=data.text_column)

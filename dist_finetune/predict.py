@@ -47,8 +47,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "(empty lines skipped)")
     p.add_argument("--input", type=Path, metavar="FILE",
                    help="a CSV / TSV / JSONL / Parquet file of texts, instead of TEXT arguments")
-    p.add_argument("--text-column", default="text", metavar="NAME",
-                   help="the column of --input that holds the texts (default: text)")
+    p.add_argument("--text-column", metavar="NAME",
+                   help="the column of --input that holds the texts (default: the column the model was trained on, "
+                        "else text)")
     p.add_argument("--text-pair-column", metavar="NAME",
                    help="a model of text pairs: the column of --input that holds each row's second text "
                         "(default: the column the model was trained on)")
@@ -172,7 +173,8 @@ def main(argv: list[str] | None = None) -> int:
 def run(args: argparse.Namespace) -> int:
     fmt = _check_output(args.output, args.input, args.overwrite) if args.output is not None else None
     classifier = Classifier.load(args.model, args.device)
-    frame, texts = read_texts(args.input, args.text_column) if args.input else (None, _texts(args.texts))
+    text_column = args.text_column or classifier.info.text_column
+    frame, texts = read_texts(args.input, text_column) if args.input else (None, _texts(args.texts))
     pairs = None
     if classifier.pairs:
         if frame is None:

@@ -74,7 +74,7 @@ def _ranks(values: torch.Tensor) -> torch.Tensor:
 def _pearson(x: torch.Tensor, y: torch.Tensor) -> float:
     x, y = x - x.mean(), y - y.mean()
     denominator = math.sqrt(float((x * x).sum()) * float((y * y).sum()))
-    return float((x * y).sum()) / denominator if denominator > 0 else 0.0
+    return float((x * y).sum()) / denominator if denominator > 0 else math.nan  # a constant: undefined
 
 
 def metrics(outputs: torch.Tensor, targets: torch.Tensor, scale: TargetScale, huber: bool = False) -> dict[str, Any]:
@@ -91,9 +91,9 @@ def metrics(outputs: torch.Tensor, targets: torch.Tensor, scale: TargetScale, hu
         per_target.append({
             "target": name, "mse": mse, "rmse": math.sqrt(mse) if n else float("nan"),
             "mae": float(error.abs().mean()) if n else float("nan"),
-            "r2": 1.0 - float((error * error).sum()) / total if total > 0 else 0.0,
-            "pearson": _pearson(p, y) if n > 1 else 0.0,
-            "spearman": _pearson(_ranks(p), _ranks(y)) if n > 1 else 0.0,
+            "r2": 1.0 - float((error * error).sum()) / total if total > 0 else math.nan,  # no variance: undefined
+            "pearson": _pearson(p, y) if n > 1 else math.nan,
+            "spearman": _pearson(_ranks(p), _ranks(y)) if n > 1 else math.nan,
         })
     for key in METRICS:
         result[key] = sum(t[key] for t in per_target) / len(per_target)

@@ -221,13 +221,15 @@ class Reporter:
     def eval_point(self, row: dict[str, Any]) -> None:
         if not self.enabled:
             return
-        self.history.append({k: row.get(k) for k in HISTORY_FIELDS})
+        task_metrics = {k: v for k, v in row.items() if k.startswith("val_") and k not in HISTORY_FIELDS}
+        self.history.append({**{k: row.get(k) for k in HISTORY_FIELDS}, **task_metrics})  # multi_label, regression
         self._write_history()
         self.event("eval", **row)
 
     def _write_history(self) -> None:
         text = io.StringIO()
-        writer = csv.DictWriter(text, fieldnames=HISTORY_FIELDS)
+        extra = [k for k in (self.history[0] if self.history else {}) if k not in HISTORY_FIELDS]
+        writer = csv.DictWriter(text, fieldnames=[*HISTORY_FIELDS, *extra])
         writer.writeheader()
         writer.writerows(self.history)
         files.atomic_write_text(self.run_dir / "history.csv", text.getvalue())

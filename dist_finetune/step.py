@@ -49,7 +49,7 @@ def batch_sums(loss: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor, t
     """[loss x examples, correct, examples, real tokens, non-finite losses] of one micro-batch, on the
     device (nothing is read back: no host synchronisation). A non-finite loss counts only as such."""
     finite = torch.isfinite(loss.detach()).double()
-    n = labels.numel()
+    n = labels.shape[0]  # texts: a multi_label or regression row holds several values
     loss_sum = torch.nan_to_num(loss.detach().double() * n, nan=0.0, posinf=0.0, neginf=0.0) * finite
     if task == "regression":  # no accuracy
         correct = torch.zeros((), dtype=torch.float64, device=loss.device)

@@ -229,7 +229,7 @@ class Trainer:
         self.engine.step()
         if not bad:
             self.sums.add(batch_sums(loss, logits, labels, int(batch["lengths"].sum()), self.cfg.task))
-            s.examples_seen += labels.numel() * env.world_size
+            s.examples_seen += labels.shape[0] * env.world_size  # texts (multi_label, regression: rows of labels)
 
     def after_window(self) -> bool:
         """The window's optimizer step is done; False when it did not count (fp16 overflow)."""
@@ -393,7 +393,8 @@ class Trainer:
         if any(data.truncated.values()):
             counts = ", ".join(f"{n} of {len(getattr(data, split))} {split}"
                                for split, n in data.truncated.items() if n)
-            cut = describe(data.max_length, self.cfg.data.long_texts, self.cfg.data.head_tokens)
+            cut = describe(data.max_length, self.cfg.data.long_texts, self.cfg.data.head_tokens,
+                           pairs=self.cfg.data.text_pair_column is not None)
             self.reporter.warn(f"texts longer than data.max_length={data.max_length} tokens were truncated to {cut}: "
                                f"{counts}")
 
@@ -502,7 +503,8 @@ class Trainer:
             "decision": ("continue", "new_best", "stop")[decision],
         })
         best = " (new best)" if decision == NEW_BEST else ""
-        shown = HEADLINE[self.cfg.task]
+        decides = self.cfg.early_stopping.metric.removeprefix("val_")
+        shown = HEADLINE[self.cfg.task] + ((decides,) if decides not in HEADLINE[self.cfg.task] + ("loss",) else ())
         scores = " ".join(f"val_{key} {val[key]:.4f}" for key in shown)
         self.reporter.say(f"eval step {s.global_step}: val_loss {val['loss']:.4f} {scores}{best}")
         if decision == STOP and env.is_main:  # the stopper's record lives on rank 0

@@ -533,7 +533,7 @@ def save_export(model: GPTClassifier, folder: Path, pooling: str, labels: list |
                 long_texts: str = "truncate", head_tokens: int | None = None,
                 text_pair_column: str | None = None, chunk_stride: int | None = None,
                 chunk_aggregate: str = "mean", targets: dict | None = None,
-                thresholds: list[float] | None = None) -> None:
+                thresholds: list[float] | None = None, text_column: str = "text") -> None:
     """model.safetensors (fp32, canonical names) + model_config.json + labels.json (as given).
 
     model_config.json also references the tokenizer and how training truncated and padded the texts
@@ -556,7 +556,8 @@ def save_export(model: GPTClassifier, folder: Path, pooling: str, labels: list |
     state = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in model.state_dict().items()}
     config = {"gpt": model.config.to_dict(), "num_classes": model.head.out_features, "pooling": pooling,
               "tokenizer": EXPORT_TOKENIZER, "pad_id": PAD_ID, "max_length": max_length, "padding": padding,
-              "long_texts": long_texts, "head_tokens": head_tokens, "text_pair_column": text_pair_column,
+              "long_texts": long_texts, "head_tokens": head_tokens, "text_column": text_column,
+              "text_pair_column": text_pair_column,
               "pair_separator": list(PAIR_SEPARATOR) if text_pair_column is not None else None}
     if long_texts == "chunk":
         config.update(chunk_stride=chunk_stride, chunk_aggregate=chunk_aggregate)
@@ -793,6 +794,7 @@ class ExportInfo:
     chunk_aggregate: str = "mean"
     targets: dict | None = None  # task=regression: {"targets": names, "mean": [...], "std": [...]}
     thresholds: list[float] | None = None  # task=multi_label: each label's decision threshold
+    text_column: str = "text"  # the column the texts came from: predict --input's default
 
 
 def read_export_info(folder: Path) -> ExportInfo:
@@ -804,7 +806,8 @@ def read_export_info(folder: Path) -> ExportInfo:
                       config.get("max_length") or spec.gpt.context_length, config.get("padding", "fixed"),
                       config.get("long_texts", "truncate"), config.get("head_tokens"),
                       config.get("text_pair_column"), config.get("chunk_stride"),
-                      config.get("chunk_aggregate", "mean"), config.get("targets"), config.get("thresholds"))
+                      config.get("chunk_aggregate", "mean"), config.get("targets"), config.get("thresholds"),
+                      config.get("text_column") or "text")
     separator = config.get("pair_separator")
     if info.text_pair_column is not None and separator != list(PAIR_SEPARATOR):
         raise WeightsError(f"{folder / EXPORT_CONFIG}: pair_separator {separator!r} is not this version's "

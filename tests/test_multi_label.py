@@ -89,6 +89,21 @@ def test_balanced_class_weights_become_per_label_positive_weights():
         class_weights([1.0, 2.0], rows, ["a", "b", "c"], multi_label=True)
 
 
+def test_parquet_list_cells_are_label_sets(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from dist_finetune.config import DataConfig
+    from dist_finetune.data import load_data
+
+    table = pa.table({"text": ["a b", "c d", "e f", "g h"], "tags": [["money"], ["travel", "money"], [], ["travel"]]})
+    pq.write_table(table, tmp_path / "t.parquet")
+    cfg = DataConfig(train_file=str(tmp_path / "t.parquet"), val_file=str(tmp_path / "t.parquet"), label_column="tags")
+    bundle = load_data(cfg, context_length=128, task="multi_label")
+    assert bundle.label_map.labels == ("money", "travel")
+    assert bundle.train.labels == [[1.0, 0.0], [1.0, 1.0], [0.0, 0.0], [0.0, 1.0]]
+
+
 def test_config_checks_for_multi_label():
     with pytest.raises(ConfigError, match="has one label per text"):
         from_dict({"task": "multi_label"})
@@ -96,6 +111,8 @@ def test_config_checks_for_multi_label():
         from_dict({"early_stopping": {"metric": "val_micro_f1"}})
     with pytest.raises(ConfigError, match="eval.threshold: must be between 0 and 1"):
         from_dict({"task": "multi_label", "data": {"train_file": "t.csv"}, "eval": {"threshold": 1.5}})
+    with pytest.raises(ConfigError, match="only task=multi_label decides labels by thresholds"):
+        from_dict({"eval": {"tune_thresholds": True}})
 
 
 @pytest.mark.slow
@@ -107,6 +124,9 @@ def test_multi_label_trains_tunes_reports_and_every_command_agrees(trained, data
     assert len(summary["thresholds"]) == 3 and all(0 < t < 1 for t in summary["thresholds"])
     assert [p["threshold"] for p in test["per_label"]] == summary["thresholds"]
     assert all("val_micro_f1" in e and e["val_accuracy"] is None for e in trained.events("eval"))
+    last = trained.events("train")[-1]
+    assert last["examples_seen"] == 8 * last["step"]  # texts, not labels: micro-batch 8 on one rank
+    assert "val_micro_f1" in (trained.dir / "history.csv").read_text().splitlines()[0]
     assert "| split | examples | loss | micro F1 |" in (trained.dir / "report.md").read_text()
 
     info = json.loads((trained.dir / "export" / "model_config.json").read_text())
@@ -160,6 +180,7 @@ def test_two_ranks_on_json_lists_give_what_one_rank_gives(trained, data, tmp_pat
 @pytest.mark.parametrize("content,words", [
     ("text,tags\nhi,money||travel\n", ["row 1", "empty label between"]),
     ('{"text": "hi", "tags": ["money|x"]}\n', ["row 1", "holds data.label_separator"]),
+    ("text,tags\nhi,money | travel\n", ["'money '", "differ only in case or surrounding spaces"]),
 ])
 def test_bad_label_cells_are_one_line(tmp_path, content, words):
     suffix = ".jsonl" if content.startswith("{") else ".csv"

@@ -3,6 +3,7 @@ exact evaluation, early stopping on val_rmse, the reports, evaluate, predict and
 from __future__ import annotations
 
 import csv
+import math
 import json
 import random
 import subprocess
@@ -68,6 +69,22 @@ def test_metrics_match_pandas_and_numpy():
         assert t["pearson"] == pytest.approx(frame.p.corr(frame.y))
         assert t["spearman"] == pytest.approx(frame.p.corr(frame.y, method="spearman"))
     assert result["rmse"] == pytest.approx(sum(t["rmse"] for t in result["per_target"]) / 2)
+    constant = metrics(predicted, torch.zeros_like(true), scale)["per_target"][0]  # a target without variance
+    assert math.isnan(constant["r2"]) and math.isnan(constant["pearson"]) and math.isnan(constant["spearman"])
+
+
+def test_a_saved_dataset_with_float_targets_loads(tmp_path):
+    import datasets
+
+    from dist_finetune.config import DataConfig
+    from dist_finetune.data import load_data
+
+    rows = {"text": ["good", "bad", "fine", "awful"] * 4, "rating": [3.5, -3.0, 1.25, -5.0] * 4}
+    datasets.DatasetDict({"train": datasets.Dataset.from_dict(rows),
+                          "validation": datasets.Dataset.from_dict(rows)}).save_to_disk(str(tmp_path / "ds"))
+    bundle = load_data(DataConfig(dataset_dir=str(tmp_path / "ds"), label_column="rating"), 128, task="regression")
+    assert bundle.label_map.labels == ("rating",) and bundle.scale.mean == pytest.approx((-0.8125,))
+    assert len(bundle.train) == 16 and bundle.val is not None
 
 
 def test_config_refuses_what_regression_cannot_do():
@@ -147,7 +164,8 @@ def test_two_ranks_under_zero3_train_and_evaluate_as_one(trained, data, tmp_path
 
 @pytest.mark.parametrize("cell,words", [("high", ["row 2", "column 'rating'", "is not a number"]),
                                         ("", ["row 2", "column 'rating'", "the target is missing"]),
-                                        ("inf", ["row 2", "not a finite number"])])
+                                        ("inf", ["row 2", "not a finite number"]),
+                                        ("1e200", ["column 'rating'", "too large to standardize"])])
 def test_a_bad_target_is_one_line_naming_the_row(tmp_path, cell, words):
     train = tmp_path / "train.csv"
     train.write_text(f"text,rating\nfine,1\nbad,{cell}\n" + "good,3\nok,2\n" * 8)

@@ -62,6 +62,9 @@ def test_longest_first_budgets_and_the_separator():
 def test_the_pair_column_is_checked_in_the_config():
     with pytest.raises(ConfigError, match="bundled SMS Spam Collection has no text pairs"):
         from_dict({"data": {"text_pair_column": "answer"}})
+    with pytest.raises(ConfigError, match="data.head_tokens: with text pairs"):
+        from_dict({"data": {"train_file": "t.csv", "text_pair_column": "b", "long_texts": "head_tail",
+                            "head_tokens": 4}})
     with pytest.raises(ConfigError, match="also data.text_column"):
         from_dict({"data": {"train_file": "t.csv", "text_pair_column": "text"}})
     with pytest.raises(ConfigError, match="hf: a model of text pairs"):
@@ -73,7 +76,8 @@ def test_the_pair_column_is_checked_in_the_config():
 def test_the_pair_decides_and_every_command_reads_it(trained, data, tmp_path):
     summary = trained.summary()
     assert summary["test"]["accuracy"] >= 0.95, summary["test"]
-    assert "truncated to their first 24 tokens: 64 of 64 train" in trained.proc.stderr
+    assert "truncated to 24 tokens in all, longest text first, each text keeping its first tokens: 64 of 64 train" \
+        in trained.proc.stderr
     info = json.loads((trained.dir / "export" / "model_config.json").read_text())
     assert info["text_pair_column"] == "answer" and info["pair_separator"] == list(PAIR_SEPARATOR)
 
@@ -89,7 +93,7 @@ def test_the_pair_decides_and_every_command_reads_it(trained, data, tmp_path):
 
     out = tmp_path / "pred.csv"
     cmd = [sys.executable, "-m", "dist_finetune.predict", "--model", str(trained.dir), "--input", str(data["test"]),
-           "--text-column", "question", "--output", str(out)]
+           "--output", str(out)]  # the text column too is the one the model was trained on
     proc = subprocess.run(cmd, cwd=runner.REPO, env=runner.child_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     with out.open(newline="") as f:

@@ -366,7 +366,7 @@ def test_export_round_trip(tmp_path, ids):
     config = json.loads((tmp_path / "export" / "model_config.json").read_text())
     assert config == {"gpt": model.config.to_dict(), "num_classes": 3, "pooling": "mean", "tokenizer": "gpt2",
                       "pad_id": 50256, "max_length": 24, "padding": "longest", "long_texts": "truncate",
-                      "head_tokens": None, "text_pair_column": None, "pair_separator": None}
+                      "head_tokens": None, "text_column": "text", "text_pair_column": None, "pair_separator": None}
 
     fresh = classifier(num_classes=3, pooling="mean")
     report = load_pretrained(fresh, str(tmp_path / "export"))
