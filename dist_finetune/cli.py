@@ -28,6 +28,7 @@ COMMANDS = {
     "generate": "continue a prompt with pretrained GPT-2 weights (checks that they load)",
     "zeroshot": "classify by prompting pretrained GPT-2 without finetuning (a baseline)",
     "sweep": "train a grid of settings one after another and compare the results in one table",
+    "serve": "serve a trained model over HTTP, batching concurrent requests (needs .[serve])",
 }
 EXAMPLES = """examples:
   dist-finetune train --config configs/quickstart.yaml

@@ -318,7 +318,7 @@ TRACKER_TREES = {
     "mlruns": re.compile(r"mlflow\.db(-journal|-wal|-shm)?|artifacts(/[0-9a-f]{32}(/artifacts(/" + _REPORTS + ")?)?)?"),
     "wandb": re.compile(r"latest-run|debug(-internal)?\.log|" + _WANDB_RUN + r"(/run-[A-Za-z0-9_-]+\.wandb(\.synced)?"
                         r"|/files(/(requirements\.txt|output\.log|wandb-metadata\.json|wandb-summary\.json|"
-                        r"config\.yaml|" + _REPORTS + "))?|/logs(/debug(-internal|-core)?\.log)?|/tmp(/code)?)?"),
+                        r"config\.yaml|" + _REPORTS + r"))?|/logs(/debug(-internal|-core)?\.log)?|/tmp(/code)?)?"),
 }
 TRACKER_LINKS = re.compile(r"latest-run|debug(-internal)?\.log|" + _WANDB_RUN + r"/logs/debug-core\.log")
 CHECKPOINT_FILE = re.compile(r"[^/]+\.pt|rng_rank\d+\.json|manifest\.json|run_state\.json|latest")

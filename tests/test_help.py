@@ -10,7 +10,7 @@ import pytest
 
 from dist_finetune import cli
 
-COMMANDS = ("train", "evaluate", "predict", "export", "generate", "zeroshot", "sweep")
+COMMANDS = ("train", "evaluate", "predict", "export", "generate", "zeroshot", "sweep", "serve")
 INTERNALS = ("all-reduce", "broadcast", "collective", "gloo", "nccl", "rank 0", "state dict", "closure")
 
 

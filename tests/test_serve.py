@@ -1,0 +1,148 @@
+"""`python -m dist_finetune.serve`: the real server process on a free 127.0.0.1 port, talked to over HTTP."""
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import torch
+
+import runner
+from dist_finetune import Classifier
+from dist_finetune.model import GPTClassifier, GPTConfig
+from dist_finetune.weights import save_export
+
+TEXTS = ["WINNER! Claim your prize now", "see you at 8", "ok", "Free entry in a weekly competition, txt WIN",
+         "Are you coming home for dinner tonight or not?", "URGENT! call 0800 now", "thanks, love you",
+         "Où est la gare? 日本語 ✓", "a " * 80, "lol"]
+
+
+@pytest.fixture(scope="module")
+def export(tmp_path_factory) -> Path:
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("serve") / "export"
+    model = GPTClassifier(GPTConfig(n_layer=2, n_head=4, n_embd=64, context_length=128), 2, "last_token")
+    save_export(model, folder, "last_token", ["ham", "spam"], max_length=32, padding="longest")
+    return folder
+
+
+def start(export: Path, *flags: str) -> tuple[subprocess.Popen, str]:
+    port = runner.free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "dist_finetune.serve", "--model", str(export), "--port", str(port),
+                             *flags], cwd=runner.REPO, env=runner.child_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 90
+    while time.time() < deadline:
+        assert proc.poll() is None, proc.communicate()
+        try:
+            if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
+                return proc, url
+        except httpx.TransportError:
+            time.sleep(0.2)
+    runner.kill_tree(proc.pid)
+    raise AssertionError("the server did not become ready in 90 s")
+
+
+@pytest.fixture(scope="module")
+def server(export):
+    proc, url = start(export, "--max-texts", "16", "--max-bytes", "20000")
+    yield url
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) == 0, proc.communicate()
+
+
+def same(answers: list[dict], texts: list[str], clf: Classifier) -> None:
+    for answer, mine in zip(answers, clf.predict(texts)):
+        assert answer["label"] == mine.label
+        assert answer["probabilities"] == pytest.approx(mine.probabilities, abs=1e-6)
+
+
+def test_answers_equal_predict_one_by_one_and_together(server, export):
+    clf = Classifier.load(export, device="cpu")
+    together = httpx.post(f"{server}/v1/classify", json={"texts": TEXTS}, timeout=60)
+    assert together.status_code == 200
+    same(together.json()["predictions"], TEXTS, clf)
+    one = httpx.post(f"{server}/v1/classify", json={"text": TEXTS[0]}, timeout=60).json()["predictions"]
+    same(one, TEXTS[:1], clf)
+    card = httpx.get(f"{server}/v1/model").json()
+    assert card["labels"] == ["ham", "spam"] and card["max_length"] == 32 and card["task"] == "single_label"
+    assert httpx.get(f"{server}/healthz").json() == {"status": "ok"}
+    assert "<textarea" in httpx.get(f"{server}/").text
+
+
+def test_32_concurrent_clients_are_batched_and_each_gets_its_own_answers(server, export):
+    clf = Classifier.load(export, device="cpu")
+    before = batches(server)
+    results: dict[int, list] = {}
+
+    def client(i: int) -> None:
+        texts = [TEXTS[(i + k) % len(TEXTS)] for k in range(1 + i % 3)]
+        response = httpx.post(f"{server}/v1/classify", json={"texts": texts}, timeout=120)
+        results[i] = [texts, response.status_code, response.json()]
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(32)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for texts, status, body in results.values():
+        assert status == 200
+        same(body["predictions"], texts, clf)
+    assert batches(server) - before < 32  # some forward passes served several requests
+
+
+def batches(url: str) -> int:
+    lines = httpx.get(f"{url}/metrics").text.splitlines()
+    return int(next(line for line in lines if line.startswith("dist_finetune_batch_texts_count")).split()[1])
+
+
+@pytest.mark.parametrize("body,status,field", [
+    (b"not json", 400, "body"),
+    (b'["a list"]', 422, "texts"),
+    (b"{}", 422, "texts"),
+    (b'{"texts": "one string"}', 422, "texts"),
+    (b'{"texts": []}', 422, "texts"),
+    (b'{"texts": ["fine", 7]}', 422, "texts[1]"),
+    (b'{"texts": ["fine", "  "]}', 422, "texts[1]"),
+    (b'{"text": null}', 422, "text"),
+    (b'{"text": "a", "texts": ["b"]}', 422, "texts"),
+    (json.dumps({"texts": ["x"] * 17}).encode(), 413, "texts"),
+    (json.dumps({"text": "x" * 30000}).encode(), 413, "body"),
+])
+def test_client_mistakes_are_4xx_naming_the_field_and_the_server_goes_on(server, body, status, field):
+    response = httpx.post(f"{server}/v1/classify", content=body, headers={"Content-Type": "application/json"})
+    assert response.status_code == status, response.text
+    assert response.json()["error"]["field"] == field
+    assert httpx.post(f"{server}/v1/classify", json={"text": "still serving"}).status_code == 200
+
+
+def test_sigterm_finishes_the_request_in_flight_then_exits_0(export):
+    proc, url = start(export, "--max-wait-ms", "800")  # the first request waits 0.8 s for company
+    answer = {}
+    thread = threading.Thread(target=lambda: answer.update(r=httpx.post(f"{url}/v1/classify",
+                                                                        json={"texts": TEXTS}, timeout=60)))
+    thread.start()
+    time.sleep(0.3)  # the request is in the batcher's queue
+    proc.send_signal(signal.SIGTERM)
+    thread.join(timeout=60)
+    assert answer["r"].status_code == 200 and len(answer["r"].json()["predictions"]) == len(TEXTS)
+    assert proc.wait(timeout=60) == 0
+
+
+def test_a_port_in_use_is_one_line(export, tmp_path):
+    proc, url = start(export)
+    try:
+        port = url.rsplit(":", 1)[1]
+        other = subprocess.run([sys.executable, "-m", "dist_finetune.serve", "--model", str(export), "--port", port],
+                               cwd=runner.REPO, env=runner.child_env(), capture_output=True, text=True, timeout=120)
+        assert other.returncode == 2 and "cannot listen" in other.stderr, other.stderr
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=60)
