@@ -221,7 +221,7 @@ def build_app(classifier: Classifier, source: Path, args: argparse.Namespace) ->
     from contextlib import asynccontextmanager
 
     from fastapi import FastAPI, Request
-    from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse
+    from fastapi.responses import JSONResponse
 
     metrics = Metrics()
     state: dict[str, Any] = {"ready": False}
@@ -259,9 +259,17 @@ def build_app(classifier: Classifier, source: Path, args: argparse.Namespace) ->
         metrics.texts += len(texts)
         return done(200, start, {"predictions": [answer(p) for p in predictions]})
 
+    add_info_routes(app, model_card(classifier, source), metrics, state)
+    return app
+
+
+def add_info_routes(app: Any, card: dict[str, Any], metrics: Metrics, state: dict[str, Any]) -> None:
+    """GET /v1/model, /healthz, /readyz, /metrics and the page at /."""
+    from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse
+
     @app.get("/v1/model")
     async def model() -> JSONResponse:
-        return JSONResponse(model_card(classifier, source))
+        return JSONResponse(card)
 
     @app.get("/healthz")
     async def healthz() -> JSONResponse:
@@ -278,8 +286,6 @@ def build_app(classifier: Classifier, source: Path, args: argparse.Namespace) ->
     @app.get("/")
     async def page() -> HTMLResponse:
         return HTMLResponse(PAGE)
-
-    return app
 
 
 PAGE = """<!doctype html>
