@@ -95,10 +95,12 @@ def evaluate(model, dataset, cfg: Config, env: DistEnv, collate, max_batches: in
              num_classes: int | None = None, aggregate: str | None = None,
              scale: regression.TargetScale | None = None, thresholds: list[float] | None = None,
              label_names: list | None = None) -> dict[str, Any]:
-    """Exact metrics: every rank runs the same number of forwards (ZeRO-3 gathers), sums reduced.
+    """Exact metrics: every rank runs the same number of forwards (ZeRO-3 gathers), and every rank gets the
+    same numbers: single_label sums reduced; windows (chunk), multi_label and regression outputs gathered.
 
     `model` is any module called as `model(input_ids, lengths) -> logits` (a DeepSpeed engine is one).
-    Returns loss, accuracy, examples, macro / weighted / per-class scores and the confusion matrix.
+    single_label: loss, accuracy, examples, macro / weighted / per-class scores and the confusion matrix;
+    `thresholds` (multi_label) or `scale` (regression): that task's metrics (multilabel.py, regression.py).
     """
     batch_size = eval_batch_size(cfg)
     aggregate = aggregate or cfg.data.chunk_aggregate
@@ -113,40 +115,49 @@ def evaluate(model, dataset, cfg: Config, env: DistEnv, collate, max_batches: in
     # ZeRO-3 gathers parameters inside the forward; those must not become inference tensors.
     grad_off = torch.no_grad if cfg.zero.stage == 3 else torch.inference_mode
     doc_ids = getattr(dataset, "doc_ids", None)
-    if scale is not None or thresholds is not None:  # regression, multi_label: every rank gets every output
-        width = len(scale.names) if scale is not None else len(thresholds)
+    windows = doc_ids is not None and max_batches is None  # a capped evaluation scores the windows it reached
+    if scale is None and thresholds is None and not windows:  # single_label: sums of counts, one all-reduce
         with grad_off():
-            local_outputs, local_targets = _outputs_and_targets(model, iter(loader), steps, env, width)
-        model.train(was_training)
-        counts = [min(len(ShardedEvalSampler(len(dataset), r, env.world_size)), steps * batch_size)
-                  for r in range(env.world_size)]
-        outputs, targets = all_gather_rows(local_outputs, counts, env), all_gather_rows(local_targets, counts, env)
-        if doc_ids is not None and max_batches is None:
-            outputs, targets = _per_document(outputs, targets, doc_ids, aggregate)
-        if thresholds is not None:
-            result = multilabel.metrics(outputs, targets, label_names or list(range(width)), thresholds)
-            result["points"] = (outputs, targets)  # for tuning thresholds on the validation split; popped
-            return result
-        result = regression.metrics(outputs, targets, scale, cfg.loss.regression == "huber")
-        result["points"] = (scale.to_units(outputs), scale.to_units(targets))  # for a scatter plot; popped
-        return result
-    with grad_off():
-        if doc_ids is not None and max_batches is None:
-            local = _window_logits(model, iter(loader), steps, env)
-        else:  # a capped evaluation (eval.max_batches) during training scores the windows it reached
             sums = _eval_sums(model, iter(loader), steps, env, num_classes)
-    model.train(was_training)
-    if doc_ids is not None and max_batches is None:
-        counts = [len(ShardedEvalSampler(len(dataset), r, env.world_size)) for r in range(env.world_size)]
-        logits = all_gather_rows(local, counts, env)
-        totals = _document_sums(logits, doc_ids, dataset.labels, aggregate)
-    else:
+        model.train(was_training)
         if sums is None:  # no forwards at all (an empty split): the same on every rank
             sums = torch.zeros(1 + (num_classes or 0) ** 2, dtype=torch.float64)
-        totals = all_reduce_sum(sums, env)
+        return _classification(all_reduce_sum(sums, env))
+    with grad_off():  # every rank gets every output, in dataset order
+        local_outputs, local_targets = _outputs_and_targets(model, iter(loader), steps, env,
+                                                            per_text=scale is None and thresholds is None)
+    model.train(was_training)
+    counts = [min(len(ShardedEvalSampler(len(dataset), r, env.world_size)), steps * batch_size)
+              for r in range(env.world_size)]
+    outputs, targets = all_gather_rows(local_outputs, counts, env), all_gather_rows(local_targets, counts, env)
+    if windows:
+        outputs, targets = _per_document(outputs, targets, doc_ids, aggregate)
+    if thresholds is not None:
+        result = multilabel.metrics(outputs, targets, label_names or list(range(len(thresholds))), thresholds)
+        result["points"] = (outputs, targets)  # for tuning thresholds on the validation split; popped
+    elif scale is not None:
+        result = regression.metrics(outputs, targets, scale, cfg.loss.regression == "huber")
+        result["points"] = (scale.to_units(outputs), scale.to_units(targets))  # for a scatter plot; popped
+    else:
+        result = _classification(_confusion_sums(outputs, targets[:, 0].long()))
+    return result
+
+
+def _classification(totals: torch.Tensor) -> dict[str, Any]:
+    """[loss sum, confusion cells] -> loss, accuracy, examples and every score of metrics.py."""
     n = math.isqrt(totals.numel() - 1)
     metrics = from_confusion(totals[1:].view(n, n).tolist())
     return {"loss": float(totals[0]) / max(metrics.examples, 1), **metrics.to_dict()}
+
+
+def _confusion_sums(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """[loss sum, confusion cells] of logits whose class ids are `labels`."""
+    n = logits.shape[-1]
+    sums = torch.zeros(1 + n * n, dtype=torch.float64, device=logits.device)
+    if len(labels):
+        sums[0] = F.cross_entropy(logits, labels, reduction="sum").double()
+        sums[1:] = torch.bincount(labels * n + logits.argmax(-1), minlength=n * n).double()
+    return sums
 
 
 def _forwards(model, batches, steps: int, env: DistEnv):
@@ -162,13 +173,19 @@ def _forwards(model, batches, steps: int, env: DistEnv):
         yield logits, labels, real
 
 
-def _outputs_and_targets(model, batches, steps: int, env: DistEnv, width: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """This rank's outputs and targets (float64, on the CPU), in dataset order."""
-    outputs, targets = [torch.zeros((0, width), dtype=torch.float64)], [torch.zeros((0, width), dtype=torch.float64)]
+def _outputs_and_targets(model, batches, steps: int, env: DistEnv,
+                         per_text: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """This rank's outputs and targets (float64, on the CPU, one row per example), in dataset order. A target
+    row is the example's values (multi_label, regression), or its class id alone (`per_text`: single_label)."""
+    outputs, targets, width = [], [], 0
     for logits, labels, real in _forwards(model, batches, steps, env):
+        width = logits.shape[-1]  # dummy forwards too: a rank without examples still knows the width
         if real:
             outputs.append(logits.double().cpu())
-            targets.append(labels.double().cpu())
+            targets.append(labels.double().cpu().reshape(len(labels), -1))
+    if not outputs:
+        return torch.zeros((0, width), dtype=torch.float64), torch.zeros((0, 1 if per_text else width),
+                                                                          dtype=torch.float64)
     return torch.cat(outputs), torch.cat(targets)
 
 
@@ -189,28 +206,6 @@ def _per_document(outputs: torch.Tensor, targets: torch.Tensor, doc_ids: list[in
     return per_doc, targets[first]
 
 
-def _window_logits(model, batches, steps: int, env: DistEnv) -> torch.Tensor:
-    """This rank's windows' logits (float64, on the CPU), in dataset order."""
-    rows, width = [], 0
-    for logits, _, real in _forwards(model, batches, steps, env):
-        width = logits.shape[-1]  # dummy forwards too: a rank without windows still knows the class count
-        if real:
-            rows.append(logits.double().cpu())
-    return torch.cat(rows) if rows else torch.zeros((0, width), dtype=torch.float64)
-
-
-def _document_sums(logits: torch.Tensor, doc_ids: list[int], labels: list[int], aggregate: str) -> torch.Tensor:
-    """[loss sum, confusion cells] over texts, each scored from its windows' logits (all windows present)."""
-    n = logits.shape[-1]
-    sums = torch.zeros(1 + n * n, dtype=torch.float64)
-    if doc_ids:
-        per_doc, targets = _per_document(logits, torch.as_tensor(labels)[:, None], doc_ids, aggregate)
-        targets = targets[:, 0]
-        sums[0] = F.cross_entropy(per_doc, targets, reduction="sum")
-        sums[1:] = torch.bincount(targets * n + per_doc.argmax(-1), minlength=n * n).double()
-    return sums
-
-
 def _eval_sums(model, batches, steps: int, env: DistEnv, num_classes: int | None) -> torch.Tensor | None:
     """[loss sum, confusion matrix cells] on the device: no host synchronisation per batch."""
     sums = None
@@ -219,6 +214,5 @@ def _eval_sums(model, batches, steps: int, env: DistEnv, num_classes: int | None
         if sums is None:
             sums = torch.zeros(1 + n * n, dtype=torch.float64, device=logits.device)
         if real:
-            sums[0] += F.cross_entropy(logits, labels, reduction="sum").double()
-            sums[1:] += torch.bincount(labels * n + logits.argmax(-1), minlength=n * n).double()
+            sums += _confusion_sums(logits, labels)
     return sums
