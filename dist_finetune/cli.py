@@ -48,6 +48,12 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def add_device_arg(p: argparse.ArgumentParser) -> None:
+    """--device of the single-process commands (see pick_device)."""
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                   help="where the model runs: auto uses CUDA when available, else CPU (default: auto)")
+
+
 def add_weights_args(p: argparse.ArgumentParser) -> None:
     """--weights, --download and --n-head of the commands that run a pretrained language model."""
     p.add_argument("--weights", required=True,

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .cli import add_weights_args, pick_device, run_command
+from .cli import add_device_arg, add_weights_args, pick_device, run_command
 from .distributed import leave
 from .model import GPT
 from .tokenizer import EOT_ID, decode, encode
@@ -108,8 +108,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="sample from the K most likely tokens only; needs --temperature (default: all tokens)")
     p.add_argument("--seed", type=int,
                    help="seed of the sampling, to repeat a result; needs --temperature (default: random, printed)")
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
-                   help="where the model runs: auto uses CUDA when available, else CPU (default: auto)")
+    add_device_arg(p)
     return p.parse_args(argv)
 
 

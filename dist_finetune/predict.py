@@ -17,7 +17,7 @@ import pandas as pd
 
 from .encoding import describe
 from .classifier import Classifier, Prediction
-from .cli import run_command
+from .cli import add_device_arg, run_command
 from .distributed import leave
 from . import files
 from .data import FORMATS, DataError, read_pairs, read_texts
@@ -61,8 +61,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="print one JSON object per text (text, predicted_label, probabilities)")
     p.add_argument("--batch-size", type=int, default=32, metavar="N",
                    help="texts per forward pass; larger is faster and uses more memory (default: 32)")
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
-                   help="where the model runs: auto uses CUDA when available, else CPU (default: auto)")
+    add_device_arg(p)
     args = p.parse_args(argv)
     if args.texts and args.input:
         p.error("give texts as arguments or --input FILE, not both")

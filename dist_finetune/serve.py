@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from .classifier import Classifier, Prediction, find_export, is_transformers_folder
-from .cli import run_command
+from .cli import add_device_arg, run_command
 from .distributed import leave
 from .errors import UserError
 from .formats import optional
@@ -56,8 +56,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="bytes of one request body at most (default: 1000000)")
     p.add_argument("--timeout", type=float, default=30.0, metavar="SECONDS",
                    help="a request not answered in this time gets 504 (default: 30)")
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
-                   help="where the model runs: auto uses CUDA when available, else CPU (default: auto)")
+    add_device_arg(p)
     args = p.parse_args(argv)
     for name in ("max_batch", "max_texts", "max_bytes"):
         if getattr(args, name) < 1:

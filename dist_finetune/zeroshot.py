@@ -21,7 +21,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from .cli import add_weights_args, pick_device, run_command
+from .cli import add_device_arg, add_weights_args, pick_device, run_command
 from .distributed import leave
 from .data import SPLITS, DataError, LabelMap, bundled_sms_splits, read_table, read_texts
 from .metrics import format_table, from_confusion
@@ -236,8 +236,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "(default: ham=' no' spam=' yes')")
     p.add_argument("--batch-size", type=int, default=16, metavar="N",
                    help="prompts per forward pass; larger is faster and uses more memory (default: 16)")
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
-                   help="where the model runs: auto uses CUDA when available, else CPU (default: auto)")
+    add_device_arg(p)
     p.add_argument("--out", type=Path, metavar="FILE",
                    help="the JSON report to write (default: ./zeroshot_<split or file stem>.json)")
     p.add_argument("--overwrite", action="store_true", help="replace a report that already exists (default: refuse)")
