@@ -130,10 +130,11 @@ def prepare(args: argparse.Namespace) -> EvalJob:
     if args.batch_size is not None:
         cfg = replace(cfg, [f"eval.batch_size={args.batch_size}"])
     ckpt_run, tag = resolve_checkpoint(run_dir, args.checkpoint)
-    scale = load_run_data(cfg, run_dir).scale if cfg.task == "regression" else None  # from its training split
+    scale = None  # task=regression: the targets' scale, from the run's training split
     separator = cfg.data.label_separator if cfg.task == "multi_label" else None
     if args.data is not None:
         facts = run_facts(run_dir, cfg)
+        scale = load_run_data(cfg, run_dir).scale if cfg.task == "regression" else None
         text_column = args.text_column or cfg.data.text_column
         label_column = args.label_column or cfg.data.label_column
         pair_column = args.text_pair_column or cfg.data.text_pair_column
@@ -152,7 +153,7 @@ def prepare(args: argparse.Namespace) -> EvalJob:
                            "rows off data.train_file); evaluate --split val, or a labelled file with --data FILE")
         facts = run_facts(run_dir, cfg, bundle)
         check_same_labels(run_dir, facts.labels, bundle.label_map)
-        dataset, truncated = getattr(bundle, split), bundle.truncated[split]
+        dataset, truncated, scale = getattr(bundle, split), bundle.truncated[split], bundle.scale
         name, max_length, labels = split, bundle.max_length, bundle.label_map
     model = load_checkpoint_model(cfg, len(labels), ckpt_run, tag, run_dir)
     return EvalJob(cfg, model, dataset, truncated, name, labels.to_json(), max_length, facts.precision,

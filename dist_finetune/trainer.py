@@ -704,7 +704,7 @@ class Trainer:
             "class_weights": class_weights(cfg.loss.class_weights, self.data.train.labels, labels,
                                            cfg.task == "multi_label"),
             **({"thresholds": self.thresholds} if self.thresholds is not None else {}),
-            **({"windows": self.data.windows()} if self.data.windows() is not None else {}),  # long_texts=chunk
+            **({"windows": windows} if (windows := self.data.windows()) is not None else {}),  # long_texts=chunk
         }
 
 
