@@ -284,12 +284,17 @@ def _validated_targets(frame: pd.DataFrame, source: _Source, pairs: list | None)
     texts = [_text_value(v, source, row) for row, v in enumerate(frame[source.text_column].tolist(), 1)]
     columns = [[_target_value(v, source, row, c) for row, v in enumerate(frame[c].tolist(), 1)]
                for c in source.targets]
-    out = pd.DataFrame({"text": pd.Series(texts, dtype=object),
-                        "label": pd.Series(list(zip(*columns)) if texts else [], dtype=object)})
+    return _with_pairs(pd.DataFrame({"text": pd.Series(texts, dtype=object),
+                                     "label": pd.Series(list(zip(*columns)) if texts else [], dtype=object)}),
+                       source, pairs)
+
+
+def _with_pairs(frame: pd.DataFrame, source: _Source, pairs: list | None) -> pd.DataFrame:
+    """The frame, with column pair (each row's validated second text) for text pairs."""
     if pairs is not None:
-        out["pair"] = pd.Series([_text_value(v, source, row, source.pair_column)
-                                 for row, v in enumerate(pairs, 1)], dtype=object)
-    return out
+        frame["pair"] = pd.Series([_text_value(v, source, row, source.pair_column)
+                                   for row, v in enumerate(pairs, 1)], dtype=object)
+    return frame
 
 
 def _label_set(value: Any, source: _Source, row: int) -> tuple:
@@ -548,22 +553,14 @@ def _validated(texts: list, labels: list, source: _Source, pairs: list | None = 
     """Columns text, label (and pair, the second text of each row, for text pairs)."""
     clean_texts = [_text_value(v, source, row) for row, v in enumerate(texts, 1)]
     if source.separator is not None:  # task=multi_label: each cell a tuple of labels
-        frame = pd.DataFrame({"text": pd.Series(clean_texts, dtype=object),
-                              "label": pd.Series([_label_set(v, source, row) for row, v in enumerate(labels, 1)],
-                                                 dtype=object)})
-        _check_label_kinds([label for cell in frame["label"] for label in cell], source)
-        if pairs is not None:
-            frame["pair"] = pd.Series([_text_value(v, source, row, source.pair_column)
-                                       for row, v in enumerate(pairs, 1)], dtype=object)
-        return frame
-    clean_labels = [_label_value(v, source, row) for row, v in enumerate(labels, 1)]
-    _check_label_kinds(clean_labels, source)
-    label_col = pd.Series(clean_labels, dtype="int64" if clean_labels and _is_int(clean_labels[0]) else object)
-    frame = pd.DataFrame({"text": pd.Series(clean_texts, dtype=object), "label": label_col})
-    if pairs is not None:
-        frame["pair"] = pd.Series([_text_value(v, source, row, source.pair_column)
-                                   for row, v in enumerate(pairs, 1)], dtype=object)
-    return frame
+        cells = [_label_set(v, source, row) for row, v in enumerate(labels, 1)]
+        _check_label_kinds([label for cell in cells for label in cell], source)
+        label_col = pd.Series(cells, dtype=object)
+    else:
+        clean_labels = [_label_value(v, source, row) for row, v in enumerate(labels, 1)]
+        _check_label_kinds(clean_labels, source)
+        label_col = pd.Series(clean_labels, dtype="int64" if clean_labels and _is_int(clean_labels[0]) else object)
+    return _with_pairs(pd.DataFrame({"text": pd.Series(clean_texts, dtype=object), "label": label_col}), source, pairs)
 
 
 def _text_value(value: Any, source: _Source, row: int, column: str | None = None) -> str:

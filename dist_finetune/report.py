@@ -368,7 +368,7 @@ def _scores(name: str, s: dict[str, Any]) -> str:
 
 
 def report_markdown(summary: dict[str, Any], run_dir: Path, images: list[str]) -> str:
-    """The run at a glance: summary table, per-class scores on the test split, the plots."""
+    """The run at a glance: the task's tables (per class, or per label, on the test split), the plots."""
     splits = [s for s in ("train", "val", "test") if isinstance(summary.get(s), dict)]
     lines = [f"# Run report: {run_dir.name}", "",
              f"Best checkpoint `{summary.get('best_checkpoint')}` (step {summary.get('best_step')} of "
@@ -379,28 +379,36 @@ def report_markdown(summary: dict[str, Any], run_dir: Path, images: list[str]) -
     if summary.get("class_weights"):
         weights = ", ".join(f"{label} {w:.4g}" for label, w in zip(summary["labels"], summary["class_weights"]))
         lines += [f"Training loss weighted by class: {weights}.", ""]
-    if "per_label" in (summary.get(splits[0]) or {}):  # task=multi_label
-        lines += [_row(["split", "examples", "loss", "micro F1", "macro F1", "subset accuracy", "Hamming loss"]),
-                  "|---|---:|---:|---:|---:|---:|---:|"]
-        lines += [_row([split, summary[split]["examples"], *(f"{summary[split][k]:.4f}" for k in (
-            "loss", "micro_f1", "macro_f1", "subset_accuracy", "hamming_loss"))]) for split in splits]
-        last = summary[splits[-1]]
-        lines += ["", f"## {splits[-1].capitalize()} split, per label", "",
-                  _row(["label", "precision", "recall", "F1", "support", "threshold"]), "|---|---:|---:|---:|---:|---:|"]
-        lines += [_row([p["label"], f"{p['precision']:.4f}", f"{p['recall']:.4f}", f"{p['f1']:.4f}", p["support"],
-                        f"{p['threshold']:.2f}"]) for p in last["per_label"]]
-        if images:
-            lines += ["", "## Plots", ""] + [f"![{name[:-4].replace('_', ' ')}]({name})" for name in images]
-        return "\n".join(lines) + "\n"
-    if "rmse" in (summary.get(splits[0]) or {}):  # task=regression
-        lines += [_row(["split", "examples", "loss", "RMSE", "MAE", "R²", "Pearson", "Spearman"]),
-                  "|---|---:|---:|---:|---:|---:|---:|---:|"]
-        lines += [_row([split, summary[split]["examples"], *(f"{summary[split][k]:.4f}" for k in (
-            "loss", "rmse", "mae", "r2", "pearson", "spearman"))]) for split in splits]
-        if images:
-            lines += ["", "## Plots", ""] + [f"![{name[:-4].replace('_', ' ')}]({name})" for name in images]
-        return "\n".join(lines) + "\n"
-    lines += [_row(["split", "examples", "loss", "accuracy", "macro F1"]), "|---|---:|---:|---:|---:|"]
+    first = summary.get(splits[0]) or {}
+    tables = _multi_label_tables if "per_label" in first else _regression_tables if "rmse" in first else (
+        _classification_tables)
+    lines += tables(summary, splits)
+    if images:
+        lines += ["", "## Plots", ""] + [f"![{name[:-4].replace('_', ' ')}]({name})" for name in images]
+    return "\n".join(lines) + "\n"
+
+
+def _multi_label_tables(summary: dict[str, Any], splits: list[str]) -> list[str]:
+    lines = [_row(["split", "examples", "loss", "micro F1", "macro F1", "subset accuracy", "Hamming loss"]),
+             "|---|---:|---:|---:|---:|---:|---:|"]
+    lines += [_row([split, summary[split]["examples"], *(f"{summary[split][k]:.4f}" for k in (
+        "loss", "micro_f1", "macro_f1", "subset_accuracy", "hamming_loss"))]) for split in splits]
+    last = summary[splits[-1]]
+    lines += ["", f"## {splits[-1].capitalize()} split, per label", "",
+              _row(["label", "precision", "recall", "F1", "support", "threshold"]), "|---|---:|---:|---:|---:|---:|"]
+    return lines + [_row([p["label"], f"{p['precision']:.4f}", f"{p['recall']:.4f}", f"{p['f1']:.4f}", p["support"],
+                          f"{p['threshold']:.2f}"]) for p in last["per_label"]]
+
+
+def _regression_tables(summary: dict[str, Any], splits: list[str]) -> list[str]:
+    lines = [_row(["split", "examples", "loss", "RMSE", "MAE", "R²", "Pearson", "Spearman"]),
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    return lines + [_row([split, summary[split]["examples"], *(f"{summary[split][k]:.4f}" for k in (
+        "loss", "rmse", "mae", "r2", "pearson", "spearman"))]) for split in splits]
+
+
+def _classification_tables(summary: dict[str, Any], splits: list[str]) -> list[str]:
+    lines = [_row(["split", "examples", "loss", "accuracy", "macro F1"]), "|---|---:|---:|---:|---:|"]
     for split in splits:
         r = summary[split]
         macro_f1 = f"{r['macro']['f1']:.4f}" if "macro" in r else "-"
@@ -415,6 +423,4 @@ def report_markdown(summary: dict[str, Any], run_dir: Path, images: list[str]) -
         lines += ["", "Confusion matrix (rows: true label, columns: predicted label):", "",
                   _row(["true \\ predicted", *names]), "|---|" + "---:|" * len(names)]
         lines += [_row([name, *row]) for name, row in zip(names, test["confusion_matrix"])]
-    if images:
-        lines += ["", "## Plots", ""] + [f"![{name[:-4].replace('_', ' ')}]({name})" for name in images]
-    return "\n".join(lines) + "\n"
+    return lines
