@@ -10,7 +10,8 @@ Needs only the export (no DeepSpeed, no run config). Texts are tokenized with th
 export's max_length as training cut them (data.long_texts: their first tokens, or head and tail) and padded
 as in training. A transformers
 GPT2ForSequenceClassification folder loads too: its id2label labels, last_token pooling, the model's
-context as max_length, padding to the longest text.
+context as max_length, padding to the longest text. An ONNX export (model.onnx) runs under onnxruntime:
+`Classifier.load(folder, backend="onnx")`, chosen by itself for a folder that holds only the graph.
 """
 from __future__ import annotations
 
@@ -21,11 +22,12 @@ from typing import Any
 
 import torch
 
-from .cli import pick_device
+from .cli import BACKENDS, pick_device
 from .data import DataError, make_collate
 from .encoding import fit_example, full_length, windows
 from .regression import TargetScale
 from .hf_import import load_hf_classifier
+from .onnx_export import ONNX_EXPORT_SUBDIR, ONNX_WEIGHTS, load_onnx
 from .tokenizer import PAD_ID, encode_batch
 from .weights import (EXPORT_CONFIG, EXPORT_FILES, EXPORT_TOKENIZER, EXPORT_WEIGHTS, ExportInfo, WeightsError,
                       load_export, read_export_info)
@@ -51,46 +53,73 @@ def is_transformers_folder(path: Path) -> bool:
     return (path / "config.json").is_file() and not (path / EXPORT_CONFIG).exists()
 
 
-def find_export(path: str | Path) -> Path:
-    """`path` itself when it is an export folder, else `path/export` (a run folder's export)."""
+def find_export(path: str | Path, backend: str = "auto") -> Path:
+    """`path` itself when it is an export folder, else the run folder's export: `path/export`, or `path/export_onnx`
+    for the onnx backend (and for auto when only that one exists)."""
     path = Path(path)
-    inner = path / EXPORT_SUBDIR
+    onnx = path / ONNX_EXPORT_SUBDIR
+    inner = onnx if backend == "onnx" or (backend == "auto" and onnx.is_dir() and not (path / EXPORT_SUBDIR).exists()) \
+        else path / EXPORT_SUBDIR
     if not path.is_dir():
         what = "is not a folder" if path.exists() else "not found"
         raise WeightsError(f"model folder {path} {what}: give a run folder (its export/ is used) or an export "
                            "folder")
-    if is_transformers_folder(path) or any((path / name).exists() for name in EXPORT_FILES):
+    if is_transformers_folder(path) or any((path / name).exists() for name in (*EXPORT_FILES, ONNX_WEIGHTS)):
         return path  # an export folder (checked file by file when it is read)
     if inner.is_dir():
         return inner
+    fmt = " --format onnx" if inner == onnx else ""
     raise WeightsError(
         f"no exported model in {path} ({EXPORT_WEIGHTS} not found) nor in {inner} (not found): if {path} is a "
         "run folder, wait for its training to finish (the export is written at the end), or write the export "
-        f"with python -m dist_finetune.export --run {path} --out {inner}"
+        f"with python -m dist_finetune.export --run {path}{fmt} --out {inner}"
     )
+
+
+def pick_backend(folder: Path, backend: str) -> str:
+    """auto: onnx for a folder holding only model.onnx, else torch. A backend the folder cannot serve is refused."""
+    has_onnx, has_torch = (folder / ONNX_WEIGHTS).is_file(), not (folder / ONNX_WEIGHTS).is_file() or \
+        (folder / EXPORT_WEIGHTS).is_file() or is_transformers_folder(folder)
+    if backend not in BACKENDS:
+        raise WeightsError(f"backend {backend!r} is not one of {', '.join(BACKENDS)}")
+    if backend == "auto":
+        return "torch" if has_torch else "onnx"
+    if backend == "onnx" and not has_onnx:
+        raise WeightsError(f"--backend onnx: {folder} holds no {ONNX_WEIGHTS}; write an ONNX export with python -m "
+                           "dist_finetune.export --run RUN_DIR --format onnx --out DIR, or use --backend torch")
+    if backend == "torch" and not has_torch:
+        raise WeightsError(f"--backend torch: {folder} is an ONNX export ({ONNX_WEIGHTS}, no {EXPORT_WEIGHTS}); use "
+                           "--backend onnx (or auto)")
+    return backend
 
 
 class Classifier:
     """An exported classifier, ready to predict: `Classifier.load(folder)`, then `.predict(texts)`."""
 
-    def __init__(self, model: torch.nn.Module, info: ExportInfo, device: torch.device):
+    def __init__(self, model: torch.nn.Module, info: ExportInfo, device: torch.device, backend: str = "torch",
+                 source: Path | None = None):
         self.model = model.to(device).eval()
         self.info = info
         self.device = device
+        self.backend = backend  # torch, or onnx: the model is an onnx_export.OnnxModel
+        self.source = source  # the folder it was loaded from
 
     @classmethod
-    def load(cls, path: str | Path, device: str | torch.device = "auto") -> Classifier:
+    def load(cls, path: str | Path, device: str | torch.device = "auto", backend: str = "auto") -> Classifier:
         """From an export folder or a run folder (its `export/`); device `auto` (CUDA when available),
-        `cpu`, `cuda` or a torch.device. A missing or damaged export raises a `WeightsError`."""
-        folder = find_export(path)
+        `cpu`, `cuda` or a torch.device; backend `auto`, `torch` or `onnx` (onnxruntime on an ONNX export).
+        A missing or damaged export raises a `WeightsError`."""
+        folder = find_export(path, backend)
+        backend = pick_backend(folder, backend)
+        device = device if isinstance(device, torch.device) else pick_device(device)
         if is_transformers_folder(folder):
             model, labels = load_hf_classifier(str(folder))
             info = ExportInfo(labels, EXPORT_TOKENIZER, PAD_ID, model.config.context_length, "longest")
         else:
             info = read_export_info(folder)  # checks the JSON files before any model is built
-            model, _ = load_export(folder)
-        device = device if isinstance(device, torch.device) else pick_device(device)
-        return cls(model, info, device)
+            model = load_onnx(folder / ONNX_WEIGHTS, device, len(info.labels)) if backend == "onnx" \
+                else load_export(folder)[0]
+        return cls(model, info, device, backend, folder)
 
     @property
     def labels(self) -> list:

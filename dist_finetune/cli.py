@@ -54,6 +54,17 @@ def add_device_arg(p: argparse.ArgumentParser) -> None:
                    help="where the model runs: auto uses CUDA when available, else CPU (default: auto)")
 
 
+BACKENDS = ("auto", "torch", "onnx")
+
+
+def add_backend_arg(p: argparse.ArgumentParser) -> None:
+    """--backend of the commands that run an export (predict, serve)."""
+    p.add_argument("--backend", choices=BACKENDS, default="auto",
+                   help="torch runs model.safetensors; onnx runs model.onnx under onnxruntime (an export written "
+                        "with export --format onnx; needs the onnx extra); auto: onnx for a folder that holds only "
+                        "model.onnx, else torch (default: auto)")
+
+
 def add_weights_args(p: argparse.ArgumentParser) -> None:
     """--weights, --download and --n-head of the commands that run a pretrained language model."""
     p.add_argument("--weights", required=True,

@@ -349,7 +349,7 @@ class EarlyStoppingConfig:
         return "min" if self.metric in ("val_loss", "val_mse", "val_rmse", "val_mae", "val_hamming_loss") else "max"
 
 
-EXPORT_FORMATS = ("native", "hf")
+EXPORT_FORMATS = ("native", "hf", "onnx")
 
 
 def _export_formats(path: str, value: Any) -> tuple[str, ...]:
@@ -367,7 +367,8 @@ class CheckpointConfig:
     keep_last: int = 2
     export: bool = True
     # What the end-of-run export writes: native -> RUN/export (predict, Classifier), hf -> RUN/export_hf
-    # (a transformers GPT2ForSequenceClassification folder; needs model.pooling=last_token).
+    # (a transformers GPT2ForSequenceClassification folder; needs model.pooling=last_token), onnx -> RUN/export_onnx
+    # (model.onnx for onnxruntime; needs the onnx extra).
     export_formats: tuple[str, ...] = field(default=("native",), metadata={"coerce": _export_formats})
     # SHA-256 of every checkpoint file in its manifest (sizes only when false: faster for huge models).
     checksums: bool = True
@@ -839,6 +840,10 @@ def _validate_rest(cfg: Config) -> None:
         reason = unsupported(cfg.model.pooling, cfg.model.causal_mask, cfg.data.text_pair_column)
         _check(reason is None, f"checkpoint.export_formats: hf: {reason}, or remove hf from "
                                   "checkpoint.export_formats")
+    if cfg.checkpoint.export and "onnx" in cfg.checkpoint.export_formats:
+        from .onnx_export import check_installed
+
+        check_installed("checkpoint.export_formats: onnx")
     _check(cfg.checkpoint.keep_last >= 1, f"checkpoint.keep_last: must be >= 1, got {cfg.checkpoint.keep_last}")
     _check(0 < cfg.distributed.timeout_seconds <= TIMEOUT_MAX_SECONDS,
            f"distributed.timeout_seconds: must be > 0 and at most {TIMEOUT_MAX_SECONDS:.0f} (7 days), "

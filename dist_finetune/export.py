@@ -1,9 +1,10 @@
-"""`python -m dist_finetune.export --run RUN_DIR [--checkpoint best|latest|PATH] [--format native|hf] --out DIR`
+"""`python -m dist_finetune.export --run RUN_DIR [--checkpoint best|latest|PATH] [--format native|hf|onnx] --out DIR`
 
 Consolidates a DeepSpeed checkpoint (ZeRO 0-3, any world size) into an export format. native: fp32
 `model.safetensors`, `model_config.json` (architecture, pooling, tokenizer reference, max_length,
 padding) and `labels.json`; loadable with `weights.load_export`, without DeepSpeed. hf: a transformers
-GPT2ForSequenceClassification folder with its tokenizer (hf_export.py).
+GPT2ForSequenceClassification folder with its tokenizer (hf_export.py). onnx: model.onnx for onnxruntime beside
+the native JSON files (onnx_export.py).
 """
 from __future__ import annotations
 
@@ -12,9 +13,11 @@ import json
 from pathlib import Path
 
 from .cli import run_command
+from .config import EXPORT_FORMATS
 from .distributed import leave
 from .checkpoint import checkpoint_dir
 from .exporter import save_format
+from .onnx_export import check_installed
 from .hf_export import HfExportError, export_notes, hf_leftovers, unsupported
 from .runs import (RunError, reading_run, load_checkpoint_model, load_run_config, load_run_data, resolve_checkpoint,
                    run_facts)
@@ -25,11 +28,14 @@ EPILOG = """examples:
   python -m dist_finetune.export --run runs/quickstart --out exported/
   python -m dist_finetune.export --run runs/quickstart --checkpoint latest --out exported_latest/
   python -m dist_finetune.export --run runs/quickstart --format hf --out hf_model/
+  python -m dist_finetune.export --run runs/quickstart --format onnx --out onnx_model/
 
 The native export folder holds model.safetensors, model_config.json and labels.json. It is what predict
 and Classifier.load use, without DeepSpeed. Training already writes the best model to RUN_DIR/export.
 --format hf writes a transformers GPT2ForSequenceClassification folder (config.json, model.safetensors,
 tokenizer files) for AutoModelForSequenceClassification and pipeline; it needs model.pooling=last_token.
+--format onnx writes model.onnx (dynamic batch and sequence axes, the pooling inside the graph) with the native
+JSON files: predict and serve run it under onnxruntime (--backend onnx, chosen by itself for such a folder).
 """
 
 
@@ -42,9 +48,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--checkpoint", default="best", metavar="best|latest|PATH",
                    help="which weights: best (the best validation score), latest, or a RUN_DIR/checkpoints/step_* "
                         "folder (default: best)")
-    p.add_argument("--format", default="native", choices=("native", "hf"),
+    p.add_argument("--format", default="native", choices=EXPORT_FORMATS,
                    help="native: our export (predict, Classifier); hf: a transformers "
-                        "GPT2ForSequenceClassification folder (default: native)")
+                        "GPT2ForSequenceClassification folder; onnx: model.onnx for onnxruntime (default: native)")
     p.add_argument("--out", required=True, type=Path, metavar="DIR",
                    help="the folder to write the export into (new or empty)")
     p.add_argument("--overwrite", action="store_true",
@@ -100,10 +106,12 @@ def main(argv: list[str] | None = None) -> int:
 
 def export_and_report(args: argparse.Namespace) -> int:
     check_out(args.out, args.overwrite, args.format)
+    if args.format == "onnx":
+        check_installed()
     with reading_run(args.run):  # no training run may change the checkpoints while they are read
         source = export_run(args.run, args.checkpoint, args.out, args.format)
-    print(f"exported {source} -> {args.out}" + (" (transformers GPT2ForSequenceClassification)"
-                                                 if args.format == "hf" else ""))
+    kind = {"hf": " (transformers GPT2ForSequenceClassification)", "onnx": " (ONNX, for onnxruntime)"}
+    print(f"exported {source} -> {args.out}{kind.get(args.format, '')}")
     if args.format == "hf":
         print("\n".join(export_notes(load_run_config(args.run).data.long_texts)))
     return 0

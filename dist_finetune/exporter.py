@@ -3,6 +3,7 @@
 native: a fp32 `model.safetensors`, `model_config.json` and `labels.json`, loadable with
 `weights.load_export` without DeepSpeed; LoRA adapters are merged unless `lora.export: separate`.
 hf: a transformers GPT2ForSequenceClassification folder (hf_export.py), adapters always merged.
+onnx: the native folder's JSON files with model.onnx in place of the weights (onnx_export.py), adapters merged.
 """
 from __future__ import annotations
 
@@ -13,11 +14,12 @@ from .regression import TargetScale
 from .hf_export import HF_EXPORT_SUBDIR, save_hf
 from .lora import has_lora, merge_lora
 from .model import GPTClassifier
+from .onnx_export import ONNX_EXPORT_SUBDIR
 from .runs import load_checkpoint_model
 from .weights import save_export
 
 
-EXPORT_SUBDIRS = {"native": "export", "hf": HF_EXPORT_SUBDIR}  # where training writes each format
+EXPORT_SUBDIRS = {"native": "export", "hf": HF_EXPORT_SUBDIR, "onnx": ONNX_EXPORT_SUBDIR}  # where training writes each format
 
 
 def export_checkpoint(cfg: Config, run_dir: Path, tag: str, labels: list, max_length: int,
@@ -39,19 +41,19 @@ def save_format(fmt: str, model: GPTClassifier, out_dir: Path, cfg: Config, labe
         save_hf(model, out_dir, labels, max_length, scale, multi_label=thresholds is not None)
     else:
         save_model(model, out_dir, cfg.model.pooling, labels, max_length, cfg.data.padding, cfg.lora,
-                   cfg.data, scale, thresholds)
+                   cfg.data, scale, thresholds, fmt)
 
 
 def save_model(model: GPTClassifier, out_dir: Path, pooling: str, labels: list, max_length: int | None,
                padding: str, lora: LoraConfig | None, data: DataConfig | None = None,
-               scale: TargetScale | None = None, thresholds: list[float] | None = None) -> None:
-    """LoRA adapters are merged into plain weights unless lora.export=separate."""
+               scale: TargetScale | None = None, thresholds: list[float] | None = None, fmt: str = "native") -> None:
+    """LoRA adapters are merged into plain weights unless lora.export=separate (native only)."""
     lora, data = lora or LoraConfig(), data or DataConfig()
-    keep = has_lora(model) and lora.export == "separate"
+    keep = has_lora(model) and lora.export == "separate" and fmt == "native"
     if has_lora(model) and not keep:
         model = merge_lora(model)
     save_export(model, out_dir, pooling, labels, max_length=max_length, padding=padding,
                 lora=to_dict(lora) if keep else None, long_texts=data.long_texts, head_tokens=data.head_tokens,
                 text_pair_column=data.text_pair_column, chunk_stride=data.chunk_stride,
                 chunk_aggregate=data.chunk_aggregate, targets=scale.to_json() if scale is not None else None,
-                thresholds=thresholds, text_column=data.text_column)
+                thresholds=thresholds, text_column=data.text_column, fmt=fmt)

@@ -32,6 +32,7 @@ from .config import Config, ConfigError, Trainable, load_config, read_yaml, to_d
 from .distributed import DistEnv, broadcast_object
 from .files import atomic_write_text
 from .hf_export import HF_EXPORT_SUBDIR, HF_FILES
+from .onnx_export import ONNX_EXPORT_SUBDIR
 from .data import DataBundle, LabelMap, load_data
 from .model import GPTClassifier, GPTConfig, build_model
 from .splits import SPLIT_FILE, DataSplit, read_split
@@ -296,7 +297,7 @@ MARKER_VERSION = 1
 # marker and only these (and their temporary twins `NAME.tmp`, `.NAME.*` of an interrupted write).
 RUN_FILES = frozenset({"config.yaml", SPLIT_FILE, "checkpoints", "metrics.jsonl", "history.csv", "loss.png",
                        "accuracy.png", "confusion_test.png", "scatter_test.png", "summary.json", "report.md", "tensorboard", "export",
-                       HF_EXPORT_SUBDIR, "samples", "eval", "logs", ".write_probe", TRACKER_IDS, "mlruns", "wandb"})
+                       HF_EXPORT_SUBDIR, ONNX_EXPORT_SUBDIR, "samples", "eval", "logs", ".write_probe", TRACKER_IDS, "mlruns", "wandb"})
 PACKAGE_DIR = Path(__file__).resolve().parent
 
 
@@ -306,6 +307,7 @@ RUN_SUBFOLDERS = {
     "eval": re.compile(r"[^/]+\.json|confusion_[^/]+\.png"),
     "export": re.compile(r"model\.safetensors|model_config\.json|labels\.json"),
     HF_EXPORT_SUBDIR: re.compile("|".join(map(re.escape, HF_FILES))),
+    ONNX_EXPORT_SUBDIR: re.compile(r"model\.onnx(\.data)?|model_config\.json|labels\.json"),
     "tensorboard": re.compile(r"events\.out\.tfevents\.[^/]+"),
     "samples": re.compile(r"rank\d+\.jsonl"),
     "logs": re.compile(r"train_rank\d+\.log"),

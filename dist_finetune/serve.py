@@ -21,8 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .classifier import Classifier, Prediction, find_export, is_transformers_folder
-from .cli import add_device_arg, run_command
+from .classifier import Classifier, Prediction
+from .cli import add_backend_arg, add_device_arg, run_command
 from .distributed import leave
 from .errors import UserError
 from .formats import optional
@@ -57,6 +57,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--timeout", type=float, default=30.0, metavar="SECONDS",
                    help="a request not answered in this time gets 504 (default: 30)")
     add_device_arg(p)
+    add_backend_arg(p)
     args = p.parse_args(argv)
     for name in ("max_batch", "max_texts", "max_bytes"):
         if getattr(args, name) < 1:
@@ -208,7 +209,8 @@ def model_card(classifier: Classifier, source: Path) -> dict[str, Any]:
     task = "regression" if info.targets is not None else "multi_label" if info.thresholds is not None else (
         "single_label")
     card = {"labels": classifier.labels, "max_length": info.max_length, "padding": info.padding, "task": task,
-            "long_texts": info.long_texts, "pairs": classifier.pairs, "source": str(source)}
+            "long_texts": info.long_texts, "pairs": classifier.pairs, "source": str(source),
+            "backend": classifier.backend}
     config = source / "model_config.json"
     if config.is_file():
         spec = json.loads(config.read_text(encoding="utf-8"))
@@ -319,10 +321,10 @@ document.getElementById("go").onclick = async () => {
 def serve(args: argparse.Namespace) -> int:
     optional("fastapi", "serve", "dist_finetune.serve")
     uvicorn = optional("uvicorn", "serve", "dist_finetune.serve")
-    classifier = Classifier.load(args.model, args.device)
-    source = Path(args.model) if is_transformers_folder(Path(args.model)) else find_export(args.model)
+    classifier = Classifier.load(args.model, args.device, args.backend)
+    source = classifier.source
     app = build_app(classifier, source, args)
-    print(f"serving {source} on http://{args.host}:{args.port} (max batch {args.max_batch}, wait "
+    print(f"serving {source} ({classifier.backend}) on http://{args.host}:{args.port} (max batch {args.max_batch}, wait "
           f"{args.max_wait_ms:g} ms)", flush=True)
     check_port(args.host, args.port)
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level="warning",

@@ -36,6 +36,7 @@ EXPORT_WEIGHTS = "model.safetensors"
 EXPORT_CONFIG = "model_config.json"
 EXPORT_LABELS = "labels.json"
 EXPORT_FILES = (EXPORT_WEIGHTS, EXPORT_CONFIG, EXPORT_LABELS)
+ONNX_FILES = ("model.onnx", "model.onnx.data")  # an ONNX export's graph in place of EXPORT_WEIGHTS (onnx_export.py)
 EXPORT_TOKENIZER = "gpt2"
 ALLOW_DOWNLOAD_ENV = "DIST_FINETUNE_ALLOW_DOWNLOAD"
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
@@ -525,7 +526,7 @@ def export_leftovers(folder: Path) -> list[str]:
     folder = Path(folder)
     if not folder.is_dir():
         return [folder.name] if folder.exists() else []
-    return sorted(p.name for p in folder.iterdir() if p.name not in EXPORT_FILES)
+    return sorted(p.name for p in folder.iterdir() if p.name not in EXPORT_FILES + ONNX_FILES)
 
 
 def save_export(model: GPTClassifier, folder: Path, pooling: str, labels: list | dict,
@@ -533,8 +534,9 @@ def save_export(model: GPTClassifier, folder: Path, pooling: str, labels: list |
                 long_texts: str = "truncate", head_tokens: int | None = None,
                 text_pair_column: str | None = None, chunk_stride: int | None = None,
                 chunk_aggregate: str = "mean", targets: dict | None = None,
-                thresholds: list[float] | None = None, text_column: str = "text") -> None:
-    """model.safetensors (fp32, canonical names) + model_config.json + labels.json (as given).
+                thresholds: list[float] | None = None, text_column: str = "text", fmt: str = "native") -> None:
+    """model.safetensors (fp32, canonical names) + model_config.json + labels.json (as given); fmt=onnx writes
+    model.onnx (onnx_export.py) in place of model.safetensors.
 
     model_config.json also references the tokenizer and how training truncated and padded the texts
     (`max_length`, `padding`), so that predictions see the inputs the way training did. `lora` (the
@@ -567,9 +569,16 @@ def save_export(model: GPTClassifier, folder: Path, pooling: str, labels: list |
         config.update(task="multi_label", thresholds=list(thresholds))
     if lora is not None:
         config["lora"] = lora
+    if fmt == "onnx":
+        config["format"] = "onnx"
     with files.building_dir(folder) as new:
-        with files.writing(new / EXPORT_WEIGHTS) as tmp:
-            save_file(state, str(tmp), metadata={"format": "pt"})
+        if fmt == "onnx":
+            from .onnx_export import write_onnx
+
+            write_onnx(model, new / ONNX_FILES[0], max_length or model.config.context_length)
+        else:
+            with files.writing(new / EXPORT_WEIGHTS) as tmp:
+                save_file(state, str(tmp), metadata={"format": "pt"})
         files.atomic_write_text(new / EXPORT_CONFIG, json.dumps(config, indent=2) + "\n")
         files.atomic_write_text(new / EXPORT_LABELS, json.dumps(labels, indent=2) + "\n")
 
@@ -578,11 +587,13 @@ def _check_export_folder(folder: Path) -> None:
     if not folder.is_dir():
         raise WeightsError(f"export folder {folder} not found; point to a run's export folder (RUN_DIR/export) "
                            "or write one with python -m dist_finetune.export")
-    for name in EXPORT_FILES:
+    weights = EXPORT_WEIGHTS if (folder / EXPORT_WEIGHTS).is_file() or not (folder / ONNX_FILES[0]).is_file() \
+        else ONNX_FILES[0]
+    for name in (weights, EXPORT_CONFIG, EXPORT_LABELS):
         if not (folder / name).is_file():
             raise WeightsError(
                 f"{folder}: not an exported model ({name} is missing); an export folder holds "
-                f"{EXPORT_WEIGHTS}, {EXPORT_CONFIG} and {EXPORT_LABELS}"
+                f"{EXPORT_WEIGHTS} (or {ONNX_FILES[0]}), {EXPORT_CONFIG} and {EXPORT_LABELS}"
             )
 
 
@@ -761,6 +772,9 @@ def load_export(folder: Path) -> tuple[GPTClassifier, Any]:
     """The exported classifier (eval mode) and the parsed labels.json."""
     folder = Path(folder)
     spec = read_export_spec(folder)
+    if not (folder / EXPORT_WEIGHTS).is_file():
+        raise WeightsError(f"{folder} is an ONNX export ({ONNX_FILES[0]}, no {EXPORT_WEIGHTS}): run it with "
+                           "--backend onnx (or Classifier.load(..., backend='onnx'))")
     try:
         with torch.device("meta"):
             _check_weights_fit(folder, _build_exported(spec))
