@@ -128,9 +128,9 @@ class Batcher:
     metrics: Metrics
     queue: asyncio.Queue = field(default_factory=asyncio.Queue)
 
-    async def classify(self, texts: list[str]) -> list[Prediction]:
+    async def classify(self, texts: list[str], pairs: list[str] | None = None) -> list[Prediction]:
         future = asyncio.get_running_loop().create_future()
-        await self.queue.put((texts, future))
+        await self.queue.put((list(zip(texts, pairs or [None] * len(texts))), future))
         return await future
 
     async def run(self) -> None:
@@ -146,14 +146,16 @@ class Batcher:
                 size += len(item[0])
             await self.forward([item for item in waiting if not item[1].done()])  # a timed-out request: gone
 
-    async def forward(self, waiting: list[tuple[list[str], asyncio.Future]]) -> None:
+    async def forward(self, waiting: list[tuple[list[tuple[str, str | None]], asyncio.Future]]) -> None:
         texts = [text for request, _ in waiting for text in request]
         if not texts:
             return
-        order = sorted(range(len(texts)), key=lambda i: len(texts[i]))  # similar lengths: little padding
+        order = sorted(range(len(texts)), key=lambda i: len(texts[i][0]) + len(texts[i][1] or ""))  # little padding
         self.metrics.batch_size.observe(len(texts))
+        pairs = [texts[i][1] for i in order] if self.classifier.pairs else None
         try:
-            results = await asyncio.to_thread(self.classifier.predict, [texts[i] for i in order], len(texts))
+            results = await asyncio.to_thread(self.classifier.predict, [texts[i][0] for i in order], len(texts),
+                                              pairs=pairs)
         except Exception as exc:  # answered as a server error, and the server goes on
             for _, future in waiting:
                 if not future.done():
@@ -179,24 +181,41 @@ def answer(p: Prediction) -> dict[str, Any]:
     return {"label": p.label, "probabilities": probabilities, "truncated": p.truncated}
 
 
-def texts_of(body: bytes, max_bytes: int, max_texts: int) -> list[str]:
-    """The request's texts, or a ClientError naming what is wrong."""
+def texts_of(body: bytes, max_bytes: int, max_texts: int, pairs: bool) -> tuple[list[str], list[str] | None]:
+    """The request's texts (and, for a model of text pairs, their second texts), or a ClientError naming what is
+    wrong."""
     if len(body) > max_bytes:
         raise ClientError(413, "body", f"the request body has {len(body)} bytes; at most {max_bytes} are accepted")
     try:
         data = json.loads(body)
     except (ValueError, UnicodeDecodeError) as exc:
         raise ClientError(400, "body", f"the body is not JSON ({exc}); send {{\"texts\": [\"...\"]}}") from None
-    if not isinstance(data, dict) or ("texts" in data) == ("text" in data):
+    if not isinstance(data, dict):
         raise ClientError(422, "texts", 'send a JSON object with "texts" (a list of strings) or "text" (a string)')
-    texts = data["texts"] if "texts" in data else [data["text"]]
-    name = "texts" if "texts" in data else "text"
+    texts = _strings(data, "texts", "text", max_texts)
+    if not pairs:
+        if "pairs" in data or "pair" in data:
+            raise ClientError(422, "pairs" if "pairs" in data else "pair",
+                              "this model classifies single texts; send texts without pairs")
+        return texts, None
+    second = _strings(data, "pairs", "pair", max_texts)
+    if len(second) != len(texts):
+        raise ClientError(422, "pairs", f"{len(texts)} texts but {len(second)} pairs: send one pair per text")
+    return texts, second
+
+
+def _strings(data: dict, many: str, one: str, max_texts: int) -> list[str]:
+    """data[many] (a list) or [data[one]]: non-empty strings, at most max_texts."""
+    if (many in data) == (one in data):
+        raise ClientError(422, many, f'send "{many}" (a list of strings) or "{one}" (a string), one of the two')
+    name = many if many in data else one
+    texts = data[many] if many in data else [data[one]]
     if not isinstance(texts, list) or not texts:
         raise ClientError(422, name, f"{name} must be a non-empty list of strings")
     if len(texts) > max_texts:
         raise ClientError(413, name, f"{len(texts)} texts in one request; at most {max_texts} are accepted")
     for i, text in enumerate(texts):
-        where = f"{name}[{i}]" if name == "texts" else name
+        where = f"{name}[{i}]" if name == many else name
         if not isinstance(text, str):
             raise ClientError(422, where, f"{where} is a {type(text).__name__}, not a string")
         if not text.strip():
@@ -247,10 +266,8 @@ def build_app(classifier: Classifier, source: Path, args: argparse.Namespace) ->
     async def classify(request: Request) -> JSONResponse:
         start = time.perf_counter()
         try:
-            texts = texts_of(await request.body(), args.max_bytes, args.max_texts)
-            if classifier.pairs:
-                raise ClientError(422, "texts", "this model classifies text pairs; use predict --input for it")
-            predictions = await asyncio.wait_for(state["batcher"].classify(texts), args.timeout)
+            texts, pairs = texts_of(await request.body(), args.max_bytes, args.max_texts, classifier.pairs)
+            predictions = await asyncio.wait_for(state["batcher"].classify(texts, pairs), args.timeout)
         except ClientError as exc:
             return done(exc.status, start, {"error": {"field": exc.field, "message": exc.message}})
         except asyncio.TimeoutError:

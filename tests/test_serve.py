@@ -115,6 +115,7 @@ def batches(url: str) -> int:
     (b'{"text": "a", "texts": ["b"]}', 422, "texts"),
     (json.dumps({"texts": ["x"] * 17}).encode(), 413, "texts"),
     (json.dumps({"text": "x" * 30000}).encode(), 413, "body"),
+    (b'{"texts": ["a"], "pairs": ["b"]}', 422, "pairs"),
 ])
 def test_client_mistakes_are_4xx_naming_the_field_and_the_server_goes_on(server, body, status, field):
     response = httpx.post(f"{server}/v1/classify", content=body, headers={"Content-Type": "application/json"})
@@ -146,3 +147,31 @@ def test_a_port_in_use_is_one_line(export, tmp_path):
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=60)
+
+
+@pytest.mark.slow
+def test_a_model_of_text_pairs_is_served_with_pairs(tmp_path):
+    torch.manual_seed(1)
+    folder = tmp_path / "pairs"
+    model = GPTClassifier(GPTConfig(n_layer=2, n_head=4, n_embd=64, context_length=128), 2, "last_token")
+    save_export(model, folder, "last_token", ["no", "yes"], max_length=48, padding="longest",
+                text_pair_column="hypothesis")
+    proc, url = start(folder)
+    try:
+        firsts, seconds = TEXTS, [t[::-1] or "x" for t in reversed(TEXTS)]
+        got = httpx.post(f"{url}/v1/classify", json={"texts": firsts, "pairs": seconds}, timeout=60)
+        assert got.status_code == 200, got.text
+        mine = Classifier.load(folder, device="cpu").predict(firsts, pairs=seconds)
+        for answer, p in zip(got.json()["predictions"], mine):
+            assert answer["label"] == p.label
+            assert answer["probabilities"] == pytest.approx(p.probabilities, abs=1e-6)
+        one = httpx.post(f"{url}/v1/classify", json={"text": firsts[0], "pair": seconds[0]}).json()["predictions"]
+        assert one[0]["probabilities"] == pytest.approx(mine[0].probabilities, abs=1e-6)
+        for body, field in (({"texts": ["a"]}, "pairs"), ({"texts": ["a", "b"], "pairs": ["c"]}, "pairs"),
+                            ({"text": "a", "pair": " "}, "pair")):
+            bad = httpx.post(f"{url}/v1/classify", json=body)
+            assert bad.status_code == 422 and bad.json()["error"]["field"] == field, bad.text
+        assert httpx.get(f"{url}/v1/model").json()["pairs"] is True
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0, proc.communicate()
