@@ -17,7 +17,8 @@ import pandas as pd
 
 from .encoding import describe
 from .classifier import Classifier, Prediction
-from .cli import add_device_arg, run_command
+from .cli import add_backend_arg, add_device_arg, run_command
+from . import bulk_predict
 from .distributed import leave
 from . import files
 from .data import FORMATS, DataError, read_pairs, read_texts
@@ -30,6 +31,7 @@ DESCRIPTION = "Predict the label of each text with a finetuned model, with the p
 EPILOG = """examples:
   python -m dist_finetune.predict --model runs/quickstart "WINNER! Claim your prize" "see you at 8"
   python -m dist_finetune.predict --model runs/quickstart --input texts.csv --output predictions.csv
+  python -m dist_finetune.predict --model runs/quickstart --input big.parquet --output predictions.parquet --nproc 2
   cat texts.txt | python -m dist_finetune.predict --model runs/quickstart --json
 
 Each text prints one line: the predicted label, then label=probability for every class.
@@ -56,12 +58,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--output", type=Path, metavar="FILE",
                    help="write --input with predicted_label and prob_<label> columns added (CSV / TSV / JSONL / "
                         "Parquet, by extension) instead of printing (default: print to the terminal)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing --output file")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing --output file (and OUTPUT.parts, the unfinished shards of an earlier "
+                        "run of other settings)")
     p.add_argument("--json", action="store_true",
                    help="print one JSON object per text (text, predicted_label, probabilities)")
     p.add_argument("--batch-size", type=int, default=32, metavar="N",
                    help="texts per forward pass; larger is faster and uses more memory (default: 32)")
     add_device_arg(p)
+    add_backend_arg(p)
+    bulk_predict.add_args(p)
     args = p.parse_args(argv)
     if args.texts and args.input:
         p.error("give texts as arguments or --input FILE, not both")
@@ -71,6 +77,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         p.error("--output needs --input")
     if args.batch_size < 1:
         p.error(f"--batch-size must be >= 1, got {args.batch_size}")
+    bulk_predict.check_args(p, args)
     return args
 
 
@@ -165,37 +172,49 @@ def line(text: str, prediction: Prediction, as_json: bool) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
+    args.argv = argv  # --nproc N runs this command line again under torchrun
     return run_command(lambda: run(args))
 
 
 def run(args: argparse.Namespace) -> int:
     fmt = _check_output(args.output, args.input, args.overwrite) if args.output is not None else None
-    classifier = Classifier.load(args.model, args.device)
+    if fmt is not None and args.nproc > 1:
+        return bulk_predict.spawn(getattr(args, "argv", None), args.nproc, args.device)
+    ranks = bulk_predict.join_ranks(args.device) if fmt is not None else None  # before the model picks its GPU
+    classifier = Classifier.load(args.model, args.device, args.backend)
     text_column = args.text_column or classifier.info.text_column
+    pair_column = _pair_column(args, classifier)
+    if fmt is not None:  # a file: in shards, on every rank (bulk_predict)
+        return bulk_predict.predict_file(bulk_predict.job(args, fmt, text_column, pair_column), classifier, ranks)
     frame, texts = read_texts(args.input, text_column) if args.input else (None, _texts(args.texts))
-    pairs = None
-    if classifier.pairs:
-        if frame is None:
-            raise DataError(f"{args.model} classifies text pairs: give --input FILE with a column "
-                            f"{classifier.info.text_pair_column!r} of second texts (or --text-pair-column NAME)")
-        pairs = read_pairs(frame, args.input, args.text_pair_column or classifier.info.text_pair_column)
-    elif args.text_pair_column:
-        raise DataError(f"--text-pair-column: {args.model} classifies single texts; drop the flag")
+    pairs = read_pairs(frame, args.input, pair_column) if pair_column is not None else None
     predictions = classifier.predict(texts, args.batch_size, pairs=pairs)
-    truncated = sum(p.truncated for p in predictions)
-    if truncated:
-        n = classifier.max_length
-        print(f"warning: {truncated} of {len(texts)} text(s) are longer than the model's max_length ({n} tokens) "
-              f"and were cut to {describe(n, classifier.info.long_texts, classifier.info.head_tokens)}, as in "
-              "training", file=sys.stderr)
-    if args.output is not None:
-        write_table(with_predictions(frame, predictions, classifier.labels), args.output, fmt)
-        print(f"wrote {len(texts)} prediction(s) to {args.output}")
-        return 0
+    warn_truncated(sum(p.truncated for p in predictions), len(texts), classifier)
     for text, prediction in zip(texts, predictions):
         print(line(text, prediction, args.json))
     return 0
+
+
+def _pair_column(args: argparse.Namespace, classifier: Classifier) -> str | None:
+    """The column of second texts, for a model of text pairs (which needs --input); else None."""
+    if classifier.pairs:
+        if args.input is None:
+            raise DataError(f"{args.model} classifies text pairs: give --input FILE with a column "
+                            f"{classifier.info.text_pair_column!r} of second texts (or --text-pair-column NAME)")
+        return args.text_pair_column or classifier.info.text_pair_column
+    if args.text_pair_column:
+        raise DataError(f"--text-pair-column: {args.model} classifies single texts; drop the flag")
+    return None
+
+
+def warn_truncated(truncated: int, total: int, classifier: Classifier) -> None:
+    if truncated:
+        n = classifier.max_length
+        print(f"warning: {truncated} of {total} text(s) are longer than the model's max_length ({n} tokens) "
+              f"and were cut to {describe(n, classifier.info.long_texts, classifier.info.head_tokens)}, as in "
+              "training", file=sys.stderr)
 
 
 def _texts(given: list[str]) -> list[str]:

@@ -1,0 +1,156 @@
+"""A Hugging Face checkpoint's own tokenizer (tokenizer.json) through the `tokenizers` library, offline.
+
+Ids are those of transformers' `AutoTokenizer.from_pretrained(folder)(text)["input_ids"]`: the
+special tokens the checkpoint adds by default are added (Llama 3's tokenizer.json prepends
+<|begin_of_text|> through its post-processor; SmolLM2 and Qwen3 add none). As transformers 5 does,
+an explicit `add_bos_token` / `add_eos_token` in tokenizer_config.json replaces the post-processor.
+The pad token: tokenizer_config.json, else special_tokens_map.json, else tokenizer.json's padding
+section, else eos; the padding side likewise, else right (the framework pads right in any case: with
+causal attention the padding after the real tokens changes nothing).
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from tokenizers import Tokenizer, processors
+
+from dist_finetune.errors import UserError
+
+TOKENIZER_FILE = "tokenizer.json"
+CONFIG_FILE = "tokenizer_config.json"
+SPECIAL_TOKENS_FILE = "special_tokens_map.json"
+CHAT_TEMPLATE_FILE = "chat_template.jinja"
+
+
+class TokenizerError(UserError, ValueError):
+    """A checkpoint tokenizer that cannot be used; the message names the file and key."""
+
+
+@dataclass
+class HFTokenizer:
+    tokenizer: Tokenizer
+    pad_token: str
+    pad_id: int
+    padding_side: str
+    bos_id: int | None
+    eos_id: int | None
+    chat_template: str | None
+
+    @classmethod
+    def from_folder(cls, folder: str | Path) -> HFTokenizer:
+        folder = Path(folder)
+        path = folder / TOKENIZER_FILE
+        if not path.is_file():
+            raise TokenizerError(f"{path}: not found; this tokenizer is read from a checkpoint's tokenizer.json")
+        try:
+            tokenizer = Tokenizer.from_file(str(path))
+        except Exception as e:  # tokenizers raises a bare Exception for a malformed file
+            raise TokenizerError(f"{path}: not a readable tokenizers file ({e})") from None
+        padding = tokenizer.padding or {}
+        tokenizer.no_truncation()  # transformers encodes without them unless asked per call
+        tokenizer.no_padding()
+        settings = _settings(folder)
+        tokenizer.encode_special_tokens = bool(settings.get("split_special_tokens", False))
+        _apply_bos_eos_flags(tokenizer, settings, folder)
+        return cls(tokenizer, *_pad(folder, tokenizer, settings, padding), _token_id(tokenizer, settings.get("bos_token")),
+                   _token_id(tokenizer, settings.get("eos_token")), _chat_template(folder, settings))
+
+    @property
+    def vocab_size(self) -> int:
+        """Including the added (special) tokens: every id encode can return is below it."""
+        return self.tokenizer.get_vocab_size(with_added_tokens=True)
+
+    def encode(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text, add_special_tokens=True).ids
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return [e.ids for e in self.tokenizer.encode_batch(list(texts), add_special_tokens=True)]
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = False) -> str:
+        """As transformers 5 decodes (it skips clean_up_tokenization_spaces for BPE tokenizers)."""
+        return self.tokenizer.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as e:
+        raise TokenizerError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise TokenizerError(f"{path}: expected a JSON object")
+    return data
+
+
+def _settings(folder: Path) -> dict[str, Any]:
+    """tokenizer_config.json, its missing special tokens taken from special_tokens_map.json."""
+    config = _read_json(folder / CONFIG_FILE)
+    specials = _read_json(folder / SPECIAL_TOKENS_FILE)
+    merged = {k: v for k, v in specials.items() if k.endswith("_token")}
+    merged.update({k: v for k, v in config.items() if v is not None})
+    return merged
+
+
+def _token_text(token: Any) -> str | None:
+    """A special token as tokenizer_config.json writes it: a string or an AddedToken dict."""
+    if isinstance(token, dict):
+        return token.get("content")
+    return token
+
+
+def _token_id(tokenizer: Tokenizer, token: Any) -> int | None:
+    text = _token_text(token)
+    return None if text is None else tokenizer.token_to_id(text)
+
+
+def _apply_bos_eos_flags(tokenizer: Tokenizer, settings: dict[str, Any], folder: Path) -> None:
+    """transformers 5: explicit add_bos_token / add_eos_token (or no post-processor) rebuild it."""
+    if "add_bos_token" not in settings and "add_eos_token" not in settings and tokenizer.post_processor is not None:
+        return
+    bos = _flagged(tokenizer, settings, "bos", folder)
+    eos = _flagged(tokenizer, settings, "eos", folder)
+
+    def template(seq: str, type_id: int) -> list[str]:
+        return [f"{t}:{type_id}" for t, _ in bos] + [f"${seq}:{type_id}"] + [f"{t}:{type_id}" for t, _ in eos]
+
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single=" ".join(template("A", 0)), pair=" ".join(template("A", 0) + template("B", 1)),
+        special_tokens=list(dict(bos + eos).items()))
+
+
+def _flagged(tokenizer: Tokenizer, settings: dict[str, Any], which: str, folder: Path) -> list[tuple[str, int]]:
+    """[(token, id)] when add_{which}_token is true and the {which} token exists, else []."""
+    text = _token_text(settings.get(f"{which}_token"))
+    if not settings.get(f"add_{which}_token") or text is None:
+        return []
+    token_id = tokenizer.token_to_id(text)
+    if token_id is None:
+        raise TokenizerError(f"{folder / CONFIG_FILE}: add_{which}_token is true but {which}_token {text!r} "
+                             f"is not in {folder / TOKENIZER_FILE}")
+    return [(text, token_id)]
+
+
+def _pad(folder: Path, tokenizer: Tokenizer, settings: dict[str, Any],
+         padding: dict[str, Any]) -> tuple[str, int, str]:
+    """(pad token, its id, padding side); `padding`: tokenizer.json's padding section."""
+    pad = _token_text(settings.get("pad_token")) or padding.get("pad_token") or _token_text(settings.get("eos_token"))
+    if pad is None:
+        raise TokenizerError(f"{folder / CONFIG_FILE}: names neither a pad_token nor an eos_token to pad with")
+    pad_id = tokenizer.token_to_id(pad)
+    if pad_id is None:
+        raise TokenizerError(f"{folder / CONFIG_FILE}: the pad token {pad!r} is not in {folder / TOKENIZER_FILE}")
+    side = settings.get("padding_side") or padding.get("direction") or "right"
+    if side not in ("left", "right"):
+        raise TokenizerError(f"{folder / CONFIG_FILE}: padding_side {side!r} is neither 'left' nor 'right'")
+    return pad, pad_id, side
+
+
+def _chat_template(folder: Path, settings: dict[str, Any]) -> str | None:
+    template = settings.get("chat_template")
+    if template is None and (folder / CHAT_TEMPLATE_FILE).is_file():
+        template = (folder / CHAT_TEMPLATE_FILE).read_text(encoding="utf-8")
+    return template if isinstance(template, str) else None  # a list of named templates: not handled yet
