@@ -125,6 +125,10 @@ def load_onnx(path: Path, device: torch.device, num_classes: int) -> OnnxModel:
 def _session_options(ort):
     options = ort.SessionOptions()
     options.log_severity_level = 3  # errors only: its notes on unused initializers are not the user's business
+    # torch's thread budget (distributed.cpu_threads splits the cores among ranks), and no busy-waiting between
+    # calls: a server's event loop and other ranks share these cores.
+    options.intra_op_num_threads = torch.get_num_threads()
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return options
 
 
