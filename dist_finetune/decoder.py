@@ -105,11 +105,13 @@ class DecoderConfig:
         rope_theta, rope_scaling = _rope_from_hf(hf)
         optional = {k: v if hf.get(k) is None else hf[k] for k, v in _HF_DEFAULTS.items()}
         head_dim = hf.get("head_dim") or (128 if family == "qwen3" else hidden // heads)
+        max_positions = hf.get("max_position_embeddings") or _MAX_POSITIONS_DEFAULT[family]
         return cls(
             family=family, vocab_size=_required(hf, "vocab_size"), hidden_size=hidden,
-            intermediate_size=_required(hf, "intermediate_size"), num_hidden_layers=_required(hf, "num_hidden_layers"),
-            num_attention_heads=heads, num_key_value_heads=hf.get("num_key_value_heads") or heads,
-            head_dim=head_dim, max_position_embeddings=hf.get("max_position_embeddings") or _MAX_POSITIONS_DEFAULT[family],
+            intermediate_size=_required(hf, "intermediate_size"),
+            num_hidden_layers=_required(hf, "num_hidden_layers"), num_attention_heads=heads,
+            num_key_value_heads=hf.get("num_key_value_heads") or heads, head_dim=head_dim,
+            max_position_embeddings=max_positions,
             rope_theta=rope_theta, rope_scaling=rope_scaling, **optional,
             bos_token_id=hf.get("bos_token_id"), eos_token_id=hf.get("eos_token_id"),
         )
@@ -254,7 +256,8 @@ def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
 class Attention(nn.Module):
     def __init__(self, config: DecoderConfig):
         super().__init__()
-        self.n_head, self.n_kv_head, self.head_dim = config.num_attention_heads, config.num_key_value_heads, config.head_dim
+        self.n_head, self.n_kv_head = config.num_attention_heads, config.num_key_value_heads
+        self.head_dim = config.head_dim
         hidden, bias = config.hidden_size, config.attention_bias
         self.q_proj = nn.Linear(hidden, self.n_head * self.head_dim, bias=bias)
         self.k_proj = nn.Linear(hidden, self.n_kv_head * self.head_dim, bias=bias)

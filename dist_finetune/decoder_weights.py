@@ -105,7 +105,7 @@ def expected_tensors(model: Decoder) -> dict[str, tuple[str, tuple[int, ...]]]:
 
 def check_tensors(folder: Path, headers: dict[str, tuple[Path, tuple[int, ...]]],
                   expected: dict[str, tuple[str, tuple[int, ...]]]) -> None:
-    """One error naming every missing, unexpected or wrongly shaped tensor (the first few of each)."""
+    """One error naming the missing, unexpected and wrongly shaped tensors (the first five, and a count)."""
     problems = []
     for name, (path, shape) in headers.items():
         if name in expected and shape != expected[name][1]:

@@ -1,9 +1,12 @@
 """A Hugging Face checkpoint's own tokenizer (tokenizer.json) through the `tokenizers` library, offline.
 
-Ids are those of transformers' `AutoTokenizer.from_pretrained(folder)(text)["input_ids"]`: the
-special tokens the checkpoint adds by default are added (Llama 3's tokenizer.json prepends
-<|begin_of_text|> through its post-processor; SmolLM2 and Qwen3 add none). As transformers 5 does,
-an explicit `add_bos_token` / `add_eos_token` in tokenizer_config.json replaces the post-processor.
+Ids are those of transformers' `AutoTokenizer.from_pretrained(folder)(text)["input_ids"]` for a
+PreTrainedTokenizerFast checkpoint: the special tokens tokenizer.json's post-processor adds, no others
+(Llama 3's prepends <|begin_of_text|>; SmolLM2's and Qwen3's add none). `add_bos_token` /
+`add_eos_token` in tokenizer_config.json change nothing, as in transformers 5, which drops them when a
+tokenizer.json exists. tokenizer.json is read whole (normalizer, pre-tokenizer, model, post-processor):
+transformers 5's model-specific classes (GPT2Tokenizer, Qwen2Tokenizer) rebuild the pre-tokenizer
+instead, a known divergence from how the checkpoints were trained (huggingface/transformers#45812).
 The pad token: tokenizer_config.json, else special_tokens_map.json, else tokenizer.json's padding
 section, else eos; the padding side likewise, else right (the framework pads right in any case: with
 causal attention the padding after the real tokens changes nothing).
@@ -15,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tokenizers import Tokenizer, processors
+from tokenizers import Tokenizer
 
 from dist_finetune.errors import UserError
 
@@ -54,9 +57,9 @@ class HFTokenizer:
         tokenizer.no_padding()
         settings = _settings(folder)
         tokenizer.encode_special_tokens = bool(settings.get("split_special_tokens", False))
-        _apply_bos_eos_flags(tokenizer, settings, folder)
-        return cls(tokenizer, *_pad(folder, tokenizer, settings, padding), _token_id(tokenizer, settings.get("bos_token")),
-                   _token_id(tokenizer, settings.get("eos_token")), _chat_template(folder, settings))
+        bos_id, eos_id = (_token_id(tokenizer, settings.get(key)) for key in ("bos_token", "eos_token"))
+        return cls(tokenizer, *_pad(folder, tokenizer, settings, padding), bos_id, eos_id,
+                   _chat_template(folder, settings))
 
     @property
     def vocab_size(self) -> int:
@@ -105,33 +108,6 @@ def _token_text(token: Any) -> str | None:
 def _token_id(tokenizer: Tokenizer, token: Any) -> int | None:
     text = _token_text(token)
     return None if text is None else tokenizer.token_to_id(text)
-
-
-def _apply_bos_eos_flags(tokenizer: Tokenizer, settings: dict[str, Any], folder: Path) -> None:
-    """transformers 5: explicit add_bos_token / add_eos_token (or no post-processor) rebuild it."""
-    if "add_bos_token" not in settings and "add_eos_token" not in settings and tokenizer.post_processor is not None:
-        return
-    bos = _flagged(tokenizer, settings, "bos", folder)
-    eos = _flagged(tokenizer, settings, "eos", folder)
-
-    def template(seq: str, type_id: int) -> list[str]:
-        return [f"{t}:{type_id}" for t, _ in bos] + [f"${seq}:{type_id}"] + [f"{t}:{type_id}" for t, _ in eos]
-
-    tokenizer.post_processor = processors.TemplateProcessing(
-        single=" ".join(template("A", 0)), pair=" ".join(template("A", 0) + template("B", 1)),
-        special_tokens=list(dict(bos + eos).items()))
-
-
-def _flagged(tokenizer: Tokenizer, settings: dict[str, Any], which: str, folder: Path) -> list[tuple[str, int]]:
-    """[(token, id)] when add_{which}_token is true and the {which} token exists, else []."""
-    text = _token_text(settings.get(f"{which}_token"))
-    if not settings.get(f"add_{which}_token") or text is None:
-        return []
-    token_id = tokenizer.token_to_id(text)
-    if token_id is None:
-        raise TokenizerError(f"{folder / CONFIG_FILE}: add_{which}_token is true but {which}_token {text!r} "
-                             f"is not in {folder / TOKENIZER_FILE}")
-    return [(text, token_id)]
 
 
 def _pad(folder: Path, tokenizer: Tokenizer, settings: dict[str, Any],
