@@ -10,13 +10,16 @@ No process holds more than one shard (or, while joining, one part) in memory.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -31,9 +34,10 @@ from .distributed import (DistEnv, all_reduce_sum, broadcast_object, cpu_threads
                           init_distributed, set_activity)
 from .errors import UserError
 from .formats import FormatError, optional
-from .table_chunks import Source, csv_header, join_parquet, join_text, parquet_columns, shards
+from .table_chunks import Source, csv_header, join_parquet, join_text, one_type_per_column, parquet_columns, shards
 
 SHARD_ROWS = 10_000
+MAX_SHARD_ROWS = 10**12  # more would overflow pyarrow's batch size (a C long); one shard of a file anyway
 MANIFEST = "manifest.json"
 # A peer waits in a collective while rank 0 reads the whole input (validation) or joins the parts: hours for a
 # file larger than memory. A rank that dies is noticed by the launcher, not by this timeout.
@@ -56,8 +60,8 @@ def add_args(p: argparse.ArgumentParser) -> None:
 def check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     if args.nproc < 1:
         p.error(f"--nproc must be >= 1, got {args.nproc}")
-    if args.shard_rows < 1:
-        p.error(f"--shard-rows must be >= 1, got {args.shard_rows}")
+    if not 1 <= args.shard_rows <= MAX_SHARD_ROWS:
+        p.error(f"--shard-rows must be from 1 to {MAX_SHARD_ROWS}, got {args.shard_rows}")
     if args.nproc > 1 and args.output is None:
         p.error("--nproc shares the rows of --input FILE between ranks: give --input and --output")
 
@@ -92,11 +96,26 @@ def spawn(argv: list[str] | None, nproc: int, device: str) -> int:
            *without_nproc(argv)]
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS") or str(cpu_threads(nproc))}
     proc = subprocess.Popen(cmd, env=env)
+    with _forwarding_sigterm(proc):
+        try:
+            return proc.wait()
+        except KeyboardInterrupt:  # the ranks got it too: let them stop (their finished shards stay)
+            proc.wait()
+            raise
+
+
+@contextlib.contextmanager
+def _forwarding_sigterm(proc: subprocess.Popen) -> Iterator[None]:
+    """A SIGTERM sent to this process alone (a supervisor, `kill PID`) goes on to the launcher, which stops the
+    ranks; this process then waits for them. Without it the ranks ran on, orphaned, beside a rerun."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: proc.send_signal(signum))
     try:
-        return proc.wait()
-    except KeyboardInterrupt:  # the ranks got it too: let them stop (their finished shards stay)
-        proc.wait()
-        raise
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 # ---------------------------------------------------------------- ranks
@@ -226,11 +245,12 @@ class Job:
         return int(match.group(1)) if match else None
 
     def ours(self, name: str) -> bool:
-        """A name predict writes in the parts folder: the manifest, a part, or one of their temporary files."""
+        """A name predict writes in the parts folder: the manifest, a part, or a temporary file of one of them or of
+        the joined output."""
         if name == MANIFEST or self.shard_index(name) is not None:
             return True
-        return re.fullmatch(rf"\.(shard_\d{{6,}}{re.escape(self.output.suffix)}|{re.escape(MANIFEST)})\..+\.tmp",
-                            name) is not None
+        written = rf"shard_\d{{6,}}{re.escape(self.output.suffix)}|{re.escape(MANIFEST)}|{re.escape(self.output.name)}"
+        return re.fullmatch(rf"\.({written})\..+\.tmp", name) is not None
 
 
 def job(args: argparse.Namespace, fmt: str, text_column: str, pair_column: str | None) -> Job:
@@ -373,7 +393,8 @@ def _predict_shard(job: Job, classifier: Any, frame: pd.DataFrame, index: int) -
     source = job.source
     pairs = frame[source.pair_column].tolist() if source.pair_column is not None else None
     predictions = classifier.predict(frame[source.text_column].tolist(), job.batch_size, pairs=pairs)
-    write_table(with_predictions(frame, predictions, classifier.labels), job.part(index), job.fmt)
+    with one_type_per_column(job.output) if job.fmt == "parquet" else contextlib.nullcontext():
+        write_table(with_predictions(frame, predictions, classifier.labels), job.part(index), job.fmt)
     return sum(p.truncated for p in predictions)
 
 
@@ -381,13 +402,13 @@ def _predict_shard(job: Job, classifier: Any, frame: pd.DataFrame, index: int) -
 
 
 def join_parts(job: Job, count: int) -> None:
-    """Rank 0, once every rank is done: the parts in order into OUTPUT (a temporary name, then a rename),
-    one part in memory at a time; then the parts folder goes."""
+    """Rank 0, once every rank is done: the parts in order into OUTPUT (a temporary name in the parts folder, then a
+    rename), one part in memory at a time; then the parts folder goes."""
     paths = [job.part(i) for i in range(count)]
     missing = [p.name for p in paths if not p.is_file()]
     if missing:
         raise RuntimeError(f"{job.parts}: {missing[0]} is missing although every rank finished")
-    with files.writing(job.output) as tmp:
+    with files.writing(job.output, job.parts) as tmp:  # killed while joining: a rerun removes the temporary file
         if job.fmt == "parquet":
             join_parquet(paths, tmp, job.output)
         else:
@@ -425,6 +446,18 @@ def predict_file(job: Job, classifier: Any, ranks: Ranks) -> int:
     return 0
 
 
+def check_unchanged(job: Job, rows: int) -> None:
+    """Before the join: the input and the model are still those of the manifest (a file still being written, or
+    replaced, while it was predicted would give rows that were never checked, or miss some)."""
+    wanted = manifest(job, rows)
+    found = _manifest_in(job) or {}
+    changed = [k for k in wanted if found.get(k) != wanted[k]]
+    if changed:
+        raise DataError(f"--input {job.source.path} or --model {job.model} changed while predicting "
+                        f"({', '.join(changed)} differ); once they stay as they are, run the command again with "
+                        "--overwrite")
+
+
 def _after_failure(job: Job, ranks: Ranks) -> None:
     if ranks.size == 1:  # no peer is writing parts now
         forget_unstarted(job)
@@ -438,6 +471,7 @@ def _finish(job: Job, classifier: Any, rows: int, count: int, counts: tuple[int,
     from .predict import warn_truncated
 
     predicted, truncated = counts
+    check_unchanged(job, rows)
     warn_truncated(truncated, predicted, classifier)
     join_parts(job, count)
     rate = (f"{predicted / max(seconds, 1e-9):.1f} texts/s over {size} rank(s)" if predicted

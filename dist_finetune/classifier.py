@@ -28,9 +28,9 @@ from .encoding import fit_example, full_length, windows
 from .regression import TargetScale
 from .hf_import import load_hf_classifier
 from .onnx_export import ONNX_EXPORT_SUBDIR, ONNX_WEIGHTS, load_onnx
-from .tokenizer import PAD_ID, encode_batch
+from .tokenizer import GPT2_BPE, PAD_ID
 from .weights import (EXPORT_CONFIG, EXPORT_FILES, EXPORT_TOKENIZER, EXPORT_WEIGHTS, ExportInfo, WeightsError,
-                      load_export, read_export_info)
+                      export_tokenizer, load_export, read_export_info)
 
 EXPORT_SUBDIR = "export"  # where training writes a run's export
 
@@ -103,6 +103,8 @@ class Classifier:
         self.device = device
         self.backend = backend  # torch, or onnx: the model is an onnx_export.OnnxModel
         self.source = source  # the folder it was loaded from
+        # GPT-2's BPE, or the tokenizer.json an export of a Llama / Qwen3 model carries
+        self.tokenizer = GPT2_BPE if source is None else export_tokenizer(source, info)
 
     @classmethod
     def load(cls, path: str | Path, device: str | torch.device = "auto", backend: str = "auto") -> Classifier:
@@ -117,8 +119,8 @@ class Classifier:
             info = ExportInfo(labels, EXPORT_TOKENIZER, PAD_ID, model.config.context_length, "longest")
         else:
             info = read_export_info(folder)  # checks the JSON files before any model is built
-            model = load_onnx(folder / ONNX_WEIGHTS, device, len(info.labels)) if backend == "onnx" \
-                else load_export(folder)[0]
+            model = load_onnx(folder / ONNX_WEIGHTS, device, len(info.labels), info.max_length, info.pad_id) \
+                if backend == "onnx" else load_export(folder)[0]
         return cls(model, info, device, backend, folder)
 
     @property
@@ -144,8 +146,8 @@ class Classifier:
         if self.pairs != (pairs is not None):
             raise TypeError("this model classifies text pairs: call predict(texts, pairs=second_texts)" if self.pairs
                             else "this model classifies single texts: call predict(texts) without pairs")
-        tokens = _encoded(texts, "text")
-        pair_tokens = _encoded(pairs, "pair") if pairs is not None else [None] * len(tokens)
+        tokens = _encoded(texts, "text", self.tokenizer)
+        pair_tokens = _encoded(pairs, "pair", self.tokenizer) if pairs is not None else [None] * len(tokens)
         if len(pair_tokens) != len(tokens):
             raise ValueError(f"{len(tokens)} texts but {len(pair_tokens)} pairs: give one pair per text")
         examples = list(zip(tokens, pair_tokens))
@@ -199,7 +201,7 @@ class Classifier:
         return Prediction(labels[index], index, dict(zip(labels, probabilities)), truncated)
 
 
-def _encoded(texts: Sequence[str], what: str) -> list[list[int]]:
+def _encoded(texts: Sequence[str], what: str, tokenizer: Any) -> list[list[int]]:
     """Token ids of a list of strings; anything else, or an empty text, is refused naming its position."""
     if isinstance(texts, str):
         raise TypeError(f"predict takes a list of {what}s; for one {what}, write predict([{what}])")
@@ -207,7 +209,7 @@ def _encoded(texts: Sequence[str], what: str) -> list[list[int]]:
     for row, text in enumerate(texts, 1):
         if not isinstance(text, str):
             raise TypeError(f"{what} {row} is a {type(text).__name__}, not a str: predict takes a list of strings")
-    tokens = encode_batch(texts)
+    tokens = tokenizer.encode_batch(texts)
     for row, ids in enumerate(tokens, 1):
         if not ids:
             raise DataError(f"{what} {row}: it is empty (zero tokens); give a non-empty {what}")

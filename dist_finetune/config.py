@@ -45,6 +45,34 @@ MODEL_PRESETS: dict[str, dict[str, int]] = {
     "gpt2-large": dict(n_layer=36, n_head=20, n_embd=1280, context_length=1024),
     "gpt2-xl": dict(n_layer=48, n_head=25, n_embd=1600, context_length=1024),
 }
+# Llama 3.x / SmolLM2 / Qwen3 (decoder.py): the architecture keys of each published config.json, read by
+# DecoderConfig.from_hf; the weights and the tokenizer come from model.weights (a folder or the hub cache).
+_LLAMA3_ROPE = {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 8192}
+_SMOLLM2 = dict(model_type="llama", vocab_size=49152, max_position_embeddings=8192, rms_norm_eps=1e-5,
+                rope_theta=100000.0, tie_word_embeddings=True, bos_token_id=0, eos_token_id=0)
+_LLAMA_3_2 = dict(model_type="llama", vocab_size=128256, max_position_embeddings=131072,
+                  rms_norm_eps=1e-5, rope_theta=500000.0, rope_scaling=_LLAMA3_ROPE, tie_word_embeddings=True,
+                  bos_token_id=128000, eos_token_id=128001)
+_QWEN3 = dict(model_type="qwen3", vocab_size=151936, head_dim=128, max_position_embeddings=40960, rms_norm_eps=1e-6,
+              rope_theta=1000000.0, tie_word_embeddings=True, bos_token_id=151643, eos_token_id=151645)
+DECODER_PRESETS: dict[str, dict[str, Any]] = {
+    "smollm2-135m": dict(_SMOLLM2, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                         num_attention_heads=9, num_key_value_heads=3),
+    "smollm2-360m": dict(_SMOLLM2, hidden_size=960, intermediate_size=2560, num_hidden_layers=32,
+                         num_attention_heads=15, num_key_value_heads=5),
+    "llama-3.2-1b": dict(_LLAMA_3_2, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+                         num_attention_heads=32, num_key_value_heads=8, head_dim=64),
+    "llama-3.2-3b": dict(_LLAMA_3_2, hidden_size=3072, intermediate_size=8192, num_hidden_layers=28,
+                         num_attention_heads=24, num_key_value_heads=8, head_dim=128),
+    "qwen3-0.6b": dict(_QWEN3, hidden_size=1024, intermediate_size=3072, num_hidden_layers=28,
+                       num_attention_heads=16, num_key_value_heads=8),
+    "qwen3-1.7b": dict(_QWEN3, hidden_size=2048, intermediate_size=6144, num_hidden_layers=28,
+                       num_attention_heads=16, num_key_value_heads=8),
+}
+# The architecture read from model.weights' config.json (a Llama / Qwen3 checkpoint folder).
+AUTO_MODEL = "auto"
+DECODER_NAMES = (AUTO_MODEL, *DECODER_PRESETS)
 TRAINABLE_PATTERN = re.compile(r"^(all|last_block|head|last_layer|lora|last_(\d+)_blocks)$")
 TRAINABLE_CHOICES = "all | last_block | last_N_blocks (e.g. last_2_blocks) | head | last_layer | lora"
 
@@ -72,7 +100,7 @@ class Trainable:
 
     def block_count(self, n_layer: int) -> int:
         return n_layer if self.blocks is None else self.blocks
-LORA_TARGETS = ("attn", "mlp", "head")
+LORA_TARGETS = ("attn", "mlp", "head", "q", "k", "v", "o", "gate", "up", "down")  # see lora.TARGET_LAYERS
 
 
 def _split_fractions(path: str, value: Any) -> tuple[float, ...] | None:
@@ -173,7 +201,8 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    name: str = _choices("custom", *MODEL_PRESETS, default="gpt2")
+    # A GPT-2 preset, custom, a Llama / Qwen3 preset, or auto (the architecture in model.weights' config.json).
+    name: str = _choices("custom", *MODEL_PRESETS, *DECODER_NAMES, default="gpt2")
     # For `custom`: required. For a preset: leave unset (or equal to the preset).
     n_layer: int | None = None
     n_head: int | None = None
@@ -204,11 +233,23 @@ class ModelConfig:
     # torch: nn.Linear's own default (uniform +-1/sqrt(n_embd)), as the chapter's new out_head.
     head_init: str = _choices("gpt2", "torch", default="gpt2")
 
-    def arch(self) -> dict[str, int]:
-        """n_layer/n_head/n_embd/context_length, from the preset or the custom keys."""
+    @property
+    def is_decoder(self) -> bool:
+        """A Llama / Qwen3 model (decoder.py) rather than GPT-2."""
+        return self.name in DECODER_NAMES
+
+    def arch(self) -> dict[str, int] | None:
+        """n_layer/n_head/n_embd/context_length, from the preset or the custom keys; None for auto (the
+        architecture is in model.weights' config.json: families.backbone_config reads it)."""
         keys = ("n_layer", "n_head", "n_embd", "context_length")
         if self.name == "custom":
             return {k: getattr(self, k) for k in keys}
+        if self.name == AUTO_MODEL:
+            return None
+        if self.name in DECODER_PRESETS:
+            hf = DECODER_PRESETS[self.name]
+            return dict(n_layer=hf["num_hidden_layers"], n_head=hf["num_attention_heads"], n_embd=hf["hidden_size"],
+                        context_length=hf["max_position_embeddings"])
         return dict(MODEL_PRESETS[self.name])
 
 
@@ -655,11 +696,51 @@ def _validate(cfg: Config) -> None:
     _validate_data(cfg)
     _validate_train(cfg.train)
     _validate_rest(cfg)
+    if cfg.model.is_decoder:
+        _validate_decoder_run(cfg)
+    decoder_groups = [t for t in cfg.lora.targets if t not in ("attn", "mlp", "head")]
+    _check(cfg.model.is_decoder or cfg.model.trainable != "lora" or not decoder_groups,
+           f"lora.targets: {', '.join(decoder_groups)} name Llama / Qwen3 layers; GPT-2 (model.name={cfg.model.name}) "
+           "has attn, mlp, head")
+
+
+def _validate_decoder_run(cfg: Config) -> None:
+    """What is GPT-2 only so far, refused by key for the Llama / Qwen3 families."""
+    family = f"model.name={cfg.model.name} (a Llama / Qwen3 decoder)"
+    _check(cfg.data.text_pair_column is None, f"data.text_pair_column: text pairs are joined by GPT-2's paragraph "
+                                              f"token, GPT-2 only so far; {family}: remove the key")
+    other = [f for f in cfg.checkpoint.export_formats if f != "native"]
+    _check(not (cfg.checkpoint.export and other), f"checkpoint.export_formats: {', '.join(other)} is GPT-2 only so "
+                                                  f"far; {family} exports native: remove {', '.join(other)}")
+
+
+def _validate_decoder(m: ModelConfig) -> None:
+    """Llama / Qwen3: the architecture is the checkpoint's, the GPT-2-only keys are refused by name."""
+    family = f"model.name={m.name} (a Llama / Qwen3 decoder)"
+    _check(m.weights.lower() != "none", f"model.weights: {family} reads its tokenizer (and, for auto, its "
+                                        "architecture) from the checkpoint: set model.weights to its folder or hub id")
+    given = [f"model.{k}" for k in ("n_layer", "n_head", "n_embd", "context_length") if getattr(m, k) is not None]
+    _check(not given, f"{', '.join(given)}: {family} takes its architecture from config.json; remove them")
+    _check(m.causal_mask, f"model.causal_mask: false is GPT-2 only; {family} is causal (remove the key)")
+    _check(m.qkv_bias, f"model.qkv_bias: GPT-2 only; {family} takes attention biases from config.json "
+                       "(attention_bias): remove the key")
+    _check(m.dropout == 0.0, f"model.dropout: GPT-2 only; {family} uses config.json's attention_dropout: remove "
+                             "the key")
+    _check(m.vocab_size == 50257, f"model.vocab_size: GPT-2 only; {family} takes it from config.json: remove "
+                                  "the key")
 
 
 def _validate_model(m: ModelConfig) -> None:
     trainable = Trainable.parse(m.trainable)
     arch_keys = ("n_layer", "n_head", "n_embd", "context_length")
+    if m.is_decoder:
+        _validate_decoder(m)
+        arch = m.arch()
+        if trainable.blocks and arch is not None:  # auto: checked when the model is built
+            _check(trainable.blocks <= arch["n_layer"],
+                   f"model.trainable: {m.trainable!r} asks for {trainable.blocks} blocks but {m.name} has "
+                   f"{arch['n_layer']}")
+        return
     if m.name == "custom":
         missing = [f"model.{k}" for k in arch_keys if getattr(m, k) is None]
         _check(not missing, f"model.name is 'custom': set {', '.join(missing)}")
@@ -719,7 +800,7 @@ def _validate_data(cfg: Config) -> None:
     d, t, arch = cfg.data, cfg.train, cfg.model.arch()
     _validate_split(d)
     _validate_task(cfg)
-    if d.max_length is not None:
+    if d.max_length is not None and arch is not None:  # auto: data.load_data checks it against config.json
         _check(1 <= d.max_length <= arch["context_length"],
                f"data.max_length: {d.max_length} must be between 1 and the model's context length "
                f"({arch['context_length']})")
@@ -908,8 +989,17 @@ def _read_tree(path: str | Path) -> dict:
     return raw
 
 
+def _default_pooling(raw: dict) -> dict:
+    """model.pooling defaults to last_token for the Llama / Qwen3 families: they are causal, so the last real
+    token is the only one that has read the whole text (and padding is on the right)."""
+    model = raw.get("model")
+    if isinstance(model, dict) and model.get("name") in DECODER_NAMES and "pooling" not in model:
+        return {**raw, "model": {**model, "pooling": "last_token"}}
+    return raw
+
+
 def from_dict(raw: dict) -> Config:
-    cfg = _build(Config, raw)
+    cfg = _build(Config, _default_pooling(raw))
     _validate(cfg)
     return cfg
 

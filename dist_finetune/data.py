@@ -32,7 +32,7 @@ from .config import SPLIT_DEFAULT, SPLIT_DEFAULT_VAL, DataConfig
 from .formats import folder_sha256, read_dataset_dir, read_parquet
 from .encoding import fit_example, full_length, windows
 from .regression import TargetScale
-from .tokenizer import PAD_ID, encode_batch
+from .tokenizer import GPT2_BPE, PAD_ID
 from .errors import UserError
 from .splits import DataSplit, SplitError, check_every_label_in_every_part, stratified_split
 
@@ -490,13 +490,7 @@ def _parse_jsonl(path: Path, text: str) -> tuple[pd.DataFrame, tuple[int, ...]]:
     for number, line in enumerate(text.split("\n"), 1):
         if not line.strip():
             continue
-        try:
-            record = json.loads(line, object_pairs_hook=_unique_keys(path, number))
-        except json.JSONDecodeError as e:
-            raise DataError(
-                f"{path}, line {number}: not valid JSON ({e.msg} at character {e.colno}). Each line "
-                'must hold one JSON object, e.g. {"text": "...", "label": "..."}.'
-            ) from None
+        record = json_line(path, number, line)
         if not isinstance(record, dict):
             raise DataError(
                 f"{path}, line {number}: expected a JSON object, got a {type(record).__name__}. Each "
@@ -507,6 +501,33 @@ def _parse_jsonl(path: Path, text: str) -> tuple[pd.DataFrame, tuple[int, ...]]:
     columns = list(dict.fromkeys(k for record in records for k in record))
     frame = pd.DataFrame({c: pd.Series([r.get(c) for r in records], dtype=object) for c in columns})
     return frame, tuple(lines)
+
+
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F][0-9a-fA-F]{2}")
+
+
+def json_line(path: Path, number: int, line: str) -> Any:
+    """One JSONL line's value. Besides bad JSON, a line nested too deep to read and a lone surrogate escape
+    (\\ud800: no character, no UTF-8 file or output can hold it) are one DataError naming the line."""
+    each = 'Each line must hold one JSON object, e.g. {"text": "...", "label": "..."}.'
+    try:
+        value = json.loads(line, object_pairs_hook=_unique_keys(path, number))
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}, line {number}: not valid JSON ({e.msg} at character {e.colno}). {each}") from None
+    except RecursionError:
+        raise DataError(f"{path}, line {number}: the JSON is nested too deeply to read. {each}") from None
+    if _SURROGATE_ESCAPE.search(line) and not _utf8(value):
+        raise DataError(f"{path}, line {number}: a \\ud800-\\udfff escape that is not half of a surrogate pair "
+                        "(no character; UTF-8 cannot hold it). Fix the escape or delete it.")
+    return value
+
+
+def _utf8(value: Any) -> bool:
+    try:
+        json.dumps(value, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _unique_keys(path: Path, number: int) -> Callable[[list], dict]:
@@ -658,7 +679,7 @@ def bundled_sms_splits(seed: int = 123, balance: str = "undersample") -> dict[st
 
 
 def load_data(cfg: DataConfig, context_length: int, saved_split: DataSplit | None = None,
-              task: str = "single_label") -> DataBundle:
+              task: str = "single_label", tokenizer: Any = GPT2_BPE) -> DataBundle:
     """Read, validate, map labels, tokenize and truncate every split (before any training).
 
     A data.train_file that is split (cfg.split_fractions()) is split as `saved_split` records (a run's
@@ -689,7 +710,7 @@ def load_data(cfg: DataConfig, context_length: int, saved_split: DataSplit | Non
     else:
         label_map = _label_map_from_train(tables["train"])
         labels = {split: _label_ids(table, label_map, tables["train"].source.name) for split, table in tables.items()}
-    tokens = {split: _tokenize(table) for split, table in tables.items()}  # (text ids, pair ids or None)
+    tokens = {split: _tokenize(table, tokenizer) for split, table in tables.items()}  # (text ids, pair ids or None)
     texts = {split: table.frame["text"].tolist() for split, table in tables.items()}
     user_data = cfg.train_file is not None or cfg.dataset_dir is not None  # the bundled split is balanced already
     if cfg.balance == "undersample" and user_data:
@@ -898,8 +919,9 @@ def _multi_hot(table: _Table, label_map: LabelMap, train_name: str) -> list[list
     return rows
 
 
-def _tokenize(table: _Table) -> list[tuple[list[int], list[int] | None]]:
-    """Each row's token ids, and its pair's (None without text pairs)."""
+def _tokenize(table: _Table, tokenizer: Any) -> list[tuple[list[int], list[int] | None]]:
+    """Each row's token ids, and its pair's (None without text pairs); `tokenizer`: families.load_tokenizer's."""
+    encode_batch = tokenizer.encode_batch
     token_ids = encode_batch(table.frame["text"].tolist())
     columns = [(token_ids, table.source.text_column)]
     pair_ids = None
@@ -932,7 +954,7 @@ def load_eval_file(path: str | Path, text_column: str, label_column: str, label_
                    keys: tuple[str, str, str] = ("--data", "--text-column", "--label-column"),
                    long_texts: str = "truncate", head_tokens: int | None = None,
                    pair_column: str | None = None, chunk_stride: int | None = None,
-                   scale: TargetScale | None = None, separator: str | None = None,
+                   scale: TargetScale | None = None, separator: str | None = None, tokenizer: Any = GPT2_BPE,
                    ) -> tuple[ClassificationDataset, int]:
     """A labelled file read, validated, mapped with the run's labels and cut to max_length as in training.
 
@@ -952,7 +974,7 @@ def load_eval_file(path: str | Path, text_column: str, label_column: str, label_
         labels = _multi_hot(table, label_map, "the run's training data")
     else:
         labels = _label_ids(table, label_map, "the run's training data")
-    tokens = _tokenize(table)
+    tokens = _tokenize(table, tokenizer)
     if long_texts == "chunk":
         return windowed([ids for ids, _ in tokens], labels, table.frame["text"].tolist(), max_length, chunk_stride), 0
     truncated = sum(full_length(*row) > max_length for row in tokens)

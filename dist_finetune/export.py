@@ -73,6 +73,9 @@ def check_out(out: Path, overwrite: bool, fmt: str = "native") -> None:
 
 def export_run(run_dir: Path, checkpoint: str, out_dir: Path, fmt: str = "native") -> Path:
     cfg = load_run_config(run_dir)
+    if fmt != "native" and cfg.model.is_decoder:
+        raise RunError(f"--format {fmt}: {run_dir} is a model.name={cfg.model.name} (Llama / Qwen3) run; only the "
+                       "native export exists for these so far: export --format native")
     if fmt == "hf":  # before reading the checkpoint
         reason = unsupported(cfg.model.pooling, cfg.model.causal_mask, cfg.data.text_pair_column)
         if reason:

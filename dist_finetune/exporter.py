@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from .config import Config, DataConfig, LoraConfig, to_dict
+from .families import weights_folder
 from .regression import TargetScale
 from .hf_export import HF_EXPORT_SUBDIR, save_hf
 from .lora import has_lora, merge_lora
@@ -40,14 +41,17 @@ def save_format(fmt: str, model: GPTClassifier, out_dir: Path, cfg: Config, labe
     if fmt == "hf":
         save_hf(model, out_dir, labels, max_length, scale, multi_label=thresholds is not None)
     else:
+        tokenizer_dir = weights_folder(cfg.model) if cfg.model.is_decoder else None  # its tokenizer files
         save_model(model, out_dir, cfg.model.pooling, labels, max_length, cfg.data.padding, cfg.lora,
-                   cfg.data, scale, thresholds, fmt)
+                   cfg.data, scale, thresholds, fmt, tokenizer_dir)
 
 
 def save_model(model: GPTClassifier, out_dir: Path, pooling: str, labels: list, max_length: int | None,
                padding: str, lora: LoraConfig | None, data: DataConfig | None = None,
-               scale: TargetScale | None = None, thresholds: list[float] | None = None, fmt: str = "native") -> None:
-    """LoRA adapters are merged into plain weights unless lora.export=separate (native only)."""
+               scale: TargetScale | None = None, thresholds: list[float] | None = None, fmt: str = "native",
+               tokenizer_dir: Path | None = None) -> None:
+    """LoRA adapters are merged into plain weights unless lora.export=separate (native only); `tokenizer_dir`: a
+    Llama / Qwen3 checkpoint folder, whose tokenizer files the export carries."""
     lora, data = lora or LoraConfig(), data or DataConfig()
     keep = has_lora(model) and lora.export == "separate" and fmt == "native"
     if has_lora(model) and not keep:
@@ -56,4 +60,4 @@ def save_model(model: GPTClassifier, out_dir: Path, pooling: str, labels: list, 
                 lora=to_dict(lora) if keep else None, long_texts=data.long_texts, head_tokens=data.head_tokens,
                 text_pair_column=data.text_pair_column, chunk_stride=data.chunk_stride,
                 chunk_aggregate=data.chunk_aggregate, targets=scale.to_json() if scale is not None else None,
-                thresholds=thresholds, text_column=data.text_column, fmt=fmt)
+                thresholds=thresholds, text_column=data.text_column, fmt=fmt, tokenizer_dir=tokenizer_dir)

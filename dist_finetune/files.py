@@ -80,12 +80,12 @@ def replace_dir(new: Path, target: Path) -> None:
 
 
 @contextmanager
-def writing(path: Path) -> Iterator[Path]:
-    """A temporary name beside `path` for a writer that needs a path (pandas, savefig, safetensors);
-    renamed onto `path` when the block ends without error, removed otherwise. The file gets the usual
-    permissions even when the writer replaced it with one of its own (safetensors' 0600)."""
+def writing(path: Path, folder: Path | None = None) -> Iterator[Path]:
+    """A temporary name beside `path` (or in `folder`, on the same file system) for a writer that needs a path
+    (pandas, savefig, safetensors); renamed onto `path` when the block ends without error, removed otherwise. The
+    file gets the usual permissions even when the writer replaced it with one of its own (safetensors' 0600)."""
     path = Path(path)
-    tmp = temp_path_for(path)
+    tmp = temp_path_for(path if folder is None else Path(folder) / path.name)
     try:
         yield tmp
         os.chmod(tmp, file_mode())

@@ -19,7 +19,13 @@ if TYPE_CHECKING:
     from dist_finetune.config import LoraConfig
 
 # Which linear layers each `lora.targets` item names (relative to the classifier).
-TARGET_LAYERS = {"attn": ("attn.qkv", "attn.proj"), "mlp": ("mlp.fc", "mlp.proj"), "head": ("head",)}
+# GPT-2 has attn.qkv / attn.proj and mlp.fc / mlp.proj; the Llama / Qwen3 decoder keeps the Hugging Face names,
+# one group each (q k v o gate up down), and attn / mlp name all of its attention / MLP projections.
+_DECODER_GROUPS = {"q": ("attn.q_proj",), "k": ("attn.k_proj",), "v": ("attn.v_proj",), "o": ("attn.o_proj",),
+                   "gate": ("mlp.gate_proj",), "up": ("mlp.up_proj",), "down": ("mlp.down_proj",)}
+TARGET_LAYERS = {"attn": ("attn.qkv", "attn.proj", *(_DECODER_GROUPS[g][0] for g in "qkvo")),
+                 "mlp": ("mlp.fc", "mlp.proj", *(_DECODER_GROUPS[g][0] for g in ("gate", "up", "down"))),
+                 "head": ("head",), **_DECODER_GROUPS}
 ADAPTER_MARK = ".lora_"
 
 

@@ -16,7 +16,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from dist_finetune.config import Trainable
+from dist_finetune.config import ConfigError, Trainable
+from dist_finetune.decoder import Attention as DecoderAttention
+from dist_finetune.decoder import Decoder, DecoderConfig
 
 if TYPE_CHECKING:
     from dist_finetune.config import LoraConfig, ModelConfig
@@ -162,7 +164,10 @@ class GPT(nn.Module):
 
 
 class GPTClassifier(nn.Module):
-    def __init__(self, gpt_config: GPTConfig, num_classes: int, pooling: str = "last", head_init: str = "gpt2"):
+    """A classifier head on a backbone: GPT-2 (GPTConfig) or a Llama / Qwen3 decoder (DecoderConfig)."""
+
+    def __init__(self, gpt_config: GPTConfig | DecoderConfig, num_classes: int, pooling: str = "last",
+                 head_init: str = "gpt2"):
         super().__init__()
         if pooling not in POOLINGS:
             raise ValueError(f"pooling {pooling!r} is not one of {', '.join(POOLINGS)}")
@@ -170,18 +175,20 @@ class GPTClassifier(nn.Module):
             raise ValueError(f"num_classes must be >= 1, got {num_classes}")
         self.pooling = pooling
         self.num_classes = num_classes
-        self.backbone = GPT(gpt_config)
+        decoder = isinstance(gpt_config, DecoderConfig)
+        self.backbone = Decoder(gpt_config, lm_head=False) if decoder else GPT(gpt_config)
         self.head = nn.Linear(gpt_config.n_embd, num_classes)
         self.apply(_init_weights)
         # GPT-2: scale the init of the projections that write into the residual stream.
         std = 0.02 / math.sqrt(2 * gpt_config.n_layer)
         for block in self.backbone.blocks:
-            nn.init.normal_(block.attn.proj.weight, mean=0.0, std=std)
-            nn.init.normal_(block.mlp.proj.weight, mean=0.0, std=std)
+            out_projs = (block.attn.o_proj, block.mlp.down_proj) if decoder else (block.attn.proj, block.mlp.proj)
+            for proj in out_projs:
+                nn.init.normal_(proj.weight, mean=0.0, std=std)
         init_head(self.head, head_init)
 
     @property
-    def config(self) -> GPTConfig:
+    def config(self) -> GPTConfig | DecoderConfig:
         return self.backbone.config
 
     def forward(self, input_ids: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
@@ -235,8 +242,9 @@ def trainable_prefixes(policy: str, n_layer: int) -> tuple[str, ...]:
     if trainable.blocks == 0:  # head (lora: plus the adapters, see set_trainable)
         return ("head.",)
     n = trainable.blocks
-    if not 1 <= n <= n_layer:
-        raise ValueError(f"trainable policy {policy!r}: the model has {n_layer} blocks")
+    if not 1 <= n <= n_layer:  # a ConfigError: model.name=auto learns n_layer from config.json only here
+        raise ConfigError(f"model.trainable: {policy!r} asks for {n} blocks but the model has {n_layer}; choose "
+                          f"at most last_{n_layer}_blocks")
     blocks = tuple(f"backbone.blocks.{i}." for i in range(n_layer - n, n_layer))
     return blocks + ("backbone.ln_f.", "head.")
 
@@ -264,6 +272,8 @@ def configure_kernels(model: nn.Module, fused_qkv: bool = True, attention_backen
         if isinstance(module, CausalSelfAttention):
             module.fused_qkv = fused_qkv or not isinstance(module.qkv, nn.Linear)
             module.backend = backend
+        elif isinstance(module, DecoderAttention):  # separate q/k/v projections: nothing to fuse
+            module.backend = backend
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:
@@ -273,11 +283,14 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
 
 
 def build_model(mc: ModelConfig, num_classes: int, lora: LoraConfig | None = None) -> GPTClassifier:
-    """The architecture with GPT-2's random init; weights.load_pretrained loads weights.
+    """The architecture (families.backbone_config: GPT-2 or a Llama / Qwen3 decoder) with GPT-2's random
+    init; weights.load_pretrained loads weights.
 
     With `lora` and model.trainable=lora, the adapters are in place too (to read a LoRA checkpoint).
     """
-    model = GPTClassifier(GPTConfig.from_model_config(mc), num_classes, pooling=mc.pooling, head_init=mc.head_init)
+    from dist_finetune.families import backbone_config  # families reads weights folders: it imports this module
+
+    model = GPTClassifier(backbone_config(mc), num_classes, pooling=mc.pooling, head_init=mc.head_init)
     if lora is not None and mc.trainable == "lora":
         from dist_finetune.lora import apply_lora
 

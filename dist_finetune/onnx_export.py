@@ -109,17 +109,29 @@ class OnnxModel:
         return self
 
 
-def load_onnx(path: Path, device: torch.device, num_classes: int) -> OnnxModel:
-    """A damaged or foreign file is one WeightsError naming it."""
+def load_onnx(path: Path, device: torch.device, num_classes: int, max_length: int | None = None,
+              pad_id: int = 0) -> OnnxModel:
+    """A damaged or foreign file is one WeightsError naming it; so is a graph that cannot read `max_length` tokens
+    (model_config.json of another model: it fails on the first long text otherwise)."""
     if not path.is_file():
         raise WeightsError(f"{path} not found: {path.parent} is not an ONNX export; {_REEXPORT}")
     try:
-        return OnnxModel(path, device, num_classes)
+        model = OnnxModel(path, device, num_classes)
     except WeightsError:
         raise
     except Exception as exc:  # onnxruntime raises its own types for a bad file
-        first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
-        raise WeightsError(f"{path}: onnxruntime cannot load it ({first}); {_REEXPORT}") from None
+        raise WeightsError(f"{path}: onnxruntime cannot load it ({_first_line(exc)}); {_REEXPORT}") from None
+    if max_length is not None:
+        try:
+            model(torch.full((1, max_length), pad_id), torch.tensor([max_length]))
+        except Exception as exc:  # noqa: BLE001 - onnxruntime's own types
+            raise WeightsError(f"{path}: the graph cannot read max_length={max_length} tokens (model_config.json) "
+                               f"({_first_line(exc)}); the two files are of different models: {_REEXPORT}") from None
+    return model
+
+
+def _first_line(exc: Exception) -> str:
+    return str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
 
 
 def _session_options(ort):

@@ -115,6 +115,13 @@ def _check_output(path: Path, source: Path, overwrite: bool) -> str:
         optional("pyarrow", "parquet", f"--output {path}: writing a .parquet file")
     if not path.parent.is_dir():
         raise DataError(f"--output {path}: the folder {path.parent} does not exist; create it first")
+    if not os.access(path.parent, os.W_OK | os.X_OK):
+        raise DataError(f"--output {path}: the folder {path.parent} is not writable (predict writes the output and "
+                        f"{path.name}.parts there); choose another --output, or make the folder writable")
+    longest = os.pathconf(path.parent, "PC_NAME_MAX") - len(".XXXXXXXX.tmp.")  # files.writing's temporary name
+    if len(os.fsencode(path.name)) > longest:
+        raise DataError(f"--output {path}: the file name is too long ({len(os.fsencode(path.name))} bytes; predict "
+                        f"writes beside it under longer names, at most {longest} bytes here): choose a shorter name")
     if _same_file(path, source):
         raise DataError(f"--output {path} is the --input file; writing it would replace the texts it is read "
                         "from: choose another --output")

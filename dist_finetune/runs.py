@@ -34,7 +34,8 @@ from .files import atomic_write_text
 from .hf_export import HF_EXPORT_SUBDIR, HF_FILES
 from .onnx_export import ONNX_EXPORT_SUBDIR
 from .data import DataBundle, LabelMap, load_data
-from .model import GPTClassifier, GPTConfig, build_model
+from .families import backbone_config, block_parameters, embedding_parameters, load_tokenizer
+from .model import GPTClassifier, build_model
 from .splits import SPLIT_FILE, DataSplit, read_split
 from .trackers import IDS_FILE as TRACKER_IDS
 from .weights import EXPORT_CONFIG, EXPORT_LABELS, load_state_strict
@@ -147,7 +148,7 @@ def load_run_data(cfg: Config, run_dir: Path, saved: bool = True) -> DataBundle:
     (resume, evaluate), afresh otherwise (a new run, which writes the record when it commits)."""
     folder_split = cfg.data.dataset_dir is not None and (run_dir / SPLIT_FILE).is_file()  # a folder without val
     split = read_split(run_dir) if saved and (cfg.data.split_fractions() is not None or folder_split) else None
-    return load_data(cfg.data, GPTConfig.from_model_config(cfg.model).context_length, split, cfg.task)
+    return load_data(cfg.data, backbone_config(cfg.model).context_length, split, cfg.task, load_tokenizer(cfg.model))
 
 
 def run_facts(run_dir: Path, cfg: Config, bundle: DataBundle | None = None) -> RunFacts:
@@ -247,10 +248,9 @@ def saved_world_size(run_dir: Path, tag: str) -> int | None:
 def estimate_checkpoint_bytes(cfg: Config) -> int:
     """One checkpoint, roughly: every weight in fp32 plus fp32 master weights and two Adam moments
     for the trainable ones (an over-estimate for bf16 and for LoRA-style runs)."""
-    arch = cfg.model.arch()
-    c, layers = arch["n_embd"], arch["n_layer"]
-    block = 12 * c * c + 13 * c
-    total = layers * block + (cfg.model.vocab_size + arch["context_length"]) * c
+    arch = backbone_config(cfg.model)
+    c, block = arch.n_embd, block_parameters(arch)
+    total = arch.n_layer * block + embedding_parameters(arch)
     policy = Trainable.parse(cfg.model.trainable)
     trainable = total if policy.blocks is None else policy.blocks * block + 2 * c
     return 4 * total + 12 * trainable

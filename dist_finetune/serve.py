@@ -154,8 +154,8 @@ class Batcher:
         self.metrics.batch_size.observe(len(texts))
         pairs = [texts[i][1] for i in order] if self.classifier.pairs else None
         try:
-            results = await asyncio.to_thread(self.classifier.predict, [texts[i][0] for i in order], len(texts),
-                                              pairs=pairs)
+            results = await asyncio.to_thread(self.classifier.predict, [texts[i][0] for i in order], self.max_batch,
+                                              pairs=pairs)  # one request may bring more texts than --max-batch
         except Exception as exc:  # answered as a server error, and the server goes on
             for _, future in waiting:
                 if not future.done():
@@ -185,11 +185,14 @@ def texts_of(body: bytes, max_bytes: int, max_texts: int, pairs: bool) -> tuple[
     """The request's texts (and, for a model of text pairs, their second texts), or a ClientError naming what is
     wrong."""
     if len(body) > max_bytes:
-        raise ClientError(413, "body", f"the request body has {len(body)} bytes; at most {max_bytes} are accepted")
+        raise _too_big(f"{len(body)} bytes", max_bytes)
     try:
         data = json.loads(body)
     except (ValueError, UnicodeDecodeError) as exc:
         raise ClientError(400, "body", f"the body is not JSON ({exc}); send {{\"texts\": [\"...\"]}}") from None
+    except RecursionError:
+        raise ClientError(400, "body", "the body is JSON nested too deeply to read; send {\"texts\": [\"...\"]}") \
+            from None
     if not isinstance(data, dict):
         raise ClientError(422, "texts", 'send a JSON object with "texts" (a list of strings) or "text" (a string)')
     texts = _strings(data, "texts", "text", max_texts)
@@ -202,6 +205,24 @@ def texts_of(body: bytes, max_bytes: int, max_texts: int, pairs: bool) -> tuple[
     if len(second) != len(texts):
         raise ClientError(422, "pairs", f"{len(texts)} texts but {len(second)} pairs: send one pair per text")
     return texts, second
+
+
+async def body_of(request: Any, max_bytes: int) -> bytes:
+    """The request body, refused (413) as soon as it passes max_bytes, or before anything is read when its
+    Content-Length does: a client cannot make the server hold more than the limit."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > max_bytes:
+        raise _too_big(f"{int(declared)} bytes", max_bytes)
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > max_bytes:
+            raise _too_big(f"more than {max_bytes} bytes", max_bytes)
+    return bytes(body)
+
+
+def _too_big(size: str, max_bytes: int) -> ClientError:
+    return ClientError(413, "body", f"the request body has {size}; at most {max_bytes} are accepted")
 
 
 def _strings(data: dict, many: str, one: str, max_texts: int) -> list[str]:
@@ -266,7 +287,8 @@ def build_app(classifier: Classifier, source: Path, args: argparse.Namespace) ->
     async def classify(request: Request) -> JSONResponse:
         start = time.perf_counter()
         try:
-            texts, pairs = texts_of(await request.body(), args.max_bytes, args.max_texts, classifier.pairs)
+            texts, pairs = texts_of(await body_of(request, args.max_bytes), args.max_bytes, args.max_texts,
+                                    classifier.pairs)
             predictions = await asyncio.wait_for(state["batcher"].classify(texts, pairs), args.timeout)
         except ClientError as exc:
             return done(exc.status, start, {"error": {"field": exc.field, "message": exc.message}})

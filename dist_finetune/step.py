@@ -18,7 +18,6 @@ from .distributed import DistEnv, all_gather_rows, all_reduce_sum
 from .loaders import ShardedEvalSampler, eval_loader
 from . import multilabel, regression
 from .metrics import from_confusion
-from .tokenizer import PAD_ID
 
 
 def forward(model, batch: dict[str, torch.Tensor], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -167,7 +166,8 @@ def _forwards(model, batches, steps: int, env: DistEnv):
         batch = next(batches, None)
         real = batch is not None
         if not real:
-            batch = {"input_ids": torch.full((1, 1), PAD_ID), "lengths": torch.ones(1, dtype=torch.long),
+            # token 0: in every model's vocabulary (the output is dropped)
+            batch = {"input_ids": torch.zeros((1, 1), dtype=torch.long), "lengths": torch.ones(1, dtype=torch.long),
                      "labels": torch.zeros(1, dtype=torch.long)}
         logits, labels = forward(model, batch, env.device)
         yield logits, labels, real

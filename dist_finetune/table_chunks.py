@@ -4,9 +4,9 @@ time (every column as `data.read_texts` reads it), and part files of one table j
 from __future__ import annotations
 
 import csv
-import json
 import shutil
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -14,7 +14,8 @@ from typing import Any
 import pandas as pd
 
 # read_texts' own checks and messages, applied one piece at a time
-from .data import _FORMAT_NAMES, FORMATS, DataError, _check_unique_columns, _csv_options, _expected_layout, _unique_keys
+from .data import (_FORMAT_NAMES, FORMATS, DataError, _check_unique_columns, _csv_options, _expected_layout,
+                   json_line)
 from .formats import FormatError, arrow_frame, optional
 
 
@@ -111,15 +112,10 @@ def _jsonl_record(path: Path, raw: bytes, number: int) -> dict | None:
                         "must be UTF-8; re-save it as UTF-8.") from None
     if not line.strip():
         return None
-    example = 'e.g. {"text": "...", "label": "..."}.'
-    try:
-        record = json.loads(line, object_pairs_hook=_unique_keys(path, number))
-    except json.JSONDecodeError as e:
-        raise DataError(f"{path}, line {number}: not valid JSON ({e.msg} at character {e.colno}). Each line must "
-                        f"hold one JSON object, {example}") from None
+    record = json_line(path, number, line)
     if not isinstance(record, dict):
         raise DataError(f"{path}, line {number}: expected a JSON object, got a {type(record).__name__}. Each line "
-                        f"must hold one JSON object, {example}")
+                        'must hold one JSON object, e.g. {"text": "...", "label": "..."}.')
     return record
 
 
@@ -183,32 +179,34 @@ def _csv_header_bytes(path: Path, fmt: str) -> bytes:
 def join_parquet(paths: list[Path], tmp: Path, output: Path) -> None:
     import pyarrow.parquet as pq
 
-    schema = common_schema([pq.read_schema(p) for p in paths])
+    schema = common_schema([pq.read_schema(p) for p in paths], output)
     with pq.ParquetWriter(tmp, schema) as writer:
         for path in paths:
-            writer.write_table(_cast(pq.read_table(path), schema, output))
+            with one_type_per_column(output):
+                writer.write_table(pq.read_table(path).cast(schema))
 
 
-def common_schema(schemas: list[Any]) -> Any:
-    """The parts' schema: a column that is all null in one part (typed null there) takes its type in the others."""
+def common_schema(schemas: list[Any], output: Path) -> Any:
+    """The parts' schema: each column's types in the parts, unified (a column all null in one part, a struct field
+    or a list item all null there, takes its type in the others; ints and floats become floats)."""
     import pyarrow as pa
 
     first = schemas[0]
     if any(s.names != first.names for s in schemas):
         raise RuntimeError("the parts do not have the same columns")
-    fields = []
-    for i, name in enumerate(first.names):
-        types = [s.field(i).type for s in schemas]
-        fields.append(pa.field(name, next((t for t in types if not pa.types.is_null(t)), types[0])))
+    with one_type_per_column(output):
+        unified = pa.unify_schemas([s.remove_metadata() for s in schemas], promote_options="permissive")
     nulls = [sum(pa.types.is_null(f.type) for f in s) for s in schemas]
-    return pa.schema(fields, metadata=schemas[nulls.index(min(nulls))].metadata)
+    return unified.with_metadata(schemas[nulls.index(min(nulls))].metadata)
 
 
-def _cast(table: Any, schema: Any, output: Path) -> Any:
+@contextmanager
+def one_type_per_column(output: Path) -> Iterator[None]:
+    """Writing Parquet: a column of values of two types (Arrow's error) is one DataError naming --output."""
     import pyarrow as pa
 
     try:
-        return table.cast(schema)
+        yield
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError) as e:
         raise DataError(f"--output {output}: a column holds values of one type in some rows and of another in "
                         f"others ({' '.join(str(e).split())[:160]}); a Parquet column has one type: make the input "

@@ -59,3 +59,26 @@ def encode_batch(texts: list[str]) -> list[list[int]]:
 
 def decode(ids: list[int]) -> str:
     return get_tokenizer().decode(list(ids))
+
+
+class GPT2BPE:
+    """The GPT-2 BPE as a tokenizer object, beside hf_tokenizer.HFTokenizer (the same methods and ids as the
+    module functions above): callers take the one families.load_tokenizer chose for the model."""
+
+    pad_id = PAD_ID
+    eos_id = EOT_ID
+    bos_id = None
+    padding_side = "right"
+    vocab_size = VOCAB_SIZE
+
+    def encode(self, text: str) -> list[int]:
+        return encode(text)
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return encode_batch(texts)
+
+    def decode(self, ids: list[int]) -> str:
+        return decode(ids)
+
+
+GPT2_BPE = GPT2BPE()

@@ -33,6 +33,7 @@ from .hf_export import export_notes
 from .loaders import train_loader
 from .loss import class_weights, weight_tensor
 from .metrics import from_confusion
+from .families import load_tokenizer
 from .model import build_model, configure_kernels, count_parameters, set_trainable
 from .nonfinite import NonFiniteError, StepGuard
 from .preemption import PreemptionFlag
@@ -349,7 +350,7 @@ class Trainer:
         # task=multi_label: each label's decision threshold (tuned on the validation split at the end, if asked)
         self.thresholds = [cfg.eval.threshold] * len(self.data.label_map) if cfg.task == "multi_label" else None
         self.plan = plan_batches(cfg, env.world_size)
-        self.collate = make_collate(cfg.data.padding, self.data.max_length)
+        self.collate = make_collate(cfg.data.padding, self.data.max_length, load_tokenizer(cfg.model).pad_id)
         self.loader = train_loader(self.data.train, self.plan.micro_batch_size, self.collate, env.rank,
                                    env.world_size, cfg.seed, cfg.data.num_workers, cfg.data.group_by_length,
                                    pin_memory=cfg.data.pin_memory and env.device.type == "cuda")

@@ -19,8 +19,10 @@ import torch
 from torch import Tensor
 
 from dist_finetune.config import MODEL_PRESETS
+from dist_finetune.decoder import DecoderConfig
+from dist_finetune.hf_tokenizer import CHAT_TEMPLATE_FILE, CONFIG_FILE, SPECIAL_TOKENS_FILE, TOKENIZER_FILE, HFTokenizer
 from dist_finetune.model import GPT, POOLINGS, GPTClassifier, GPTConfig
-from dist_finetune.tokenizer import PAD_ID
+from dist_finetune.tokenizer import GPT2_BPE, PAD_ID, GPT2BPE
 from .encoding import AGGREGATES, LONG_TEXTS, PAIR_SEPARATOR
 from . import files
 from . import safe_load
@@ -38,6 +40,9 @@ EXPORT_LABELS = "labels.json"
 EXPORT_FILES = (EXPORT_WEIGHTS, EXPORT_CONFIG, EXPORT_LABELS)
 ONNX_FILES = ("model.onnx", "model.onnx.data")  # an ONNX export's graph in place of EXPORT_WEIGHTS (onnx_export.py)
 EXPORT_TOKENIZER = "gpt2"
+# A Llama / Qwen3 export: the checkpoint's tokenizer files, copied beside the weights (those it has).
+EXPORT_HF_TOKENIZER = TOKENIZER_FILE
+EXPORT_TOKENIZER_FILES = (TOKENIZER_FILE, CONFIG_FILE, SPECIAL_TOKENS_FILE, CHAT_TEMPLATE_FILE)
 ALLOW_DOWNLOAD_ENV = "DIST_FINETUNE_ALLOW_DOWNLOAD"
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 _WRAPPER_KEYS = ("model_state_dict", "state_dict", "module")
@@ -58,7 +63,9 @@ def hub_cache_dir() -> Path:
 
 
 def _has_weights(folder: Path) -> bool:
-    return folder.is_dir() and any((folder / name).is_file() for name in WEIGHT_FILES)
+    """GPT-2's single file, or a (Llama / Qwen3) sharded safetensors index."""
+    names = (*WEIGHT_FILES, "model.safetensors.index.json")
+    return folder.is_dir() and any((folder / name).is_file() for name in names)
 
 
 def cached_snapshot(repo_id: str, cache: Path | None = None) -> Path | None:
@@ -437,7 +444,10 @@ def load_pretrained(model: GPTClassifier, spec: str, download: bool = False, hea
 
     A transformers GPT2ForSequenceClassification's `score` becomes the head, its rows put in the order
     of `labels` (the data's label map), which must be the checkpoint's id2label labels (hf_import.py).
+    A Llama / Qwen3 backbone loads from its checkpoint folder shard by shard (decoder_weights.py); its head is new.
     """
+    if not isinstance(model.config, GPTConfig):
+        return _load_decoder_backbone(model, spec, download)
     source, raw, fmt = _read_weights(spec, download)
     sd = to_canonical(raw, fmt)
     if fmt == "hf":
@@ -487,6 +497,16 @@ def load_pretrained(model: GPTClassifier, spec: str, download: bool = False, hea
     )
 
 
+def _load_decoder_backbone(model: GPTClassifier, spec: str, download: bool) -> LoadReport:
+    from .decoder_weights import load_into  # it imports this module (WeightsError)
+
+    source = resolve_weights(spec, download)
+    load_into(model.backbone, source)
+    loaded = sorted(f"backbone.{name}" for name, _ in model.backbone.named_parameters())
+    return LoadReport(source=source, format="hf", loaded=loaded, missing=["head.bias", "head.weight"], unexpected=[],
+                      head_loaded=False)
+
+
 def _untied_lm_head(raw: dict[str, Tensor]) -> str | None:
     """The name of an LM head that differs from the token embedding: our LM head is tied, as in GPT-2."""
     for head, emb in (("lm_head.weight", "transformer.wte.weight"), ("lm_head.weight", "wte.weight"),
@@ -526,7 +546,7 @@ def export_leftovers(folder: Path) -> list[str]:
     folder = Path(folder)
     if not folder.is_dir():
         return [folder.name] if folder.exists() else []
-    return sorted(p.name for p in folder.iterdir() if p.name not in EXPORT_FILES + ONNX_FILES)
+    return sorted(p.name for p in folder.iterdir() if p.name not in EXPORT_FILES + ONNX_FILES + EXPORT_TOKENIZER_FILES)
 
 
 def save_export(model: GPTClassifier, folder: Path, pooling: str, labels: list | dict,
@@ -534,9 +554,11 @@ def save_export(model: GPTClassifier, folder: Path, pooling: str, labels: list |
                 long_texts: str = "truncate", head_tokens: int | None = None,
                 text_pair_column: str | None = None, chunk_stride: int | None = None,
                 chunk_aggregate: str = "mean", targets: dict | None = None,
-                thresholds: list[float] | None = None, text_column: str = "text", fmt: str = "native") -> None:
+                thresholds: list[float] | None = None, text_column: str = "text", fmt: str = "native",
+                tokenizer_dir: Path | None = None) -> None:
     """model.safetensors (fp32, canonical names) + model_config.json + labels.json (as given); fmt=onnx writes
-    model.onnx (onnx_export.py) in place of model.safetensors.
+    model.onnx (onnx_export.py) in place of model.safetensors. A Llama / Qwen3 model also gets the tokenizer
+    files of `tokenizer_dir` (its checkpoint folder), so that the export alone predicts.
 
     model_config.json also references the tokenizer and how training truncated and padded the texts
     (`max_length`, `padding`), so that predictions see the inputs the way training did. `lora` (the
@@ -556,8 +578,8 @@ def save_export(model: GPTClassifier, folder: Path, pooling: str, labels: list |
         )
     folder.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in model.state_dict().items()}
-    config = {"gpt": model.config.to_dict(), "num_classes": model.head.out_features, "pooling": pooling,
-              "tokenizer": EXPORT_TOKENIZER, "pad_id": PAD_ID, "max_length": max_length, "padding": padding,
+    config = {**_architecture_keys(model.config, tokenizer_dir), "num_classes": model.head.out_features,
+              "pooling": pooling, "max_length": max_length, "padding": padding,
               "long_texts": long_texts, "head_tokens": head_tokens, "text_column": text_column,
               "text_pair_column": text_pair_column,
               "pair_separator": list(PAIR_SEPARATOR) if text_pair_column is not None else None}
@@ -581,6 +603,19 @@ def save_export(model: GPTClassifier, folder: Path, pooling: str, labels: list |
                 save_file(state, str(tmp), metadata={"format": "pt"})
         files.atomic_write_text(new / EXPORT_CONFIG, json.dumps(config, indent=2) + "\n")
         files.atomic_write_text(new / EXPORT_LABELS, json.dumps(labels, indent=2) + "\n")
+        for name in EXPORT_TOKENIZER_FILES if config["tokenizer"] == EXPORT_HF_TOKENIZER else ():
+            if (Path(tokenizer_dir) / name).is_file():
+                files.atomic_write_text(new / name, (Path(tokenizer_dir) / name).read_text(encoding="utf-8"))
+
+
+def _architecture_keys(arch: GPTConfig | DecoderConfig, tokenizer_dir: Path | None) -> dict[str, Any]:
+    """gpt: GPT-2 and its BPE; decoder: a Llama / Qwen3 (its `family` says which) and its tokenizer.json."""
+    if isinstance(arch, GPTConfig):
+        return {"gpt": arch.to_dict(), "tokenizer": EXPORT_TOKENIZER, "pad_id": PAD_ID}
+    if tokenizer_dir is None:
+        raise ValueError("a Llama / Qwen3 export needs tokenizer_dir, the checkpoint folder with its tokenizer.json")
+    return {"decoder": arch.to_dict(), "tokenizer": EXPORT_HF_TOKENIZER,
+            "pad_id": HFTokenizer.from_folder(tokenizer_dir).pad_id}
 
 
 def _check_export_folder(folder: Path) -> None:
@@ -607,7 +642,7 @@ _PADDINGS = ("fixed", "longest", "none")
 class ExportSpec:
     """An export's model_config.json and labels.json, checked: safe to build a model from."""
 
-    gpt: GPTConfig
+    gpt: GPTConfig | DecoderConfig  # model_config.json's `gpt` or `decoder` (Llama / Qwen3)
     num_classes: int
     pooling: str
     config: dict[str, Any]  # the whole model_config.json
@@ -652,13 +687,25 @@ def _gpt_config(path: Path, gpt: Any) -> GPTConfig:
     return config
 
 
-def _fp32_bytes(gpt: GPTConfig, num_classes: int) -> int:
+def _decoder_config(path: Path, decoder: Any) -> DecoderConfig:
+    if not isinstance(decoder, dict):
+        raise WeightsError(f"{path}: key 'decoder' must be an object of architecture keys; {_REEXPORT}")
+    try:
+        return DecoderConfig.from_dict(decoder)
+    except (TypeError, ValueError) as exc:
+        raise WeightsError(f"{path}: decoder: {exc}; {_REEXPORT}") from None
+
+
+def _fp32_bytes(gpt: GPTConfig | DecoderConfig, num_classes: int) -> int:
+    if isinstance(gpt, DecoderConfig):  # counted on the meta device: no memory
+        with torch.device("meta"):
+            return 4 * sum(p.numel() for p in GPTClassifier(gpt, num_classes).parameters())
     d = gpt.n_embd
     per_block = 12 * d * d + 13 * d
     return 4 * ((gpt.vocab_size + gpt.context_length) * d + gpt.n_layer * per_block + 2 * d + (d + 1) * num_classes)
 
 
-def _check_model_keys(path: Path, config: dict[str, Any], gpt: GPTConfig) -> tuple[int, str]:
+def _check_model_keys(path: Path, config: dict[str, Any], gpt: GPTConfig | DecoderConfig) -> tuple[int, str]:
     num_classes = _int_at(path, "num_classes", config.get("num_classes"), 1, 2**20)
     pooling = config.get("pooling", "last")
     if pooling not in POOLINGS:
@@ -716,9 +763,12 @@ def read_export_spec(folder: Path) -> ExportSpec:
     config = _read_json(config_path)
     if not isinstance(config, dict):
         raise WeightsError(f"{config_path}: expected a JSON object, found {type(config).__name__}; {_REEXPORT}")
-    if "gpt" not in config:
+    if "decoder" in config:
+        gpt = _decoder_config(config_path, config["decoder"])
+    elif "gpt" in config:
+        gpt = _gpt_config(config_path, config["gpt"])
+    else:
         raise WeightsError(f"{config_path}: key 'gpt' (the architecture) is missing; {_REEXPORT}")
-    gpt = _gpt_config(config_path, config["gpt"])
     num_classes, pooling = _check_model_keys(config_path, config, gpt)
     raw = _read_json(labels_path)
     labels = _label_list(labels_path, raw, num_classes, config_path)
@@ -830,10 +880,18 @@ def read_export_info(folder: Path) -> ExportInfo:
         raise WeightsError(f"{folder / EXPORT_CONFIG}: long_texts {info.long_texts!r} / chunk_aggregate "
                            f"{info.chunk_aggregate!r} is not one of {' | '.join(LONG_TEXTS)} / "
                            f"{' | '.join(AGGREGATES)}; export the run again with this version")
-    if info.tokenizer != EXPORT_TOKENIZER:
+    if info.tokenizer not in (EXPORT_TOKENIZER, EXPORT_HF_TOKENIZER):
         raise WeightsError(f"{folder / EXPORT_CONFIG}: tokenizer {info.tokenizer!r} is not supported; only "
-                           f"{EXPORT_TOKENIZER!r} (the GPT-2 BPE)")
+                           f"{EXPORT_TOKENIZER!r} (the GPT-2 BPE) or {EXPORT_HF_TOKENIZER!r} (the file beside it)")
+    if info.tokenizer == EXPORT_HF_TOKENIZER and not (folder / TOKENIZER_FILE).is_file():
+        raise WeightsError(f"{folder / TOKENIZER_FILE}: not found, and {folder / EXPORT_CONFIG} names it as the "
+                           f"tokenizer; copy the model's tokenizer files there or {_REEXPORT}")
     return info
+
+
+def export_tokenizer(folder: Path, info: ExportInfo) -> GPT2BPE | HFTokenizer:
+    """The tokenizer an export's texts are encoded with (read_export_info checked it is there)."""
+    return GPT2_BPE if info.tokenizer == EXPORT_TOKENIZER else HFTokenizer.from_folder(folder)
 
 
 def load_state_strict(model: GPTClassifier, sd: dict[str, Tensor], source: str, fix: str) -> None:

@@ -3,8 +3,11 @@ Classifier.predict, on one rank or several (--nproc, torchrun); resumable; every
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pandas as pd
@@ -196,6 +199,41 @@ def test_a_rerun_keeps_the_finished_shards_and_predicts_the_rest(export, classif
     assert not bulk_predict_parts(out).exists()
 
 
+def test_a_join_killed_midway_leaves_its_temporary_file_where_the_rerun_removes_it(export, classifier, tmp_path,
+                                                                                   monkeypatch):
+    src = write_input(frame(), tmp_path / "in.csv")
+    out = tmp_path / "out.csv"
+    finished_shards(export, src, out, [0, 1, 2], classifier)  # every shard done: only the join was left
+    joined_in = []
+    real_join = bulk_predict.join_text
+    monkeypatch.setattr(bulk_predict, "join_text", lambda paths, tmp, fmt: joined_in.append(tmp.parent)
+                        or real_join(paths, tmp, fmt))
+    (bulk_predict_parts(out) / ".out.csv.k1ll3d99.tmp").write_text("id,text,pred")  # what kill -9 left there
+    assert run_main(export, src, out) == 0  # was: refused, a file predict did not write; and beside out.csv
+    assert joined_in == [bulk_predict_parts(out)]  # was: tmp_path, where no rerun may delete it
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.csv", "out.csv"]
+    assert len(read_output(out)) == ROWS
+
+
+def test_an_input_still_being_written_while_predicted_is_refused_before_the_join(export, tmp_path, monkeypatch,
+                                                                                 capsys):
+    src = write_input(frame(), tmp_path / "in.csv")
+    out = tmp_path / "out.csv"
+    real_predict = Classifier.predict
+
+    def predict_while_appended(self, texts, *args, **kwargs):
+        with src.open("a") as f:  # another program appends rows after the check
+            f.write("late,more text,\n" * 40)
+        return real_predict(self, texts, *args, **kwargs)
+
+    monkeypatch.setattr(Classifier, "predict", predict_while_appended)
+    assert run_main(export, src, out) == 2  # was: 0, "wrote 150 prediction(s)" and 192 rows, 42 never checked
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == (f"error: --input {src} or --model {export} changed while predicting (size, mtime_ns differ); "
+                       "once they stay as they are, run the command again with --overwrite"), err
+    assert not out.exists() and bulk_predict_parts(out).is_dir()  # the parts stay for the user to look at
+
+
 def test_parts_of_another_run_are_refused_and_replaced_only_with_overwrite(export, classifier, tmp_path, capsys):
     src = write_input(frame(), tmp_path / "in.csv")
     out = tmp_path / "out.csv"
@@ -267,3 +305,127 @@ def test_two_ranks_raise_the_same_error_for_a_bad_row(export, tmp_path):
     for rank in (0, 1):
         assert f"error (rank {rank}): {src}, row 100, column 'text': the text is empty or missing" in proc.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.csv"]
+
+
+# ---------------------------------------------------------------- hostile inputs and outputs
+
+
+@pytest.mark.parametrize("line, said", [
+    ('{"text": "deep", "d": ' + "[" * 100_000 + "]" * 100_000 + "}", "nested too deeply"),
+    ('{"text": "lone \\ud800 surrogate"}', "surrogate pair"),
+])
+def test_a_jsonl_line_python_cannot_hold_is_one_line_before_any_shard(export, tmp_path, capsys, line, said):
+    src = tmp_path / "in.jsonl"
+    src.write_text("".join(json.dumps({"text": f"ok {i}"}) + "\n" for i in range(100)) + line + "\n")
+    assert run_main(export, src, tmp_path / "out.csv") == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"{src}, line 101: " in err[0] and said in err[0], err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl"]
+
+
+def test_parquet_parts_of_different_inferred_types_join_without_losing_values(export, tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    late = [i >= SHARD for i in range(ROWS)]  # only the shards after the first hold these values
+    table = pa.table({"text": frame()["text"], "meta": [{"a": i, "b": f"x{i}" if x else None} for i, x in
+                                                        enumerate(late)],
+                      "items": [[i] if x else [] for i, x in enumerate(late)],
+                      "count": [i if x else None for i, x in enumerate(late)]})
+    pq.write_table(table, tmp_path / "in.parquet")
+    out = tmp_path / "out.parquet"
+    assert run_main(export, tmp_path / "in.parquet", out) == 0  # was: "a column holds values of one type ..."
+    got = pq.read_table(out)
+    for name in ("text", "meta", "items", "count"):
+        assert got[name].to_pylist() == table[name].to_pylist(), name
+    assert [str(got.schema.field(n).type) for n in ("meta", "count")] == ["struct<a: int64, b: string>", "int64"]
+    src = tmp_path / "in.jsonl"  # a struct whose fields differ between shards: each shard's fields kept
+    src.write_text("".join(json.dumps({"text": t, "meta": {"b": "x"} if x else {"a": 1}}) + "\n"
+                           for t, x in zip(frame()["text"], late)))
+    assert run_main(export, src, tmp_path / "j.parquet") == 0
+    assert pq.read_table(tmp_path / "j.parquet")["meta"].to_pylist() == [{"a": None, "b": "x"} if x else
+                                                                          {"a": 1, "b": None} for x in late]
+
+
+def test_values_of_two_types_in_one_shard_are_one_line_for_a_parquet_output(export, tmp_path, capsys):
+    src = tmp_path / "in.jsonl"
+    src.write_text("".join(json.dumps({"text": f"ok {i}", "meta": i if i % 2 else f"s{i}"}) + "\n" for i in range(9)))
+    assert run_main(export, src, tmp_path / "out.parquet") == 2
+    err = capsys.readouterr().err
+    assert err.strip().splitlines()[-1].startswith(f"error: --output {tmp_path / 'out.parquet'}: a column holds "
+                                                   "values of one type") and "Traceback" not in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl"]
+
+
+def test_an_output_name_too_long_for_the_temporary_names_is_one_line(export, tmp_path, capsys):
+    src = write_input(frame(), tmp_path / "in.csv")
+    longest = os.pathconf(tmp_path, "PC_NAME_MAX") - 14  # ".NAME.XXXXXXXX.tmp" must fit
+    assert run_main(export, src, tmp_path / ("a" * (longest - 4) + ".csv")) == 0
+    out = tmp_path / ("b" * (longest - 3) + ".csv")  # the OS takes this name, not the temporary one beside it
+    assert run_main(export, src, out) == 2  # was: OSError "File name too long" (a traceback)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == (f"error: --output {out}: the file name is too long ({longest + 1} bytes; predict writes beside "
+                       f"it under longer names, at most {longest} bytes here): choose a shorter name"), err
+    assert not out.exists() and not bulk_predict_parts(out).exists()
+
+
+@pytest.mark.parametrize("rows", ["0", "-3", str(10**12 + 1), "99999999999999999999"])
+def test_shard_rows_out_of_range_is_a_usage_error(tmp_path, capsys, rows):
+    with pytest.raises(SystemExit) as exit_:
+        predict.parse_args(["--model", "m", "--input", "a.parquet", "--output", "b.parquet", "--shard-rows", rows])
+    assert exit_.value.code == 2 and "--shard-rows must be from 1 to 1000000000000" in capsys.readouterr().err
+
+
+def test_a_read_only_output_folder_is_one_line_before_the_model_loads(export, tmp_path):
+    src = write_input(frame(), tmp_path / "in.csv")
+    folder = tmp_path / "ro"
+    folder.mkdir()
+    folder.chmod(0o555)
+    # root writes anywhere: drop that power (CAP_DAC_OVERRIDE) for the child, as a plain user has none
+    prefix = ["setpriv", "--bounding-set", "-dac_override,-dac_read_search", "--"] if os.geteuid() == 0 else []
+    if prefix and shutil.which("setpriv") is None:
+        pytest.skip("running as root without setpriv: a read-only folder cannot be made here")
+    try:
+        proc = run_process(export, src, folder / "out.csv", launcher=[*prefix, sys.executable])
+    finally:
+        folder.chmod(0o755)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    err = proc.stderr.strip().splitlines()
+    assert err == [f"error: --output {folder / 'out.csv'}: the folder {folder} is not writable (predict writes the "
+                   "output and out.csv.parts there); choose another --output, or make the folder writable"], err
+    assert list(folder.iterdir()) == []
+
+
+@pytest.mark.slow
+def test_sigterm_to_the_nproc_command_stops_its_ranks_and_a_one_rank_rerun_resumes(export, classifier, tmp_path):
+    import psutil
+
+    rows = 30_000
+    texts = [f"text {i} " + "free prize call now " * (i % 5) for i in range(rows)]
+    src = tmp_path / "in.csv"
+    pd.DataFrame({"id": [f"r{i}" for i in range(rows)], "text": texts}).to_csv(src, index=False)
+    out = tmp_path / "out.csv"
+    cmd = [sys.executable, "-m", "dist_finetune.predict", "--model", str(export), "--input", str(src), "--output",
+           str(out), "--device", "cpu", "--shard-rows", "200", "--nproc", "2"]
+    proc = subprocess.Popen(cmd, cwd=runner.REPO, env=runner.child_env(), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    try:
+        parts = bulk_predict_parts(out)
+        deadline = time.time() + 180
+        while not (parts.is_dir() and any(p.name.startswith("shard_") for p in parts.iterdir())):
+            assert proc.poll() is None and time.time() < deadline, "no shard was written"
+            time.sleep(0.05)
+        children = psutil.Process(proc.pid).children(recursive=True)  # torchrun and its two ranks
+        assert len(children) >= 3
+        proc.terminate()  # to this process alone, as a supervisor's stop or `kill PID` sends it
+        proc.wait(timeout=120)
+        _, alive = psutil.wait_procs(children, timeout=30)
+        assert alive == [], f"ranks outlived the command: {alive}"  # were orphaned, predicting on
+    finally:
+        runner.kill_tree(proc.pid)
+    assert not out.exists() and parts.is_dir()
+    rerun = run_process(export, src, out, shard_rows=200)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert "resuming: " in rerun.stderr
+    got = read_output(out)
+    assert got["id"].tolist() == [f"r{i}" for i in range(rows)] and not parts.exists()

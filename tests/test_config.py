@@ -235,7 +235,8 @@ def test_unknown_section_under_a_section() -> None:
         ("precision=fp8", "precision: 'fp8' is not allowed; choose one of: bf16 | bf16_autocast | fp16 | fp32"),
         ("train.schedule=step", "train.schedule: 'step' is not allowed; choose one of: constant | linear | cosine"),
         ("model.name=gpt3", "model.name: 'gpt3' is not allowed; choose one of: custom | gpt2 | gpt2-medium | "
-                            "gpt2-large | gpt2-xl"),
+                            "gpt2-large | gpt2-xl | auto | smollm2-135m | smollm2-360m | llama-3.2-1b | "
+                            "llama-3.2-3b | qwen3-0.6b | qwen3-1.7b"),
     ],
 )
 def test_bad_choice_lists_the_allowed_values(override: str, message: str) -> None:

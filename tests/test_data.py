@@ -266,6 +266,12 @@ BAD_DATA = [
     ("bad json", dict(train=("train.jsonl", '{"text": "a", "label": "x"}\n{"text": "b", label}\n')),
      ["train.jsonl", "line 2", "not valid JSON"]),
     ("json not object", dict(train=("train.jsonl", '["a", "x"]\n')), ["train.jsonl", "line 1", "JSON object"]),
+    ("json nested too deep", dict(train=("train.jsonl", '{"text": "a", "label": "x"}\n{"text": "b", "d": '
+                                         + "[" * 100_000 + "]" * 100_000 + "}\n")),
+     ["train.jsonl", "line 2", "nested too deeply"]),
+    ("json lone surrogate", dict(train=("train.jsonl", '{"text": "a \\ud83d\\ude00", "label": "x"}\n'
+                                                       '{"text": "b \\ud800", "label": "y"}\n')),
+     ["train.jsonl", "line 2", "surrogate"]),
     ("json null text", dict(train=("train.jsonl", '{"text": "a", "label": "x"}\n{"text": null, "label": "y"}\n')),
      ["train.jsonl", "row 2 (line 2)", "'text'", "empty"]),
     ("json empty text zero tokens",

@@ -19,39 +19,10 @@ from dist_finetune import decoder_weights  # noqa: E402
 from dist_finetune.decoder import Decoder, DecoderConfig, rope_inv_freq  # noqa: E402
 from dist_finetune.decoder_weights import DecoderWeightsError, hf_name, load_decoder, load_into  # noqa: E402
 from dist_finetune.hf_tokenizer import HFTokenizer  # noqa: E402
+from decoder_checkpoints import (CASES, LLAMA3_ROPE, VOCAB, edit_json, hf_config,  # noqa: E402
+                                make_checkpoint, mixed_text, save_tokenizer, train_tokenizer)
 
 TOL = 1e-5
-VOCAB = 128
-LLAMA3_ROPE = dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
-                   original_max_position_embeddings=64)
-# family, tied, extra HF config, sharded
-CASES = {
-    "llama-untied-llama3rope-bias-sharded": ("llama", False, dict(rope_scaling=LLAMA3_ROPE, attention_bias=True), True),
-    "llama-tied": ("llama", True, dict(rope_theta=500000.0), False),
-    "qwen3-untied": ("qwen3", False, dict(head_dim=32, rope_theta=1000000.0), False),
-    "qwen3-tied-sharded": ("qwen3", True, dict(head_dim=16), True),
-}
-
-
-def hf_config(family: str, tied: bool, **extra):
-    cls = transformers.LlamaConfig if family == "llama" else transformers.Qwen3Config
-    extra = {k: dict(v) if isinstance(v, dict) else v for k, v in extra.items()}  # transformers edits them in place
-    return cls(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-               num_key_value_heads=2, max_position_embeddings=128, tie_word_embeddings=tied, initializer_range=0.1,
-               bos_token_id=1, eos_token_id=2, **extra)
-
-
-def make_checkpoint(folder: Path, case: str, seed: int = 0):
-    family, tied, extra, sharded = CASES[case]
-    torch.manual_seed(seed)
-    cls = transformers.LlamaForCausalLM if family == "llama" else transformers.Qwen3ForCausalLM
-    model = cls(hf_config(family, tied, **extra)).eval()
-    with torch.no_grad():  # norms start at one: make them matter
-        for name, p in model.named_parameters():
-            if "norm" in name or name.endswith("bias"):
-                p.add_(0.2 * torch.randn_like(p))
-    model.save_pretrained(folder, **(dict(max_shard_size="20KB") if sharded else {}))
-    return model
 
 
 @pytest.fixture(scope="module", params=sorted(CASES))
@@ -205,6 +176,13 @@ def test_config_round_trips(name: str) -> None:
     assert DecoderConfig.from_hf(hf_cls.from_dict(config.to_hf()).to_dict()) == config  # transformers 5 layout
 
 
+@pytest.mark.parametrize("name", sorted(REAL_CONFIGS))
+def test_presets_are_the_published_configs(name: str) -> None:
+    from dist_finetune.config import DECODER_PRESETS
+
+    assert DecoderConfig.from_hf(DECODER_PRESETS[name]) == DecoderConfig.from_hf(REAL_CONFIGS[name])
+
+
 def test_transformers_5_rope_parameters_layout_reads_alike() -> None:
     saved = hf_config("llama", False, rope_scaling=LLAMA3_ROPE, rope_theta=500000.0).to_dict()
     assert "rope_parameters" in saved
@@ -330,68 +308,10 @@ def test_missing_files_name_the_file(untied_folder: Path, tmp_path: Path) -> Non
 
 # ---------------------------------------------------------------- the tokenizer
 
-WORDS = ["the", "model", "classifies", "spam", "Hello", "world", "quick", "brown", "fox", "don't", "it's"]
-ACCENTED = ["naïve", "café", "déjà", "über", "São", "Ελληνικά", "Привет", "façade", "Ünïcödé", "mañana"]
-CJK = ["東京", "中文测试", "日本語のテキスト", "한국어", "北京大学", "ひらがな", "漢字"]
-EMOJI = ["😀", "🎉", "👩‍💻", "🇫🇷", "❤️", "🤖🤖", "✨"]
-SPACES = [" ", "  ", "\t", "\n", "\n\n", "   \t ", " \n "]
-PUNCT = [".", ",", "!", "?", "...", "--", "(", ")", "'", '"', ":)"]
-
-
-def mixed_text(rng: random.Random) -> str:
-    pools = [WORDS, WORDS, ACCENTED, CJK, EMOJI, PUNCT]
-    parts = []
-    for _ in range(rng.randint(0, 14)):
-        kind = rng.random()
-        if kind < 0.15:
-            parts.append(str(rng.randint(0, 10 ** rng.randint(1, 9))) + rng.choice(["", ".5", "%", "-2024"]))
-        elif kind < 0.3:
-            parts.append(rng.choice(SPACES))
-        elif kind < 0.32:
-            parts.append("<|end_of_text|>")  # a special token written in the text
-        else:
-            parts.append(rng.choice(rng.choice(pools)) + rng.choice(["", " ", " ", ""]))
-    return "".join(parts)
-
-
 @pytest.fixture(scope="module")
 def trained_tokenizer():
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    return train_tokenizer()
 
-    rng = random.Random(1)
-    corpus = [mixed_text(rng) for _ in range(400)]
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
-                                                 pre_tokenizers.ByteLevel(add_prefix_space=False)])
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=600, special_tokens=["<|begin_of_text|>", "<|end_of_text|>", "<pad>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(corpus, trainer)
-    return tok
-
-
-def save_tokenizer(tok, folder: Path, bos_template: bool, **kwargs) -> Path:
-    from tokenizers import processors
-
-    tok = tokenizers.Tokenizer.from_str(tok.to_str())
-    if bos_template:  # Llama 3: <|begin_of_text|> through a template post-processor
-        tok.post_processor = processors.TemplateProcessing(
-            single="<|begin_of_text|> $A", pair="<|begin_of_text|> $A <|begin_of_text|> $B:1",
-            special_tokens=[("<|begin_of_text|>", tok.token_to_id("<|begin_of_text|>"))])
-    else:
-        tok.post_processor = processors.ByteLevel(trim_offsets=False)
-    wrapped = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|begin_of_text|>",
-                                                   eos_token="<|end_of_text|>", **kwargs)
-    wrapped.save_pretrained(folder)
-    return folder
-
-
-def edit_json(path: Path, **changes) -> None:
-    data = json.loads(path.read_text()) if path.is_file() else {}
-    data.update(changes)
-    for key in [k for k, v in changes.items() if v is None]:
-        data.pop(key)
-    path.write_text(json.dumps(data))
 
 
 def tokenizer_folder(kind: str, tok, folder: Path) -> Path:

@@ -177,3 +177,15 @@ def _wait_ready(proc: subprocess.Popen, url: str) -> None:
         except httpx.TransportError:
             time.sleep(0.2)
     raise AssertionError("the server did not become ready in 90 s")
+
+
+def test_a_config_whose_max_length_the_graph_cannot_read_is_one_line(tmp_path, capsys):
+    _random_export(tmp_path, "onnx", "onnx", classes=2, labels=["a", "b"], max_length=32)  # a graph of 64 positions
+    config = json.loads((tmp_path / "onnx" / "model_config.json").read_text())
+    config["gpt"]["context_length"], config["max_length"] = 512, 512  # another model's config beside the graph
+    (tmp_path / "onnx" / "model_config.json").write_text(json.dumps(config))
+    with pytest.raises(WeightsError, match="the graph cannot read max_length=512 tokens"):
+        Classifier.load(tmp_path / "onnx", device="cpu")  # was: loaded, then a traceback on the first long text
+    assert predict_main(["--model", str(tmp_path / "onnx"), "ok " * 600]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1 and "model.onnx" in err, err

@@ -1,8 +1,10 @@
 """`python -m dist_finetune.serve`: the real server process on a free 127.0.0.1 port, talked to over HTTP."""
 from __future__ import annotations
 
+import asyncio
 import json
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -16,6 +18,7 @@ import torch
 import runner
 from dist_finetune import Classifier
 from dist_finetune.model import GPTClassifier, GPTConfig
+from dist_finetune.serve import Batcher, Metrics
 from dist_finetune.weights import save_export
 
 TEXTS = ["WINNER! Claim your prize now", "see you at 8", "ok", "Free entry in a weekly competition, txt WIN",
@@ -175,3 +178,51 @@ def test_a_model_of_text_pairs_is_served_with_pairs(tmp_path):
     finally:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=60) == 0, proc.communicate()
+
+
+def _raw_request(url: str, head: str, body: bytes) -> str:
+    """Send a request's head and the start of its body, never the rest; the server's answer (waits 20 s)."""
+    host, port = url.rsplit("/", 1)[1].split(":")
+    with socket.create_connection((host, int(port)), timeout=20) as conn:
+        conn.sendall(f"POST /v1/classify HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n{head}"
+                     "\r\n".encode() + body)
+        return conn.recv(65536).decode("utf-8", "replace")
+
+
+def test_a_body_over_the_limit_is_refused_before_it_is_read_whole(server):
+    declared = _raw_request(server, f"Content-Length: {10**12}\r\n", b'{"text": "')  # was: waited for 1 TB
+    assert declared.startswith("HTTP/1.1 413") and "the request body has 1000000000000 bytes" in declared, declared
+    chunk = b'{"text": "' + b"x" * 30000
+    chunked = _raw_request(server, "Transfer-Encoding: chunked\r\n", b"%x\r\n%s\r\n" % (len(chunk), chunk))
+    assert chunked.startswith("HTTP/1.1 413") and "more than 20000 bytes" in chunked, chunked  # was: read it all
+    assert httpx.post(f"{server}/v1/classify", json={"text": "still serving"}).status_code == 200
+
+
+def test_json_nested_too_deeply_is_a_400(server):
+    body = b'{"text": ' + b"[" * 9000 + b"]" * 9000 + b"}"  # was: a 500 (RecursionError)
+    response = httpx.post(f"{server}/v1/classify", content=body, headers={"Content-Type": "application/json"})
+    assert response.status_code == 400 and response.json()["error"]["field"] == "body", response.text
+
+
+def test_one_request_of_many_texts_is_predicted_in_forward_passes_of_max_batch(export):
+    clf = Classifier.load(export, device="cpu")
+    sizes = []
+
+    class Counting:
+        pairs = False
+
+        def predict(self, texts, batch_size, pairs=None):
+            sizes.append(batch_size)
+            return clf.predict(texts, batch_size)
+
+    async def classify() -> list:
+        batcher = Batcher(Counting(), 4, 0.0, Metrics())
+        task = asyncio.create_task(batcher.run())
+        try:
+            return await batcher.classify(TEXTS)
+        finally:
+            task.cancel()
+
+    got = asyncio.run(classify())
+    assert sizes == [4]  # was: len(TEXTS), one forward of 10 texts for --max-batch 4
+    assert [p.label for p in got] == [p.label for p in clf.predict(TEXTS)]
