@@ -47,6 +47,19 @@ class Run:
         return f"--- stdout\n{self.proc.stdout[-4000:]}\n--- stderr\n{self.proc.stderr[-6000:]}"
 
 
+def tiny_export(folder: Path, seed: int = 0) -> Path:
+    """A random quickstart-shaped ham/spam classifier exported to `folder` (serving and predict tests)."""
+    import torch
+
+    from dist_finetune.model import GPTClassifier, GPTConfig
+    from dist_finetune.weights import save_export
+
+    torch.manual_seed(seed)
+    model = GPTClassifier(GPTConfig(n_layer=2, n_head=4, n_embd=64, context_length=128), 2, "last_token")
+    save_export(model, folder, "last_token", ["ham", "spam"], max_length=32, padding="longest")
+    return folder
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

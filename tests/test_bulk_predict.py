@@ -12,12 +12,9 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-import torch
 
 import runner
 from dist_finetune import Classifier, bulk_predict, predict
-from dist_finetune.model import GPTClassifier, GPTConfig
-from dist_finetune.weights import save_export
 
 ROWS = 150
 SHARD = 64  # a multiple of --batch-size 32: the batches are those of one whole-file predict call
@@ -26,11 +23,7 @@ FORMATS = ["csv", "jsonl", "parquet"]
 
 @pytest.fixture(scope="module")
 def export(tmp_path_factory) -> Path:
-    torch.manual_seed(0)
-    folder = tmp_path_factory.mktemp("bulk") / "export"
-    model = GPTClassifier(GPTConfig(n_layer=2, n_head=4, n_embd=64, context_length=128), 2, "last_token")
-    save_export(model, folder, "last_token", ["ham", "spam"], max_length=32, padding="longest")
-    return folder
+    return runner.tiny_export(tmp_path_factory.mktemp("bulk") / "export")
 
 
 @pytest.fixture(scope="module")

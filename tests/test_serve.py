@@ -28,11 +28,7 @@ TEXTS = ["WINNER! Claim your prize now", "see you at 8", "ok", "Free entry in a 
 
 @pytest.fixture(scope="module")
 def export(tmp_path_factory) -> Path:
-    torch.manual_seed(0)
-    folder = tmp_path_factory.mktemp("serve") / "export"
-    model = GPTClassifier(GPTConfig(n_layer=2, n_head=4, n_embd=64, context_length=128), 2, "last_token")
-    save_export(model, folder, "last_token", ["ham", "spam"], max_length=32, padding="longest")
-    return folder
+    return runner.tiny_export(tmp_path_factory.mktemp("serve") / "export")
 
 
 def start(export: Path, *flags: str) -> tuple[subprocess.Popen, str]:

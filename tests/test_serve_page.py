@@ -20,12 +20,9 @@ from typing import Any
 
 import httpx
 import pytest
-import torch
 
 import runner
 from dist_finetune import Classifier
-from dist_finetune.model import GPTClassifier, GPTConfig
-from dist_finetune.weights import save_export
 
 pytestmark = pytest.mark.slow
 
@@ -119,11 +116,7 @@ def stop_group(proc: subprocess.Popen) -> None:
 
 @pytest.fixture(scope="module")
 def export(tmp_path_factory) -> Path:
-    torch.manual_seed(0)
-    folder = tmp_path_factory.mktemp("page") / "export"
-    model = GPTClassifier(GPTConfig(n_layer=2, n_head=4, n_embd=64, context_length=128), 2, "last_token")
-    save_export(model, folder, "last_token", ["ham", "spam"], max_length=32, padding="longest")
-    return folder
+    return runner.tiny_export(tmp_path_factory.mktemp("page") / "export")
 
 
 @pytest.fixture(scope="module")
