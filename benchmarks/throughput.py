@@ -24,7 +24,9 @@ Batches
     padding=fixed: every batch padded (or cut) to `seq` tokens. padding=longest: each batch padded to
     its longest text, batches grouped by length (data.group_by_length). The first 16 batches of an
     epoch go to the device once, before timing, and are cycled. Real tokens are the texts' tokens;
-    padded tokens are what the model computes on (batch x width).
+    padded tokens are what the model computes on (batch x width). Every setting gets the texts' GPT-2 BPE
+    ids: a Llama / Qwen3 setting (random weights, as GPT-2's) gets them folded into its vocabulary
+    (id % vocab_size), so its batches have GPT-2's shapes and real tokens and no tokenizer is read.
 
 Timing
     Warm-up steps first (torch.compile compiles there; their wall time is `warmup_seconds`), then N
@@ -43,7 +45,9 @@ Peak memory
 from __future__ import annotations
 
 import argparse
+import atexit
 import datetime
+import functools
 import gc
 import itertools
 import json
@@ -51,7 +55,9 @@ import math
 import os
 import platform
 import re
+import shutil
 import subprocess
+import tempfile
 import sys
 import time
 import traceback
@@ -68,6 +74,7 @@ from dist_finetune.config import Config, ConfigError, load_config
 from dist_finetune.data import ClassificationDataset, DataBundle, load_data, make_collate
 from dist_finetune.distributed import DistEnv, init_distributed, shutdown
 from dist_finetune.engine import build_engine, optimizer_kind, plan_batches
+from dist_finetune.families import backbone_config
 from dist_finetune.loaders import train_loader
 from dist_finetune.model import GPTClassifier, count_parameters
 from dist_finetune.report import peak_memory_bytes
@@ -121,6 +128,22 @@ QUICKSTART_BASE = ("model.name=custom", "model.n_layer=2", "model.n_head=4", "mo
 GPT2_BASE = ("model.name=gpt2", "model.weights=none", "model.pooling=last_token", "model.trainable=all",
              "precision=bf16")
 B64 = dict(micro_batch=64, seq=128)
+# A decoder refuses model.weights=none (it names the folder of its tokenizer); the benchmark never reads it: the
+# weights are random (as GPT-2's above) and the batches GPT-2 BPE ids folded into the model's vocabulary.
+UNREAD_WEIGHTS = "model.weights=unread-random-weights"
+DECODER_PRESET_SETTINGS = ("smollm2-135m", "qwen3-0.6b", "llama-3.2-1b")  # the families beside GPT-2 124M
+_NO_GPT2_ARCH = ("model.n_layer=null", "model.n_head=null", "model.n_embd=null", "model.context_length=null")
+TINY_LLAMA = dict(model_type="llama", vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, tie_word_embeddings=True)
+
+
+@functools.lru_cache(maxsize=1)
+def tiny_llama_folder() -> Path:
+    """A config.json alone (model.name=auto reads the architecture there; no weights, no tokenizer), removed at exit."""
+    folder = Path(tempfile.mkdtemp(prefix="throughput-tiny-llama-"))
+    atexit.register(shutil.rmtree, folder, True)
+    (folder / "config.json").write_text(json.dumps(TINY_LLAMA), encoding="utf-8")
+    return folder
 
 
 def tiny_matrix(with_compile: bool) -> Matrix:
@@ -131,6 +154,7 @@ def tiny_matrix(with_compile: bool) -> Matrix:
         Setting("engine-longest-8", padding="longest"),
         Setting("engine-unfused-qkv", ("model.fused_qkv=false",)),
         Setting("engine-last-block", ("model.trainable=last_block",)),
+        Setting("engine-tiny-llama", ("model.name=auto", f"model.weights={tiny_llama_folder()}", *_NO_GPT2_ARCH)),
     ]
     if with_compile:
         settings.insert(5, Setting("engine-compiled", ("train.compile=true",)))
@@ -188,6 +212,8 @@ def gpu_matrix(with_compile: bool = True) -> Matrix:
         Setting("engine-zero3-64x128", ("zero.stage=3",), **B64),
         Setting("gpt2-xl-zero3-4x128", xl, micro_batch=4, seq=128, steps=5, warmup=2),
         Setting("gpt2-xl-zero3-16x128", xl, micro_batch=16, seq=128, steps=5, warmup=2),
+        *(Setting(f"{name}-bf16-64x128", (f"model.name={name}", UNREAD_WEIGHTS), **B64)
+          for name in DECODER_PRESET_SETTINGS),
     ), steps=25, warmup=3)
 
 
@@ -241,7 +267,8 @@ class FlopCounter:
 
     forward = 2 x (n_layer x block parameters + final LayerNorm and head parameters)
               + 4 x n_layer x seq x n_embd (QK^T and AV over the full seq x seq square: not halved for
-              the causal mask, as nanoGPT and PaLM count it).
+              the causal mask, as nanoGPT and PaLM count it); n_embd: the attention's width, for a Llama / Qwen3
+              the query heads x head_dim (Qwen3-0.6B: 16 x 128 = 2048 against hidden_size 1024).
     backward = 2 x the forward FLOPs of the blocks from the lowest trainable one upwards, plus the
               final LayerNorm and head: every block trainable gives 2 x forward; only the last block
               gives 2 x (one block + LayerNorm + head). Frozen blocks below need no backward.
@@ -261,7 +288,8 @@ class FlopCounter:
         top = sum(p.numel() for m in (model.backbone.ln_f, model.head) for p in m.parameters())
         return cls(
             n_layer=len(blocks),
-            n_embd=model.config.n_embd,
+            n_embd=getattr(model.config, "num_attention_heads", 0) * getattr(model.config, "head_dim", 0)
+            or model.config.n_embd,  # GPT-2's config has no head_dim: its width is n_embd
             block_params=sum(p.numel() for p in blocks[0].parameters()),
             top_params=top,
             first_trainable_block=trains.index(True) if any(trains) else len(blocks),
@@ -313,15 +341,15 @@ def cut(ds: ClassificationDataset, seq: int) -> ClassificationDataset:
     return ClassificationDataset([ids[:seq] for ids in ds.token_ids], ds.labels, ds.texts)
 
 
-def make_batches(data: DataBundle, setting: Setting, seed: int,
-                 device: torch.device) -> tuple[list[Batch], list[BatchStats]]:
+def make_batches(data: DataBundle, setting: Setting, seed: int, device: torch.device,
+                 vocab_size: int) -> tuple[list[Batch], list[BatchStats]]:
     if setting.padding == "fixed":
         loader = train_loader(cut(data.train, setting.seq), setting.micro_batch,
                               make_collate("fixed", setting.seq), 0, 1, seed)
     else:
         loader = train_loader(data.train, setting.micro_batch, make_collate("longest", data.max_length), 0, 1,
                               seed, group_by_length=True)
-    host = list(itertools.islice(loader, DISTINCT_BATCHES))
+    host = [{**b, "input_ids": b["input_ids"] % vocab_size} for b in itertools.islice(loader, DISTINCT_BATCHES)]
     stats = [BatchStats(int(b["lengths"].sum()), *b["input_ids"].shape) for b in host]
     return [to_device(b, device) for b in host], stats
 
@@ -409,17 +437,19 @@ class Result:
 
 
 def describe_model(cfg: Config) -> str:
-    arch = cfg.model.arch()
-    return f"{cfg.model.name} ({arch['n_layer']} layers x {arch['n_embd']})"
+    arch = backbone_config(cfg.model)
+    return f"{cfg.model.name} ({arch.n_layer} layers x {arch.n_embd})"
 
 
 def run_setting(matrix: Matrix, setting: Setting, env: DistEnv, data: DataBundle, steps: int, warmup: int,
                 peak: float | None) -> Result:
     cfg = setting_config(matrix, setting)
     release(env.device)
-    batches, stats = make_batches(data, setting, cfg.seed, env.device)
-    # On the device (fast for gpt2-xl); a setting and its twin share the seed, so the same weights.
-    model = build_plain_model(cfg, NUM_CLASSES, env.device, init_on_device=True)
+    batches, stats = make_batches(data, setting, cfg.seed, env.device, backbone_config(cfg.model).vocab_size)
+    # On the device (fast for gpt2-xl); a setting and its twin share the seed, so the same weights. A decoder's
+    # are random too (its model.weights is never read).
+    model = build_plain_model(cfg, NUM_CLASSES, env.device, load_weights=not cfg.model.is_decoder,
+                              init_on_device=True)
     flops = FlopCounter.of(model)
     trainable, total = count_parameters(model)
     engine = None

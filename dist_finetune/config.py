@@ -232,6 +232,10 @@ class ModelConfig:
     # A new classifier head's init. gpt2: normal(0, 0.02), zero bias (as every other Linear here);
     # torch: nn.Linear's own default (uniform +-1/sqrt(n_embd)), as the chapter's new out_head.
     head_init: str = _choices("gpt2", "torch", default="gpt2")
+    # The classifier head's bias. false: logits = W·h alone, as transformers' *ForSequenceClassification score
+    # layer; a Llama / Qwen3 run exported with checkpoint.export_formats: [hf] needs it (their final RMSNorm has no
+    # bias to fold a head bias into, as GPT-2's LayerNorm has).
+    head_bias: bool = True
 
     @property
     def is_decoder(self) -> bool:
@@ -709,9 +713,12 @@ def _validate_decoder_run(cfg: Config) -> None:
     family = f"model.name={cfg.model.name} (a Llama / Qwen3 decoder)"
     _check(cfg.data.text_pair_column is None, f"data.text_pair_column: text pairs are joined by GPT-2's paragraph "
                                               f"token, GPT-2 only so far; {family}: remove the key")
-    other = [f for f in cfg.checkpoint.export_formats if f != "native"]
-    _check(not (cfg.checkpoint.export and other), f"checkpoint.export_formats: {', '.join(other)} is GPT-2 only so "
-                                                  f"far; {family} exports native: remove {', '.join(other)}")
+    _check(not (cfg.checkpoint.export and "hf" in cfg.checkpoint.export_formats and cfg.model.head_bias),
+           f"checkpoint.export_formats: hf: {family} with a head bias, which transformers' score layer lacks and "
+           "the final RMSNorm cannot absorb; set model.head_bias: false (or remove hf: native and onnx export it)")
+    _check(not (cfg.checkpoint.export and "hf" in cfg.checkpoint.export_formats and cfg.task == "regression"),
+           f"checkpoint.export_formats: hf: {family} with task=regression: the targets' mean would need a head "
+           "bias; remove hf (native and onnx export it)")
 
 
 def _validate_decoder(m: ModelConfig) -> None:

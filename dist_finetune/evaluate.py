@@ -144,7 +144,8 @@ def prepare(args: argparse.Namespace) -> EvalJob:
         dataset, truncated = load_eval_file(args.data, text_column, label_column, facts.labels, facts.max_length,
                                             long_texts=cfg.data.long_texts, head_tokens=cfg.data.head_tokens,
                                             pair_column=pair_column, chunk_stride=cfg.data.chunk_stride,
-                                            scale=scale, separator=separator, tokenizer=load_tokenizer(cfg.model))
+                                            scale=scale, separator=separator,
+                                            tokenizer=load_tokenizer(cfg.model, run_dir))
         name, max_length, labels = args.data.stem, facts.max_length, facts.labels
     else:
         split = args.split or "test"
@@ -195,7 +196,7 @@ def run(args: argparse.Namespace, job: EvalJob, env: DistEnv) -> dict[str, Any]:
     precision = eval_precision(job.precision, env.device)
     autocast = precision == "bf16_autocast"  # fp32 weights, bf16 matmuls: as the engine trained it
     model = job.model.to(env.device, torch.float32 if autocast else DTYPES[precision])
-    collate = make_collate(job.cfg.data.padding, job.max_length, load_tokenizer(job.cfg.model).pad_id)
+    collate = make_collate(job.cfg.data.padding, job.max_length, load_tokenizer(job.cfg.model, args.run).pad_id)
     with torch.autocast(env.device.type, torch.bfloat16, enabled=autocast):
         result = evaluate(model, job.dataset, job.cfg, env, collate, num_classes=len(job.labels), scale=job.scale,
                           thresholds=job.thresholds, label_names=job.labels)

@@ -3,7 +3,8 @@
 Consolidates a DeepSpeed checkpoint (ZeRO 0-3, any world size) into an export format. native: fp32
 `model.safetensors`, `model_config.json` (architecture, pooling, tokenizer reference, max_length,
 padding) and `labels.json`; loadable with `weights.load_export`, without DeepSpeed. hf: a transformers
-GPT2ForSequenceClassification folder with its tokenizer (hf_export.py). onnx: model.onnx for onnxruntime beside
+GPT2ForSequenceClassification (Llama / Qwen3: Llama- / Qwen3ForSequenceClassification) folder with its tokenizer
+(hf_export.py). onnx: model.onnx for onnxruntime beside
 the native JSON files (onnx_export.py).
 """
 from __future__ import annotations
@@ -17,8 +18,9 @@ from .config import EXPORT_FORMATS
 from .distributed import leave
 from .checkpoint import checkpoint_dir
 from .exporter import save_format
+from .families import backbone_config, load_tokenizer
 from .onnx_export import check_installed
-from .hf_export import HfExportError, export_notes, hf_leftovers, unsupported
+from .hf_export import HfExportError, architecture, export_notes, hf_leftovers, unsupported
 from .runs import (RunError, reading_run, load_checkpoint_model, load_run_config, load_run_data, resolve_checkpoint,
                    run_facts)
 from .weights import export_leftovers
@@ -33,7 +35,9 @@ EPILOG = """examples:
 The native export folder holds model.safetensors, model_config.json and labels.json. It is what predict
 and Classifier.load use, without DeepSpeed. Training already writes the best model to RUN_DIR/export.
 --format hf writes a transformers GPT2ForSequenceClassification folder (config.json, model.safetensors,
-tokenizer files) for AutoModelForSequenceClassification and pipeline; it needs model.pooling=last_token.
+tokenizer files) for AutoModelForSequenceClassification and pipeline; it needs model.pooling=last_token. A Llama /
+Qwen3 run gives a LlamaForSequenceClassification / Qwen3ForSequenceClassification folder when its head has no
+bias (transformers' score has none, and RMSNorm has no bias to fold it into); one with a bias is refused.
 --format onnx writes model.onnx (dynamic batch and sequence axes, the pooling inside the graph) with the native
 JSON files: predict and serve run it under onnxruntime (--backend onnx, chosen by itself for such a folder).
 """
@@ -50,7 +54,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "folder (default: best)")
     p.add_argument("--format", default="native", choices=EXPORT_FORMATS,
                    help="native: our export (predict, Classifier); hf: a transformers "
-                        "GPT2ForSequenceClassification folder; onnx: model.onnx for onnxruntime (default: native)")
+                        "...ForSequenceClassification folder; onnx: model.onnx for onnxruntime (default: native)")
     p.add_argument("--out", required=True, type=Path, metavar="DIR",
                    help="the folder to write the export into (new or empty)")
     p.add_argument("--overwrite", action="store_true",
@@ -73,9 +77,6 @@ def check_out(out: Path, overwrite: bool, fmt: str = "native") -> None:
 
 def export_run(run_dir: Path, checkpoint: str, out_dir: Path, fmt: str = "native") -> Path:
     cfg = load_run_config(run_dir)
-    if fmt != "native" and cfg.model.is_decoder:
-        raise RunError(f"--format {fmt}: {run_dir} is a model.name={cfg.model.name} (Llama / Qwen3) run; only the "
-                       "native export exists for these so far: export --format native")
     if fmt == "hf":  # before reading the checkpoint
         reason = unsupported(cfg.model.pooling, cfg.model.causal_mask, cfg.data.text_pair_column)
         if reason:
@@ -85,7 +86,7 @@ def export_run(run_dir: Path, checkpoint: str, out_dir: Path, fmt: str = "native
     model = load_checkpoint_model(cfg, len(facts.labels), ckpt_run, tag, run_dir)
     scale = load_run_data(cfg, run_dir).scale if cfg.task == "regression" else None  # the targets' scale
     save_format(fmt, model, out_dir, cfg, facts.labels.to_json(), facts.max_length, scale,
-                run_thresholds(run_dir, cfg, len(facts.labels)))
+                run_thresholds(run_dir, cfg, len(facts.labels)), run_dir)
     return checkpoint_dir(ckpt_run) / tag
 
 
@@ -113,11 +114,21 @@ def export_and_report(args: argparse.Namespace) -> int:
         check_installed()
     with reading_run(args.run):  # no training run may change the checkpoints while they are read
         source = export_run(args.run, args.checkpoint, args.out, args.format)
-    kind = {"hf": " (transformers GPT2ForSequenceClassification)", "onnx": " (ONNX, for onnxruntime)"}
+    cfg = load_run_config(args.run)
+    arch = architecture(backbone_config(cfg.model, args.run)) if args.format == "hf" else ""
+    kind = {"hf": f" (transformers {arch})", "onnx": " (ONNX, for onnxruntime)"}
     print(f"exported {source} -> {args.out}{kind.get(args.format, '')}")
     if args.format == "hf":
-        print("\n".join(export_notes(load_run_config(args.run).data.long_texts)))
+        print("\n".join(export_notes(cfg.data.long_texts, pad_of(cfg, args.run))))
     return 0
+
+
+def pad_of(cfg, run_dir: Path) -> tuple[str, int] | None:
+    """A Llama / Qwen3 run's (pad token, pad id), which transformers pools by value; None: GPT-2's."""
+    if not cfg.model.is_decoder:
+        return None
+    tokenizer = load_tokenizer(cfg.model, run_dir)
+    return tokenizer.pad_token, tokenizer.pad_id
 
 
 if __name__ == "__main__":

@@ -2,7 +2,8 @@
 
 native: a fp32 `model.safetensors`, `model_config.json` and `labels.json`, loadable with
 `weights.load_export` without DeepSpeed; LoRA adapters are merged unless `lora.export: separate`.
-hf: a transformers GPT2ForSequenceClassification folder (hf_export.py), adapters always merged.
+hf: a transformers GPT2ForSequenceClassification folder, a Llama / Qwen3 ...ForSequenceClassification one
+(hf_export.py), adapters always merged.
 onnx: the native folder's JSON files with model.onnx in place of the weights (onnx_export.py), adapters merged.
 """
 from __future__ import annotations
@@ -10,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from .config import Config, DataConfig, LoraConfig, to_dict
-from .families import weights_folder
+from .families import tokenizer_folder
 from .regression import TargetScale
 from .hf_export import HF_EXPORT_SUBDIR, save_hf
 from .lora import has_lora, merge_lora
@@ -30,18 +31,21 @@ def export_checkpoint(cfg: Config, run_dir: Path, tag: str, labels: list, max_le
     model = load_checkpoint_model(cfg, len(labels), run_dir, tag, run_dir)
     folders = [run_dir / EXPORT_SUBDIRS[f] for f in cfg.checkpoint.export_formats]
     for fmt, folder in zip(cfg.checkpoint.export_formats, folders):
-        save_format(fmt, model, folder, cfg, labels, max_length, scale, thresholds)
+        save_format(fmt, model, folder, cfg, labels, max_length, scale, thresholds, run_dir)
     return folders
 
 
 def save_format(fmt: str, model: GPTClassifier, out_dir: Path, cfg: Config, labels: list, max_length: int,
-                scale: TargetScale | None = None, thresholds: list[float] | None = None) -> None:
+                scale: TargetScale | None = None, thresholds: list[float] | None = None,
+                run_dir: Path | None = None) -> None:
     """`scale`: task=regression, the targets' mean and deviation (saved with, or folded into, the export);
-    `thresholds`: task=multi_label, each label's decision threshold."""
+    `thresholds`: task=multi_label, each label's decision threshold; `run_dir`: the run the model is from (a
+    decoder's tokenizer files are its copy)."""
+    tokenizer_dir = tokenizer_folder(cfg.model, run_dir) if cfg.model.is_decoder else None  # its tokenizer files
     if fmt == "hf":
-        save_hf(model, out_dir, labels, max_length, scale, multi_label=thresholds is not None)
+        save_hf(model, out_dir, labels, max_length, scale, multi_label=thresholds is not None,
+                tokenizer_dir=tokenizer_dir)
     else:
-        tokenizer_dir = weights_folder(cfg.model) if cfg.model.is_decoder else None  # its tokenizer files
         save_model(model, out_dir, cfg.model.pooling, labels, max_length, cfg.data.padding, cfg.lora,
                    cfg.data, scale, thresholds, fmt, tokenizer_dir)
 

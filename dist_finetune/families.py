@@ -3,22 +3,34 @@ the package) or a Llama / Qwen3 decoder (decoder.py, the checkpoint's own tokeni
 
 The one place that finds a decoder's checkpoint folder (model.weights: a folder, or a hub id in the local
 Hugging Face cache) and reads its config.json (model.name=auto) and tokenizer files.
+
+A decoder run is self-contained: when it starts, `save_run_files` writes the architecture (RUN/model_arch.json,
+DecoderConfig.to_dict()) and copies the tokenizer files (RUN/tokenizer/). Whatever reads the run afterwards
+(evaluate, export, resume) passes `run_dir` and gets those, never model.weights, which may have moved or changed.
 """
 from __future__ import annotations
 
 import functools
+import json
+import logging
 from pathlib import Path
 
 from .config import DECODER_PRESETS, ModelConfig
 from .decoder import DecoderConfig
 from .decoder_weights import read_config
-from .hf_tokenizer import HFTokenizer
+from .files import atomic_write_bytes, atomic_write_text
+from .hf_tokenizer import CHAT_TEMPLATE_FILE, CONFIG_FILE, SPECIAL_TOKENS_FILE, TOKENIZER_FILE, HFTokenizer
 from .model import GPTConfig
 from .tokenizer import GPT2_BPE, GPT2BPE
 from .weights import WeightsError, resolve_weights
 
+log = logging.getLogger(__name__)
+
 BackboneConfig = GPTConfig | DecoderConfig
 Tokenizer = GPT2BPE | HFTokenizer
+RUN_ARCH_FILE = "model_arch.json"  # a decoder run's architecture (DecoderConfig.to_dict())
+RUN_TOKENIZER_DIR = "tokenizer"  # a decoder run's copy of its checkpoint's tokenizer files
+TOKENIZER_FILES = (TOKENIZER_FILE, CONFIG_FILE, SPECIAL_TOKENS_FILE, CHAT_TEMPLATE_FILE)  # those it has
 
 
 def weights_folder(mc: ModelConfig) -> Path:
@@ -30,26 +42,84 @@ def weights_folder(mc: ModelConfig) -> Path:
     return folder
 
 
-def backbone_config(mc: ModelConfig) -> BackboneConfig:
+def _saved(run_dir: Path | None) -> bool:
+    """A run folder that holds its own architecture (runs that predate it read model.weights instead)."""
+    return run_dir is not None and (Path(run_dir) / RUN_ARCH_FILE).is_file()
+
+
+def saved_arch(run_dir: Path) -> DecoderConfig:
+    path = Path(run_dir) / RUN_ARCH_FILE
+    try:
+        return DecoderConfig.from_dict(json.loads(path.read_text(encoding="utf-8")))
+    except (OSError, ValueError, TypeError) as e:  # JSONDecodeError is a ValueError
+        raise WeightsError(f"{path}: the run's saved architecture is unreadable ({e}); restore it from a copy "
+                           "of the run, or train again") from None
+
+
+def backbone_config(mc: ModelConfig, run_dir: Path | None = None) -> BackboneConfig:
+    """`run_dir`: a run being read back (evaluate, export, resume): a decoder's architecture as the run saved it."""
     if not mc.is_decoder:
         return GPTConfig.from_model_config(mc)
+    if _saved(run_dir):
+        return saved_arch(run_dir)
     if mc.name in DECODER_PRESETS:
         return DecoderConfig.from_hf(DECODER_PRESETS[mc.name])
     return read_config(weights_folder(mc))
 
 
-@functools.lru_cache(maxsize=4)  # data, collation and export of one run each ask for it
-def load_tokenizer(mc: ModelConfig) -> Tokenizer:
-    """GPT-2's BPE, or the decoder checkpoint's tokenizer (whose ids must fit the model's embedding)."""
+def tokenizer_folder(mc: ModelConfig, run_dir: Path | None = None) -> Path:
+    """Where a decoder's tokenizer files are: the run's copy (RUN/tokenizer) when it has one, else model.weights."""
+    if _saved(run_dir) and (Path(run_dir) / RUN_TOKENIZER_DIR / TOKENIZER_FILE).is_file():
+        return Path(run_dir) / RUN_TOKENIZER_DIR
+    return weights_folder(mc)
+
+
+def load_tokenizer(mc: ModelConfig, run_dir: Path | None = None) -> Tokenizer:
+    """GPT-2's BPE, or the decoder's tokenizer (whose ids must fit the model's embedding)."""
     if not mc.is_decoder:
         return GPT2_BPE
-    folder = weights_folder(mc)
+    folder = tokenizer_folder(mc, run_dir)
+    return _checked_tokenizer(folder, (folder / TOKENIZER_FILE).stat().st_mtime_ns,
+                              backbone_config(mc, run_dir).vocab_size, mc.name)
+
+
+@functools.lru_cache(maxsize=4)  # data, collation and export of one run each ask for it
+def _checked_tokenizer(folder: Path, mtime_ns: int, vocab: int, name: str) -> HFTokenizer:
     tokenizer = HFTokenizer.from_folder(folder)
-    vocab = backbone_config(mc).vocab_size
     if tokenizer.vocab_size > vocab:
-        raise WeightsError(f"{folder / 'tokenizer.json'}: {tokenizer.vocab_size} tokens, more than the model's "
-                           f"vocab_size={vocab}; the tokenizer is from another checkpoint than model.name={mc.name}")
+        raise WeightsError(f"{folder / TOKENIZER_FILE}: {tokenizer.vocab_size} tokens, more than the model's "
+                           f"vocab_size={vocab}; the tokenizer is from another checkpoint than model.name={name}")
     return tokenizer
+
+
+def save_run_files(mc: ModelConfig, run_dir: Path) -> None:
+    """Rank 0, when a decoder run starts: its architecture and tokenizer files, so the run needs model.weights
+    no more. Each file is written whole; the architecture last (readers take the run's files once it exists)."""
+    if not mc.is_decoder:
+        return
+    source, target = weights_folder(mc), Path(run_dir) / RUN_TOKENIZER_DIR
+    target.mkdir(exist_ok=True)
+    for name in TOKENIZER_FILES:
+        if (source / name).is_file():
+            atomic_write_bytes(target / name, (source / name).read_bytes())
+    atomic_write_text(Path(run_dir) / RUN_ARCH_FILE, json.dumps(backbone_config(mc).to_dict(), indent=1) + "\n")
+
+
+def saved_arch_differs(mc: ModelConfig, run_dir: Path) -> str | None:
+    """A resume: the line saying the weights folder's config.json no longer matches the run's saved architecture
+    (the saved one is used), or None."""
+    if not (mc.is_decoder and mc.name not in DECODER_PRESETS and _saved(run_dir)):
+        return None
+    try:
+        now = read_config(weights_folder(mc))
+    except WeightsError:
+        return None  # moved or deleted: the run does not need it
+    saved = saved_arch(run_dir)
+    if now == saved:
+        return None
+    keys = [k for k, v in saved.to_dict().items() if now.to_dict()[k] != v]
+    return (f"model.weights={mc.weights}: its config.json now differs from the run's saved architecture "
+            f"({', '.join(keys)}); using {Path(run_dir) / RUN_ARCH_FILE}")
 
 
 def block_parameters(arch: BackboneConfig) -> int:

@@ -14,13 +14,16 @@ causal attention the padding after the real tokens changes nothing).
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
-from typing import Any
-
-from tokenizers import Tokenizer
+from typing import TYPE_CHECKING, Any
 
 from dist_finetune.errors import UserError
+from dist_finetune.formats import optional
+
+if TYPE_CHECKING:
+    from tokenizers import Tokenizer
 
 TOKENIZER_FILE = "tokenizer.json"
 CONFIG_FILE = "tokenizer_config.json"
@@ -41,6 +44,7 @@ class HFTokenizer:
     bos_id: int | None
     eos_id: int | None
     chat_template: str | None
+    special_tokens: dict[str, str] = field(default_factory=dict)  # bos_token, eos_token ...: what a template sees
 
     @classmethod
     def from_folder(cls, folder: str | Path) -> HFTokenizer:
@@ -48,8 +52,9 @@ class HFTokenizer:
         path = folder / TOKENIZER_FILE
         if not path.is_file():
             raise TokenizerError(f"{path}: not found; this tokenizer is read from a checkpoint's tokenizer.json")
+        tokenizers = optional("tokenizers", "decoders", f"the tokenizer {path}")
         try:
-            tokenizer = Tokenizer.from_file(str(path))
+            tokenizer = tokenizers.Tokenizer.from_file(str(path))
         except Exception as e:  # tokenizers raises a bare Exception for a malformed file
             raise TokenizerError(f"{path}: not a readable tokenizers file ({e})") from None
         padding = tokenizer.padding or {}
@@ -58,19 +63,30 @@ class HFTokenizer:
         settings = _settings(folder)
         tokenizer.encode_special_tokens = bool(settings.get("split_special_tokens", False))
         bos_id, eos_id = (_token_id(tokenizer, settings.get(key)) for key in ("bos_token", "eos_token"))
+        specials = {k: _token_text(v) for k, v in settings.items() if k.endswith("_token") and _token_text(v)}
         return cls(tokenizer, *_pad(folder, tokenizer, settings, padding), bos_id, eos_id,
-                   _chat_template(folder, settings))
+                   _chat_template(folder, settings), {k: v for k, v in specials.items() if isinstance(v, str)})
 
     @property
     def vocab_size(self) -> int:
         """Including the added (special) tokens: every id encode can return is below it."""
         return self.tokenizer.get_vocab_size(with_added_tokens=True)
 
-    def encode(self, text: str) -> list[int]:
-        return self.tokenizer.encode(text, add_special_tokens=True).ids
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """`add_special_tokens=False`: without the post-processor's tokens (how transformers encodes a
+        rendered chat template, which writes its own)."""
+        return self.tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
 
-    def encode_batch(self, texts: list[str]) -> list[list[int]]:
-        return [e.ids for e in self.tokenizer.encode_batch(list(texts), add_special_tokens=True)]
+    def encode_batch(self, texts: list[str], add_special_tokens: bool = True) -> list[list[int]]:
+        return [e.ids for e in self.tokenizer.encode_batch(list(texts), add_special_tokens=add_special_tokens)]
+
+    def apply_chat_template(self, prompt: str, where: str = "--chat-template") -> str:
+        """`prompt` as one user message in the checkpoint's chat template, with the assistant's header after
+        it (transformers' `apply_chat_template(..., tokenize=False, add_generation_prompt=True)`)."""
+        if self.chat_template is None:
+            raise TokenizerError(f"{where}: this checkpoint has no chat template (no \"chat_template\" in "
+                                 f"{CONFIG_FILE}, no {CHAT_TEMPLATE_FILE}); base checkpoints have none, leave it off")
+        return render_chat(self.chat_template, prompt, self.special_tokens, where)
 
     def decode(self, ids: list[int], skip_special_tokens: bool = False) -> str:
         """As transformers 5 decodes (it skips clean_up_tokenization_spaces for BPE tokenizers)."""
@@ -130,3 +146,40 @@ def _chat_template(folder: Path, settings: dict[str, Any]) -> str | None:
     if template is None and (folder / CHAT_TEMPLATE_FILE).is_file():
         template = (folder / CHAT_TEMPLATE_FILE).read_text(encoding="utf-8")
     return template if isinstance(template, str) else None  # a list of named templates: not handled yet
+
+
+def _compile(template: str, where: str) -> Any:
+    """The Jinja2 environment transformers renders chat templates in (sandboxed, trim_blocks, lstrip_blocks)."""
+    from dist_finetune.formats import optional  # formats imports pandas: only when a template is rendered
+
+    ext = optional("jinja2.ext", "chat", f"{where}: rendering the checkpoint's chat template")
+    from jinja2 import TemplateError
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    def raise_exception(message: str) -> None:
+        raise TokenizerError(f"{where}: the checkpoint's chat template refuses the prompt: {message}")
+
+    def tojson(x: Any, ensure_ascii: bool = False, indent: Any = None, separators: Any = None,
+               sort_keys: bool = False) -> str:
+        return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[ext.loopcontrols])
+    env.filters["tojson"] = tojson
+    env.globals.update(raise_exception=raise_exception, strftime_now=lambda fmt: datetime.now().strftime(fmt))
+    try:
+        return env.from_string(template)
+    except TemplateError as e:
+        raise TokenizerError(f"{where}: the checkpoint's chat template is not a template this tool renders ({e})") \
+            from None
+
+
+def render_chat(template: str, prompt: str, special_tokens: dict[str, str], where: str = "--chat-template") -> str:
+    """`template` rendered with `prompt` as the one user message and add_generation_prompt=True."""
+    import jinja2
+
+    compiled = _compile(template, where)
+    try:
+        return compiled.render(messages=[{"role": "user", "content": prompt}], tools=None, documents=None,
+                               add_generation_prompt=True, **special_tokens)
+    except jinja2.TemplateError as e:
+        raise TokenizerError(f"{where}: the checkpoint's chat template failed to render ({e})") from None

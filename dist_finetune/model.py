@@ -21,6 +21,8 @@ from dist_finetune.decoder import Attention as DecoderAttention
 from dist_finetune.decoder import Decoder, DecoderConfig
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     from dist_finetune.config import LoraConfig, ModelConfig
 
 POOLINGS = ("last", "last_token", "first", "mean")
@@ -167,7 +169,7 @@ class GPTClassifier(nn.Module):
     """A classifier head on a backbone: GPT-2 (GPTConfig) or a Llama / Qwen3 decoder (DecoderConfig)."""
 
     def __init__(self, gpt_config: GPTConfig | DecoderConfig, num_classes: int, pooling: str = "last",
-                 head_init: str = "gpt2"):
+                 head_init: str = "gpt2", head_bias: bool = True):
         super().__init__()
         if pooling not in POOLINGS:
             raise ValueError(f"pooling {pooling!r} is not one of {', '.join(POOLINGS)}")
@@ -177,7 +179,7 @@ class GPTClassifier(nn.Module):
         self.num_classes = num_classes
         decoder = isinstance(gpt_config, DecoderConfig)
         self.backbone = Decoder(gpt_config, lm_head=False) if decoder else GPT(gpt_config)
-        self.head = nn.Linear(gpt_config.n_embd, num_classes)
+        self.head = nn.Linear(gpt_config.n_embd, num_classes, bias=head_bias)
         self.apply(_init_weights)
         # GPT-2: scale the init of the projections that write into the residual stream.
         std = 0.02 / math.sqrt(2 * gpt_config.n_layer)
@@ -282,15 +284,18 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
     return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
 
 
-def build_model(mc: ModelConfig, num_classes: int, lora: LoraConfig | None = None) -> GPTClassifier:
+def build_model(mc: ModelConfig, num_classes: int, lora: LoraConfig | None = None,
+                run_dir: Path | None = None) -> GPTClassifier:
     """The architecture (families.backbone_config: GPT-2 or a Llama / Qwen3 decoder) with GPT-2's random
     init; weights.load_pretrained loads weights.
 
     With `lora` and model.trainable=lora, the adapters are in place too (to read a LoRA checkpoint).
+    `run_dir`: a run read back (a resume, evaluate, export): a decoder's architecture as the run saved it.
     """
     from dist_finetune.families import backbone_config  # families reads weights folders: it imports this module
 
-    model = GPTClassifier(backbone_config(mc), num_classes, pooling=mc.pooling, head_init=mc.head_init)
+    model = GPTClassifier(backbone_config(mc, run_dir), num_classes, pooling=mc.pooling, head_init=mc.head_init,
+                          head_bias=mc.head_bias)
     if lora is not None and mc.trainable == "lora":
         from dist_finetune.lora import apply_lora
 

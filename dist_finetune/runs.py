@@ -31,10 +31,11 @@ from .checkpoint import RUN_STATE, checkpoint_dir, consolidated_state_dict, read
 from .config import Config, ConfigError, Trainable, load_config, read_yaml, to_dict, to_yaml
 from .distributed import DistEnv, broadcast_object
 from .files import atomic_write_text
-from .hf_export import HF_EXPORT_SUBDIR, HF_FILES
+from .hf_export import HF_EXPORT_FILES, HF_EXPORT_SUBDIR
 from .onnx_export import ONNX_EXPORT_SUBDIR
 from .data import DataBundle, LabelMap, load_data
-from .families import backbone_config, block_parameters, embedding_parameters, load_tokenizer
+from .families import (RUN_ARCH_FILE, RUN_TOKENIZER_DIR, TOKENIZER_FILES, backbone_config, block_parameters,
+                       embedding_parameters, load_tokenizer, save_run_files)
 from .model import GPTClassifier, build_model
 from .splits import SPLIT_FILE, DataSplit, read_split
 from .trackers import IDS_FILE as TRACKER_IDS
@@ -113,7 +114,7 @@ def load_checkpoint_model(cfg: Config, num_classes: int, ckpt_run: Path, tag: st
     if bad:
         raise RunError(f"checkpoint {folder} holds non-finite weights ({', '.join(bad[:3])}); it is not a usable "
                        "state: pass another --checkpoint")
-    model = build_model(cfg.model, num_classes, cfg.lora)
+    model = build_model(cfg.model, num_classes, cfg.lora, run_dir)
     load_state_strict(
         model, state_dict, str(folder),
         fix=f"the model is built from {run_dir / 'config.yaml'}: pass --run the run folder that wrote this checkpoint",
@@ -145,10 +146,13 @@ def recorded_facts(run_dir: Path) -> tuple[list | None, int | None, str | None]:
 
 def load_run_data(cfg: Config, run_dir: Path, saved: bool = True) -> DataBundle:
     """The run's data. A split data.train_file is split as RUN/data_split.json records when `saved`
-    (resume, evaluate), afresh otherwise (a new run, which writes the record when it commits)."""
+    (resume, evaluate), afresh otherwise (a new run, which writes the record when it commits). A saved run's
+    tokenizer and context length are its own (families.save_run_files), a new run's those of model.weights."""
+    source = run_dir if saved else None  # a new run may replace an old one whose files are still there
     folder_split = cfg.data.dataset_dir is not None and (run_dir / SPLIT_FILE).is_file()  # a folder without val
     split = read_split(run_dir) if saved and (cfg.data.split_fractions() is not None or folder_split) else None
-    return load_data(cfg.data, backbone_config(cfg.model).context_length, split, cfg.task, load_tokenizer(cfg.model))
+    return load_data(cfg.data, backbone_config(cfg.model, source).context_length, split, cfg.task,
+                     load_tokenizer(cfg.model, source))
 
 
 def run_facts(run_dir: Path, cfg: Config, bundle: DataBundle | None = None) -> RunFacts:
@@ -297,16 +301,19 @@ MARKER_VERSION = 1
 # marker and only these (and their temporary twins `NAME.tmp`, `.NAME.*` of an interrupted write).
 RUN_FILES = frozenset({"config.yaml", SPLIT_FILE, "checkpoints", "metrics.jsonl", "history.csv", "loss.png",
                        "accuracy.png", "confusion_test.png", "scatter_test.png", "summary.json", "report.md", "tensorboard", "export",
-                       HF_EXPORT_SUBDIR, ONNX_EXPORT_SUBDIR, "samples", "eval", "logs", ".write_probe", TRACKER_IDS, "mlruns", "wandb"})
+                       HF_EXPORT_SUBDIR, ONNX_EXPORT_SUBDIR, "samples", "eval", "logs", ".write_probe", TRACKER_IDS, "mlruns", "wandb",
+                       RUN_ARCH_FILE, RUN_TOKENIZER_DIR})
 PACKAGE_DIR = Path(__file__).resolve().parent
 
 
 # Inside the run's folders: exactly what training, evaluate and export write there.
+_TOKENIZER_NAMES = "|".join(map(re.escape, TOKENIZER_FILES))  # a decoder's tokenizer files
 RUN_SUBFOLDERS = {
     "checkpoints": re.compile(r"(latest|best|\.(latest|best)\.tmp|step_\d+|zero_to_(fp32|torch)\.py)"),
     "eval": re.compile(r"[^/]+\.json|confusion_[^/]+\.png"),
-    "export": re.compile(r"model\.safetensors|model_config\.json|labels\.json"),
-    HF_EXPORT_SUBDIR: re.compile("|".join(map(re.escape, HF_FILES))),
+    "export": re.compile(r"model\.safetensors|model_config\.json|labels\.json|" + _TOKENIZER_NAMES),
+    RUN_TOKENIZER_DIR: re.compile(_TOKENIZER_NAMES),  # a decoder run's copy of its tokenizer (families.py)
+    HF_EXPORT_SUBDIR: re.compile("|".join(map(re.escape, HF_EXPORT_FILES))),
     ONNX_EXPORT_SUBDIR: re.compile(r"model\.onnx(\.data)?|model_config\.json|labels\.json"),
     "tensorboard": re.compile(r"events\.out\.tfevents\.[^/]+"),
     "samples": re.compile(r"rank\d+\.jsonl"),
@@ -817,6 +824,7 @@ def _start_run(path: Path, old: tuple[str, ...], cfg: Config, split: DataSplit |
     write_marker(path)
     if split is not None:
         split.write(path)  # before config.yaml: a run folder with a config that splits has its record
+    save_run_files(cfg.model, path)  # a decoder's architecture and tokenizer: the run needs model.weights no more
     atomic_write_text(path / "config.yaml", to_yaml(cfg))
     if aside is not None:
         shutil.rmtree(aside)  # made just above, holding only the old run's files

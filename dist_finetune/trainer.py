@@ -33,7 +33,7 @@ from .hf_export import export_notes
 from .loaders import train_loader
 from .loss import class_weights, weight_tensor
 from .metrics import from_confusion
-from .families import load_tokenizer
+from .families import load_tokenizer, saved_arch_differs
 from .model import build_model, configure_kernels, count_parameters, set_trainable
 from .nonfinite import NonFiniteError, StepGuard
 from .preemption import PreemptionFlag
@@ -350,7 +350,8 @@ class Trainer:
         # task=multi_label: each label's decision threshold (tuned on the validation split at the end, if asked)
         self.thresholds = [cfg.eval.threshold] * len(self.data.label_map) if cfg.task == "multi_label" else None
         self.plan = plan_batches(cfg, env.world_size)
-        self.collate = make_collate(cfg.data.padding, self.data.max_length, load_tokenizer(cfg.model).pad_id)
+        self.collate = make_collate(cfg.data.padding, self.data.max_length,
+                                    load_tokenizer(cfg.model, self.saved_run).pad_id)
         self.loader = train_loader(self.data.train, self.plan.micro_batch_size, self.collate, env.rank,
                                    env.world_size, cfg.seed, cfg.data.num_workers, cfg.data.group_by_length,
                                    pin_memory=cfg.data.pin_memory and env.device.type == "cuda")
@@ -370,9 +371,13 @@ class Trainer:
         backend = cfg.model.attention_backend
         if device.type != "cuda" and backend not in ("auto", "math"):
             raise ConfigError(f"model.attention_backend={backend} needs a CUDA GPU; use auto or math on a CPU")
-        model = build_model(cfg.model, len(self.data.label_map))
+        model = build_model(cfg.model, len(self.data.label_map), run_dir=self.saved_run)
         self.loaded_weights = None
-        if cfg.model.weights.lower() != "none":
+        # A decoder resumed under ZeRO 0-2: the checkpoint's module state holds every weight (frozen ones too) and
+        # is loaded strictly, so model.weights is not read and may be gone. Under ZeRO-3 they still load first (not
+        # verified that DeepSpeed's partitioned load restores frozen weights).
+        whole = self.saved_run is not None and cfg.model.is_decoder and cfg.zero.stage < 3
+        if cfg.model.weights.lower() != "none" and not whole:
             self.loaded_weights = load_pretrained(model, cfg.model.weights, download=cfg.model.download,
                                                   head_policy=cfg.model.head, labels=self.data.label_map.labels)
         set_trainable(model, cfg.model.trainable, cfg.lora)
@@ -380,8 +385,16 @@ class Trainer:
         self.trainable, self.total_params = count_parameters(model)
         return model
 
+    @property
+    def saved_run(self) -> Path | None:
+        """A resume reads the run's own architecture and tokenizer (families.save_run_files), not model.weights'."""
+        return self.run_dir if self.folder.resume_tag is not None else None
+
     def warn_truncated(self) -> None:
         data = self.data
+        changed = saved_arch_differs(self.cfg.model, self.saved_run) if self.saved_run is not None else None
+        if changed is not None:
+            self.reporter.warn(changed)
         if self.loaded_weights is not None:
             w = self.loaded_weights
             self.reporter.say(f"weights: loaded {len(w.loaded)} tensors ({w.format}) from {w.source}")

@@ -475,6 +475,9 @@ def load_pretrained(model: GPTClassifier, spec: str, download: bool = False, hea
 
     to_load = {k: t for k, t in sd.items() if k.startswith("backbone.")}
     head = {k: sd[k] for k in ("head.weight", "head.bias") if k in sd} if head_policy == "auto" else {}
+    if "head.bias" in head and "head.bias" not in expected:
+        raise WeightsError(f"{source}: its classifier head has a bias, which model.head_bias=false leaves out; set "
+                           "model.head_bias: true to keep it, or model.head=new to train a fresh head")
     head_loaded = "head.weight" in head and all(tuple(t.shape) == expected[k] for k, t in head.items())
     if "head.weight" in head and not head_loaded:
         raise WeightsError(
@@ -485,7 +488,7 @@ def load_pretrained(model: GPTClassifier, spec: str, download: bool = False, hea
         to_load.update(head)
     with torch.no_grad():
         model.load_state_dict(to_load, strict=False)
-        if head_loaded and "head.bias" not in head:
+        if head_loaded and "head.bias" not in head and model.head.bias is not None:
             model.head.bias.zero_()  # a bias-free head: zeros reproduce it
     return LoadReport(
         source=source,
@@ -585,6 +588,8 @@ def save_export(model: GPTClassifier, folder: Path, pooling: str, labels: list |
               "pair_separator": list(PAIR_SEPARATOR) if text_pair_column is not None else None}
     if long_texts == "chunk":
         config.update(chunk_stride=chunk_stride, chunk_aggregate=chunk_aggregate)
+    if model.head.bias is None:  # model.head_bias=false
+        config["head_bias"] = False
     if targets is not None:  # task=regression: outputs are standardized targets; this turns them back
         config.update(task="regression", targets=targets)
     if thresholds is not None:  # task=multi_label: a sigmoid per label, predicted at its threshold
@@ -809,7 +814,7 @@ def _check_weights_fit(folder: Path, model: GPTClassifier) -> None:
 
 
 def _build_exported(spec: ExportSpec) -> GPTClassifier:
-    model = GPTClassifier(spec.gpt, spec.num_classes, spec.pooling)
+    model = GPTClassifier(spec.gpt, spec.num_classes, spec.pooling, head_bias=spec.config.get("head_bias", True))
     if spec.config.get("lora"):  # exported with lora.export=separate
         from dist_finetune.config import from_dict
         from dist_finetune.lora import apply_lora

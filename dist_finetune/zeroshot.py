@@ -4,8 +4,10 @@
         --text-column C --label-column L] [--template T] [--answers ham=" no" spam=" yes" ...] [--out FILE]
 
 Each text goes into the prompt template (the chapter's question by default); the model's next-token
-logits at the prompt's last position, restricted to the answer words (one GPT-2 token each), are the
-class scores, and the prediction is their argmax. The metrics are those of `evaluate` (the loss is the
+logits at the prompt's last position, restricted to the answer words (one token each), are the
+class scores, and the prediction is their argmax. --weights takes GPT-2 weights or a Llama / Qwen3
+checkpoint folder (generate.load_lm); `--chat-template` puts each filled-in prompt in the checkpoint's
+chat template as one user message, so the answer word is the first token of the assistant's reply. The metrics are those of `evaluate` (the loss is the
 cross-entropy of the softmax over the answer logits), so a sweep can show what finetuning adds.
 A text too long for the context loses tokens from its start: the question and the text's end stay.
 """
@@ -25,15 +27,17 @@ from .cli import add_device_arg, add_weights_args, pick_device, run_command
 from .distributed import leave
 from .data import SPLITS, DataError, LabelMap, bundled_sms_splits, read_table, read_texts
 from .metrics import format_table, from_confusion
+from .decoder import Decoder
+from .generate import GPT2_CODEC, Codec, load_lm
 from .model import GPT
 from .report import write_json
-from .tokenizer import PAD_ID, encode, encode_batch
-from .weights import load_language_model
+from .tokenizer import PAD_ID
 from .errors import UserError
 
 TEXT = "{text}"
 DEFAULT_TEMPLATE = "Is the following text 'spam'? Answer with 'yes' or 'no': '{text}'"
 SMS_ANSWERS = {"ham": " no", "spam": " yes"}
+_MARK = "\x00dist_finetune-text\x00"  # where the text goes, to find it in a rendered chat template
 
 
 class ZeroShotError(UserError, ValueError):
@@ -56,24 +60,36 @@ class Template:
         return cls(prefix, suffix)
 
 
-def build_prompts(texts: Sequence[str], template: Template, context_length: int) -> tuple[list[list[int]], int]:
+def build_prompts(texts: Sequence[str], template: Template, context_length: int, codec: Codec = GPT2_CODEC,
+                  chat_template: bool = False) -> tuple[list[list[int]], int]:
     """Token ids of each filled-in prompt, and how many texts were cut to fit the context.
 
-    A prompt that fits is the encoding of the whole filled-in string; one that does not is the
-    template's pieces around the text's last tokens (its first tokens are dropped).
+    A prompt that fits is the encoding of the whole filled-in string (in the chat template with
+    `chat_template`); one that does not is the template's pieces around the text's last tokens (its
+    first tokens are dropped), the tokenizer's special tokens (Llama 3's <|begin_of_text|>) on the first.
     """
-    head, tail = encode(template.prefix), encode(template.suffix)
+    prefix, suffix = _chat_pieces(template, codec) if chat_template else (template.prefix, template.suffix)
+    head, tail = codec.encode(prefix, not chat_template), codec.encode(suffix, False)
     room = context_length - len(head) - len(tail)
     if room < 1:
         raise ZeroShotError(f"--template: the template alone is {len(head) + len(tail)} tokens, leaving no room for "
                             f"the text in the model's context of {context_length}; shorten it")
-    prompts = encode_batch([template.prefix + text + template.suffix for text in texts])
+    prompts = codec.encode_prompts([template.prefix + text + template.suffix for text in texts], chat_template)
     truncated = 0
     for i, ids in enumerate(prompts):
         if len(ids) > context_length:
-            prompts[i] = head + encode(texts[i])[-room:] + tail
+            prompts[i] = head + codec.encode(texts[i], False)[-room:] + tail
             truncated += 1
     return prompts, truncated
+
+
+def _chat_pieces(template: Template, codec: Codec) -> tuple[str, str]:
+    """The rendered chat before and after the text (for a text cut to fit the context)."""
+    pieces = codec.chat(template.prefix + _MARK + template.suffix).split(_MARK)
+    if len(pieces) != 2:
+        raise ZeroShotError("--chat-template: the checkpoint's chat template changes the prompt's text, so a text "
+                            "too long for the context cannot be cut; leave the switch off")
+    return pieces[0], pieces[1]
 
 
 def parse_answers(items: Sequence[str]) -> dict[str, str]:
@@ -91,14 +107,15 @@ def parse_answers(items: Sequence[str]) -> dict[str, str]:
     return answers
 
 
-def answer_token_ids(answers: dict[Any, str]) -> list[int]:
-    """One GPT-2 token per answer word, in the order of `answers`; distinct."""
+def answer_token_ids(answers: dict[Any, str], codec: Codec = GPT2_CODEC) -> list[int]:
+    """One token per answer word (without the tokenizer's special tokens), in the order of `answers`; distinct."""
     ids = []
     for label, word in answers.items():
-        tokens = encode(word)
+        tokens = codec.encode(word, False)
         if len(tokens) != 1:
             raise ZeroShotError(
-                f"--answers: the answer {word!r} for label {label!r} is {len(tokens)} GPT-2 tokens; each answer must "
+                f"--answers: the answer {word!r} for label {label!r} is {len(tokens)} {codec.name} tokens; each answer "
+                "must "
                 "be a single token (mind the leading space: ' yes', not 'yes ' or ' yes please')"
             )
         ids.append(tokens[0])
@@ -135,8 +152,8 @@ def answer_scores(logits: torch.Tensor, answer_ids: Sequence[int]) -> torch.Tens
 
 
 @torch.no_grad()
-def score_prompts(model: GPT, prompts: Sequence[Sequence[int]], answer_ids: Sequence[int],
-                  batch_size: int = 16) -> torch.Tensor:
+def score_prompts(model: GPT | Decoder, prompts: Sequence[Sequence[int]], answer_ids: Sequence[int],
+                  batch_size: int = 16, pad_id: int = PAD_ID) -> torch.Tensor:
     """Answer scores [N, classes] (fp32, CPU) from the logits at each prompt's last token.
 
     Prompts are right-padded per batch; the attention is causal, so the padding after a prompt's last
@@ -147,7 +164,7 @@ def score_prompts(model: GPT, prompts: Sequence[Sequence[int]], answer_ids: Sequ
     for start in range(0, len(prompts), batch_size):
         batch = prompts[start:start + batch_size]
         lengths = torch.tensor([len(ids) for ids in batch], device=device)
-        input_ids = torch.full((len(batch), int(lengths.max())), PAD_ID, dtype=torch.long)
+        input_ids = torch.full((len(batch), int(lengths.max())), pad_id, dtype=torch.long)
         for row, ids in enumerate(batch):
             input_ids[row, :len(ids)] = torch.as_tensor(ids, dtype=torch.long)
         hidden = model(input_ids.to(device))
@@ -210,6 +227,9 @@ EPILOG = """examples:
   python -m dist_finetune.zeroshot --weights gpt2
   python -m dist_finetune.zeroshot --weights gpt2 --data reviews.csv --template "Review: {text} Positive?" \\
       --answers pos=" yes" neg=" no"
+  python -m dist_finetune.zeroshot --weights path/to/Qwen3-0.6B --chat-template --answers ham=no spam=yes
+
+--weights also takes a Llama / Qwen3 checkpoint folder (config.json, *.safetensors, tokenizer.json).
 
 Each text goes into the prompt; the label whose answer word the model finds most likely next is the
 prediction. Prints the metrics of evaluate and writes them as JSON (see --out).
@@ -219,7 +239,8 @@ prediction. Prints the metrics of evaluate and writes them as JSON (see --out).
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="python -m dist_finetune.zeroshot", epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
-        description="Classify by prompting a pretrained GPT-2, without finetuning: the baseline to beat.")
+        description="Classify by prompting a pretrained GPT-2, Llama or Qwen3, without finetuning: the baseline "
+                    "to beat.")
     add_weights_args(p)
     which = p.add_mutually_exclusive_group()
     which.add_argument("--split", choices=SPLITS, help="a split of the bundled SMS Spam Collection (default: test)")
@@ -232,8 +253,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--template", default=DEFAULT_TEMPLATE,
                    help=f"the prompt, with {TEXT} where the text goes (default: {DEFAULT_TEMPLATE!r})")
     p.add_argument("--answers", nargs="+", metavar="LABEL=WORD",
-                   help="the answer word of each label, one GPT-2 token each, usually with a leading space "
+                   help="the answer word of each label, one token each, usually with a leading space "
                         "(default: ham=' no' spam=' yes')")
+    p.add_argument("--chat-template", action="store_true",
+                   help="put each filled-in prompt in the checkpoint's chat template as one user message, followed "
+                        "by the assistant's header; off by default because base checkpoints have no template and "
+                        "a classifier's prompt is plain text")
     p.add_argument("--batch-size", type=int, default=16, metavar="N",
                    help="prompts per forward pass; larger is faster and uses more memory (default: 16)")
     add_device_arg(p)
@@ -270,18 +295,19 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     template = Template.parse(args.template)
     answers = parse_answers(args.answers) if args.answers else dict(SMS_ANSWERS)
     label_map, answers = label_map_of(answers)
-    answer_ids = answer_token_ids(answers)
     examples = load_examples(args)
     targets = label_ids(examples, label_map, args.answers is not None)
-    model = load_language_model(args.weights, args.download, args.n_head)
-    context = model.config.context_length
-    prompts, truncated = build_prompts(examples.texts, template, context)
-    model = model.to(pick_device(args.device))
-    scores = score_prompts(model, prompts, answer_ids, args.batch_size)
+    lm = load_lm(args.weights, args.download, args.n_head)
+    answer_ids = answer_token_ids(answers, lm.codec)
+    context = lm.model.config.context_length
+    prompts, truncated = build_prompts(examples.texts, template, context, lm.codec, args.chat_template)
+    model = lm.model.to(pick_device(args.device))
+    scores = score_prompts(model, prompts, answer_ids, args.batch_size, lm.codec.pad_id)
     result = metrics_of(scores, targets, label_map.to_json())
     return {
         "method": "zero-shot", "weights": args.weights, "split": args.split,
         "data": None if args.data is None else str(args.data), "template": args.template,
+        "chat_template": args.chat_template,
         "answers": {str(k): v for k, v in answers.items()}, "answer_token_ids": answer_ids,
         **result, "truncated": truncated, "context_length": context, "name": examples.name,
     }

@@ -54,6 +54,18 @@ def test_tiny_matrix_runs_on_a_cpu(tmp_path: Path) -> None:
     assert fixed["padded_tokens_per_second"] == pytest.approx(fixed["samples_per_second"] * 120)
     longest = results["engine-longest-8"]
     assert longest["padded_tokens_per_second"] < longest["samples_per_second"] * 120
+    assert results["engine-tiny-llama"]["model"] == "auto (2 layers x 64)"  # a Llama decoder, GPT-2's batches
+
+
+def test_gpu_matrix_has_the_decoder_families() -> None:
+    """smollm2-135m, qwen3-0.6b and llama-3.2-1b beside GPT-2: presets with random weights, valid configs."""
+    throughput = load_throughput()
+    matrix = throughput.gpu_matrix()
+    throughput.check_matrix(matrix, list(matrix.settings))
+    decoders = {s.name: throughput.setting_config(matrix, s) for s in matrix.settings if "gpt2" not in
+                throughput.setting_config(matrix, s).model.name}
+    assert sorted(decoders) == ["llama-3.2-1b-bf16-64x128", "qwen3-0.6b-bf16-64x128", "smollm2-135m-bf16-64x128"]
+    assert all(cfg.model.is_decoder and cfg.precision == "bf16" for cfg in decoders.values())
 
 
 @pytest.mark.slow

@@ -4,6 +4,7 @@ tokenizer files, and `predict` on the export agreeing with `evaluate` on the tes
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -14,7 +15,7 @@ transformers = pytest.importorskip("transformers")
 pytest.importorskip("tokenizers")
 
 import runner  # noqa: E402
-from decoder_checkpoints import tokenizer_checkpoint, train_tokenizer  # noqa: E402
+from decoder_checkpoints import edit_json, tokenizer_checkpoint, train_tokenizer  # noqa: E402
 from dist_finetune.config import ConfigError, DataConfig, from_dict  # noqa: E402
 from dist_finetune.data import load_data  # noqa: E402
 
@@ -87,7 +88,7 @@ def test_one_rank_trains_exports_and_predicts_as_evaluate(family: str, folders, 
                               "hf", "--out", str(tmp_path / "hf")], cwd=runner.REPO, env=runner.child_env(),
                              capture_output=True, text=True, timeout=120)
     assert refused.returncode == 2 and "Traceback" not in refused.stderr
-    assert "--format hf: " in refused.stderr and "only the native export" in refused.stderr
+    assert "--format hf: the head's bias" in refused.stderr and "ForSequenceClassification" in refused.stderr
 
 
 def test_last_n_blocks_of_a_decoder(folders) -> None:
@@ -136,3 +137,35 @@ def test_gpt2_only_keys_are_refused_by_name(change: dict, key: str) -> None:
 def test_decoder_lora_groups_are_refused_for_gpt2() -> None:
     with pytest.raises(ConfigError, match="lora.targets: q"):
         from_dict({"model": {"trainable": "lora"}, "lora": {"targets": ["q", "attn"]}})
+
+
+def test_a_decoder_run_needs_its_weights_folder_no_more(folders, tmp_path) -> None:
+    """The run keeps its architecture (model_arch.json) and tokenizer (tokenizer/): with model.weights changed and
+    then deleted, a resume (which says the saved architecture wins), evaluate and export give what they gave before,
+    and the folder holds nothing --overwrite would not recognise as a run's."""
+    from dist_finetune import runs
+    from dist_finetune.decoder_weights import read_config
+
+    weights = Path(shutil.copytree(folders["llama"], tmp_path / "weights"))
+    run = train(tmp_path, weights, "run")
+    for name in ("before", "after"):
+        (tmp_path / name).mkdir()
+    assert json.loads((run.dir / "model_arch.json").read_text()) == read_config(weights).to_dict()
+    assert sorted(p.name for p in (run.dir / "tokenizer").iterdir()) == sorted(
+        p.name for p in weights.iterdir() if p.name.startswith(("tokenizer", "special_tokens")))
+    cli("evaluate", "--run", run.dir, "--out", tmp_path / "before" / "eval.json")
+    edit_json(weights / "config.json", rms_norm_eps=0.25)  # the folder changed: the run must not notice
+    (weights / "model.safetensors").unlink()  # a ZeRO 0-2 checkpoint holds every weight: the resume reads none
+    resumed = train(tmp_path, weights, "run", overrides=["resume=auto"])
+    said = resumed.proc.stdout + resumed.proc.stderr
+    assert "weights: loaded" not in said and "resumed from step_" in said
+    assert "its config.json now differs from the run's saved architecture (rms_norm_eps)" in said
+    shutil.rmtree(weights)
+    cli("evaluate", "--run", run.dir, "--out", tmp_path / "after" / "eval.json")
+    cli("export", "--run", run.dir, "--out", tmp_path / "export")
+    before, after = (json.loads((tmp_path / n / "eval.json").read_text()) for n in ("before", "after"))
+    keys = ("accuracy", "confusion_matrix", "loss", "examples")
+    assert [before[k] for k in keys] == [after[k] for k in keys]
+    for name in ("model.safetensors", "model_config.json", "tokenizer.json", "tokenizer_config.json"):
+        assert (tmp_path / "export" / name).read_bytes() == (run.dir / "export" / name).read_bytes(), name
+    assert runs.foreign_files(run.dir, sorted(p.name for p in run.dir.iterdir())) == []
