@@ -391,3 +391,22 @@ def test_export_is_fp32(tmp_path):
 def test_load_export_refuses_a_hub_folder(hf_folder):
     with pytest.raises(WeightsError, match="model_config.json"):
         load_export(hf_folder)
+
+
+def test_a_bias_free_head_round_trips_and_refuses_a_biased_one(hf, ids, tmp_path):
+    """model.head_bias=false: no head.bias anywhere (export, reload), and a checkpoint whose head has a bias is
+    refused rather than loaded without it."""
+    torch.manual_seed(0)
+    model = GPTClassifier(TINY, 3, pooling="last_token", head_bias=False).eval()
+    assert model.head.bias is None
+    save_export(model, tmp_path / "export", "last_token", ["a", "b", "c"], max_length=32)
+    again, _ = load_export(tmp_path / "export")
+    assert again.head.bias is None
+    lengths = torch.full((ids.shape[0],), ids.shape[1])
+    with torch.no_grad():
+        assert torch.equal(again(ids, lengths), model(ids, lengths))
+    sd = chapter_state_dict(hf)
+    sd["out_head.weight"], sd["out_head.bias"] = torch.randn(3, C), torch.randn(3)
+    torch.save(sd, tmp_path / "biased.pth")
+    with pytest.raises(WeightsError, match="model.head_bias=false leaves out"):
+        load_pretrained(GPTClassifier(TINY, 3, pooling="last", head_bias=False), str(tmp_path / "biased.pth"))
