@@ -193,6 +193,11 @@ class GPTClassifier(nn.Module):
     def config(self) -> GPTConfig | DecoderConfig:
         return self.backbone.config
 
+    @property
+    def head_linear(self) -> nn.Linear:
+        """The head's own Linear, also under a LoRA wrapper (lora.targets with head)."""
+        return getattr(self.head, "base", self.head)
+
     def forward(self, input_ids: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
         """`lengths` (right padding) marks the real tokens; None means every position is real."""
         hidden = self.backbone(input_ids, lengths)

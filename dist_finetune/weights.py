@@ -81,8 +81,14 @@ def cached_snapshot(repo_id: str, cache: Path | None = None) -> Path | None:
     return max(found, key=lambda d: d.stat().st_mtime) if found else None
 
 
-def _download(repo_id: str) -> Path:
-    """Safetensors when the repo has them, else pytorch_model.bin: never both (gpt2-xl is 6 GB each)."""
+# A Llama / Qwen3 repository: safetensors (single or sharded), config.json and the tokenizer files, never a .bin.
+DECODER_DOWNLOAD = ("config.json", "generation_config.json", "model.safetensors", "model.safetensors.index.json",
+                    "model-*.safetensors", TOKENIZER_FILE, CONFIG_FILE, SPECIAL_TOKENS_FILE, CHAT_TEMPLATE_FILE)
+
+
+def _download(repo_id: str, decoder: bool = False) -> Path:
+    """Safetensors when the repo has them, else pytorch_model.bin: never both (gpt2-xl is 6 GB each).
+    `decoder`: a Llama / Qwen3 checkpoint (DECODER_DOWNLOAD)."""
     try:
         from huggingface_hub import snapshot_download
     except ImportError:
@@ -90,6 +96,8 @@ def _download(repo_id: str) -> Path:
             f"model.weights={repo_id!r}: downloading needs huggingface_hub (pip install huggingface_hub)"
         ) from None
     try:
+        if decoder:
+            return Path(snapshot_download(repo_id=repo_id, allow_patterns=list(DECODER_DOWNLOAD)))
         for weights_file in WEIGHT_FILES:
             folder = Path(snapshot_download(repo_id=repo_id, allow_patterns=[weights_file, "config.json"]))
             if (folder / weights_file).is_file():
@@ -104,7 +112,7 @@ def _download(repo_id: str) -> Path:
     )
 
 
-def resolve_weights(spec: str, download: bool = False) -> Path:
+def resolve_weights(spec: str, download: bool = False, decoder: bool = False) -> Path:
     path = Path(spec).expanduser()
     if path.exists():
         return path
@@ -115,7 +123,7 @@ def resolve_weights(spec: str, download: bool = False) -> Path:
     if snapshot is not None:
         return snapshot
     if download or os.environ.get(ALLOW_DOWNLOAD_ENV) == "1":
-        return _download(spec)
+        return _download(spec, decoder)
     raise WeightsError(
         f"model.weights={spec!r}: not a local file or folder, and the Hugging Face hub cache ({cache}) "
         f"holds no snapshot of {spec!r} with model.safetensors or pytorch_model.bin. Fix one of: "
@@ -488,8 +496,8 @@ def load_pretrained(model: GPTClassifier, spec: str, download: bool = False, hea
         to_load.update(head)
     with torch.no_grad():
         model.load_state_dict(to_load, strict=False)
-        if head_loaded and "head.bias" not in head and model.head.bias is not None:
-            model.head.bias.zero_()  # a bias-free head: zeros reproduce it
+        if head_loaded and "head.bias" not in head and model.head_linear.bias is not None:
+            model.head_linear.bias.zero_()  # a bias-free head: zeros reproduce it
     return LoadReport(
         source=source,
         format=fmt,
@@ -503,7 +511,7 @@ def load_pretrained(model: GPTClassifier, spec: str, download: bool = False, hea
 def _load_decoder_backbone(model: GPTClassifier, spec: str, download: bool) -> LoadReport:
     from .decoder_weights import load_into  # it imports this module (WeightsError)
 
-    source = resolve_weights(spec, download)
+    source = resolve_weights(spec, download, decoder=True)
     load_into(model.backbone, source)
     loaded = sorted(f"backbone.{name}" for name, _ in model.backbone.named_parameters())
     return LoadReport(source=source, format="hf", loaded=loaded, missing=["head.bias", "head.weight"], unexpected=[],
@@ -588,7 +596,7 @@ def save_export(model: GPTClassifier, folder: Path, pooling: str, labels: list |
               "pair_separator": list(PAIR_SEPARATOR) if text_pair_column is not None else None}
     if long_texts == "chunk":
         config.update(chunk_stride=chunk_stride, chunk_aggregate=chunk_aggregate)
-    if model.head.bias is None:  # model.head_bias=false
+    if model.head_linear.bias is None:  # model.head_bias=false
         config["head_bias"] = False
     if targets is not None:  # task=regression: outputs are standardized targets; this turns them back
         config.update(task="regression", targets=targets)

@@ -182,7 +182,18 @@ def _raw_request(url: str, head: str, body: bytes) -> str:
     with socket.create_connection((host, int(port)), timeout=20) as conn:
         conn.sendall(f"POST /v1/classify HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n{head}"
                      "\r\n".encode() + body)
-        return conn.recv(65536).decode("utf-8", "replace")
+        answer = b""
+        while b"\r\n\r\n" not in answer or len(answer.split(b"\r\n\r\n", 1)[1]) < _content_length(answer):
+            piece = conn.recv(65536)  # the head and the body may come in separate reads
+            if not piece:
+                break
+            answer += piece
+        return answer.decode("utf-8", "replace")
+
+
+def _content_length(answer: bytes) -> int:
+    head = answer.split(b"\r\n\r\n", 1)[0].decode("latin-1").lower()
+    return next((int(line.split(":", 1)[1]) for line in head.split("\r\n") if line.startswith("content-length:")), 0)
 
 
 def test_a_body_over_the_limit_is_refused_before_it_is_read_whole(server):

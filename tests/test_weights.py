@@ -410,3 +410,25 @@ def test_a_bias_free_head_round_trips_and_refuses_a_biased_one(hf, ids, tmp_path
     torch.save(sd, tmp_path / "biased.pth")
     with pytest.raises(WeightsError, match="model.head_bias=false leaves out"):
         load_pretrained(GPTClassifier(TINY, 3, pooling="last", head_bias=False), str(tmp_path / "biased.pth"))
+
+
+def test_a_bias_free_head_under_lora_exports_with_its_adapters(ids, tmp_path):
+    from dist_finetune.config import LoraConfig
+    from dist_finetune.exporter import save_model
+    from dist_finetune.lora import apply_lora
+
+    torch.manual_seed(0)
+    model = GPTClassifier(TINY, 2, pooling="last_token", head_bias=False)
+    apply_lora(model, LoraConfig(targets=("attn", "head")))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)
+    for export in ("merge", "separate"):
+        save_model(model.eval(), tmp_path / export, "last_token", ["a", "b"], 32, "fixed", LoraConfig(
+            targets=("attn", "head"), export=export))
+        again, _ = load_export(tmp_path / export)
+        assert again.head_linear.bias is None
+        lengths = torch.full((ids.shape[0],), ids.shape[1])
+        with torch.no_grad():
+            torch.testing.assert_close(again(ids, lengths), model(ids, lengths), atol=1e-5, rtol=0)
