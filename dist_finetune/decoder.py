@@ -165,6 +165,11 @@ def _check_supported(hf: dict[str, Any]) -> None:
     for key in ("use_sliding_window", "rope_interleaved"):
         if hf.get(key):
             raise ValueError(f"config key {key!r} is true; only full attention with half-split RoPE is supported")
+    quant = hf.get("quantization_config")
+    if quant:  # fp8 / GPTQ / AWQ / bitsandbytes tensors: transformers dequantizes them, this module does not
+        method = quant.get("quant_method") if isinstance(quant, dict) else None
+        raise ValueError(f"config key 'quantization_config' ({method or 'present'}): quantized checkpoints are not "
+                         "supported; use the unquantized (bf16 / fp32) checkpoint")
     if hf.get("mlp_bias") and hf["model_type"] != "llama":
         raise ValueError("config key 'mlp_bias' is true; Qwen3 has no MLP bias")
 

@@ -58,7 +58,10 @@ def read_config(folder: str | Path) -> DecoderConfig:
     if not path.is_file():
         raise DecoderWeightsError(f"{path}: not found; a Hugging Face checkpoint folder has a config.json")
     try:
-        return DecoderConfig.from_hf(json.loads(path.read_text(encoding="utf-8")))
+        hf = json.loads(path.read_text(encoding="utf-8"))
+        if not isinstance(hf, dict):
+            raise ValueError(f"expected a JSON object, found {type(hf).__name__}")
+        return DecoderConfig.from_hf(hf)
     except (ValueError, TypeError) as e:  # JSONDecodeError is a ValueError
         raise DecoderWeightsError(f"{path}: {e}") from None
 
@@ -72,6 +75,12 @@ def shard_files(folder: str | Path) -> list[Path]:
             weight_map = json.loads(index_path.read_text(encoding="utf-8"))["weight_map"]
         except (ValueError, KeyError, TypeError) as e:
             raise DecoderWeightsError(f"{index_path}: not a safetensors index with a weight_map ({e})") from None
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise DecoderWeightsError(f"{index_path}: weight_map must map tensor names to shard file names")
+        outside = sorted(name for name in set(weight_map.values()) if not _plain_file_name(name))
+        if outside:
+            raise DecoderWeightsError(f"{index_path}: shard {outside[0]!r} is not a file name in {folder} (the shards "
+                                      "lie beside the index; no folders, no '..'): fix the weight_map")
         files = [folder / name for name in sorted(set(weight_map.values()))]
         for path in files:
             if not path.is_file():
@@ -81,6 +90,12 @@ def shard_files(folder: str | Path) -> list[Path]:
         return [folder / SINGLE_FILE]
     raise DecoderWeightsError(f"{folder}: neither {SINGLE_FILE} nor {INDEX_FILE} found (only safetensors "
                               "checkpoints are read for Llama / Qwen3; convert pytorch_model.bin first)")
+
+
+def _plain_file_name(name: str) -> bool:
+    """A name of a file directly in the folder: no separator, no '..', not absolute (an index from a downloaded
+    checkpoint is untrusted: it must not point the loader at files elsewhere)."""
+    return name not in ("", ".", "..") and "/" not in name and "\\" not in name and ":" not in name
 
 
 def read_headers(files: list[Path]) -> dict[str, tuple[Path, tuple[int, ...]]]:

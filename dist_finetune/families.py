@@ -35,7 +35,7 @@ TOKENIZER_FILES = (TOKENIZER_FILE, CONFIG_FILE, SPECIAL_TOKENS_FILE, CHAT_TEMPLA
 
 def weights_folder(mc: ModelConfig) -> Path:
     """A decoder's checkpoint folder (config.json, safetensors, tokenizer.json)."""
-    folder = resolve_weights(mc.weights, mc.download)
+    folder = resolve_weights(mc.weights, mc.download, decoder=True)
     if not folder.is_dir():
         raise WeightsError(f"model.weights={mc.weights!r}: model.name={mc.name} needs the checkpoint's folder "
                            f"(config.json, *.safetensors, tokenizer.json), not the file {folder}")
@@ -79,7 +79,8 @@ def load_tokenizer(mc: ModelConfig, run_dir: Path | None = None) -> Tokenizer:
     if not mc.is_decoder:
         return GPT2_BPE
     folder = tokenizer_folder(mc, run_dir)
-    return _checked_tokenizer(folder, (folder / TOKENIZER_FILE).stat().st_mtime_ns,
+    path = folder / TOKENIZER_FILE  # missing: HFTokenizer.from_folder says so in one line
+    return _checked_tokenizer(folder, path.stat().st_mtime_ns if path.is_file() else 0,
                               backbone_config(mc, run_dir).vocab_size, mc.name)
 
 
@@ -87,7 +88,7 @@ def load_tokenizer(mc: ModelConfig, run_dir: Path | None = None) -> Tokenizer:
 def _checked_tokenizer(folder: Path, mtime_ns: int, vocab: int, name: str) -> HFTokenizer:
     tokenizer = HFTokenizer.from_folder(folder)
     if tokenizer.vocab_size > vocab:
-        raise WeightsError(f"{folder / TOKENIZER_FILE}: {tokenizer.vocab_size} tokens, more than the model's "
+        raise WeightsError(f"{folder / TOKENIZER_FILE}: token ids up to {tokenizer.vocab_size - 1}, beyond the model's "
                            f"vocab_size={vocab}; the tokenizer is from another checkpoint than model.name={name}")
     return tokenizer
 

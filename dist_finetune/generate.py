@@ -144,6 +144,9 @@ def decoder_folder(spec: str, download: bool = False) -> Path | None:
         model_type = json.loads(config.read_text(encoding="utf-8")).get("model_type")
     except (ValueError, AttributeError):
         return None  # the GPT-2 loader reports it
+    if isinstance(model_type, str) and model_type not in (*FAMILIES, "gpt2"):
+        raise WeightsError(f"{config}: model_type {model_type!r} is not supported; --weights takes GPT-2 weights or "
+                           f"a Llama / Qwen3 checkpoint (model_type {' or '.join(FAMILIES)})")
     return source if model_type in FAMILIES else None
 
 
@@ -170,8 +173,8 @@ def load_lm(spec: str, download: bool = False, n_head: int | None = None) -> Lan
     model = load_decoder(folder, lm_head=True).eval()
     tokenizer = HFTokenizer.from_folder(folder)
     if tokenizer.vocab_size > model.config.vocab_size:
-        raise WeightsError(f"{folder / 'tokenizer.json'}: {tokenizer.vocab_size} tokens, more than the model's "
-                           f"vocab_size={model.config.vocab_size}; the tokenizer is from another checkpoint")
+        raise WeightsError(f"{folder / 'tokenizer.json'}: token ids up to {tokenizer.vocab_size - 1}, beyond the "
+                           f"model's vocab_size={model.config.vocab_size}; the tokenizer is from another checkpoint")
     return LanguageModel(model, Codec(tokenizer), checkpoint_eos_ids(folder, model.config))
 
 

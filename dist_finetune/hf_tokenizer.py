@@ -13,6 +13,7 @@ causal attention the padding after the real tokens changes nothing).
 """
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -69,8 +70,10 @@ class HFTokenizer:
 
     @property
     def vocab_size(self) -> int:
-        """Including the added (special) tokens: every id encode can return is below it."""
-        return self.tokenizer.get_vocab_size(with_added_tokens=True)
+        """Including the added (special) tokens: every id encode can return is below it (the largest id plus one:
+        the count of tokens is less when the ids have gaps, as an added token given a far id)."""
+        vocab = self.tokenizer.get_vocab(with_added_tokens=True)
+        return max(len(vocab), max(vocab.values(), default=-1) + 1)
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         """`add_special_tokens=False`: without the post-processor's tokens (how transformers encodes a
@@ -148,6 +151,7 @@ def _chat_template(folder: Path, settings: dict[str, Any]) -> str | None:
     return template if isinstance(template, str) else None  # a list of named templates: not handled yet
 
 
+@functools.lru_cache(maxsize=8)  # zeroshot renders one template per text
 def _compile(template: str, where: str) -> Any:
     """The Jinja2 environment transformers renders chat templates in (sandboxed, trim_blocks, lstrip_blocks)."""
     from dist_finetune.formats import optional  # formats imports pandas: only when a template is rendered
@@ -181,5 +185,8 @@ def render_chat(template: str, prompt: str, special_tokens: dict[str, str], wher
     try:
         return compiled.render(messages=[{"role": "user", "content": prompt}], tools=None, documents=None,
                                add_generation_prompt=True, **special_tokens)
-    except jinja2.TemplateError as e:
-        raise TokenizerError(f"{where}: the checkpoint's chat template failed to render ({e})") from None
+    except TokenizerError:
+        raise  # raise_exception: the template's own message
+    except Exception as e:  # the template is the checkpoint's, not ours: 1/0, "a" + 1 ... are its errors too
+        kind = "" if isinstance(e, jinja2.TemplateError) else f"{type(e).__name__}: "
+        raise TokenizerError(f"{where}: the checkpoint's chat template failed to render ({kind}{e})") from None

@@ -143,6 +143,16 @@ def test_cli_generates_the_greedy_continuation(checkpoint):
         assert proc.stdout == lm.codec.decode(generate(lm.model, ids, 12, eos_id=lm.eos_ids)) + "\n"
 
 
+def test_an_unsupported_model_type_is_named(checkpoint, tmp_path):
+    from dist_finetune.weights import WeightsError
+
+    folder = tmp_path / "mistral"
+    shutil.copytree(checkpoint, folder)
+    edit_json(folder / "config.json", model_type="mistral", sliding_window=4096)
+    with pytest.raises(WeightsError, match=r"config\.json: model_type 'mistral' is not supported"):
+        load_lm(str(folder))
+
+
 def test_chat_template_without_one_is_a_one_line_error(checkpoint, tmp_path):
     folder = tmp_path / "base"
     shutil.copytree(checkpoint, folder)
@@ -154,6 +164,21 @@ def test_chat_template_without_one_is_a_one_line_error(checkpoint, tmp_path):
     assert proc.stderr.strip().count("\n") == 0 and "has no chat template" in proc.stderr
     proc = cli("generate", "--weights", str(folder), "hi", "--n-head", "4")
     assert proc.returncode == 2 and "--n-head applies to GPT-2 weights only" in proc.stderr
+
+
+@pytest.mark.parametrize("template, message", [
+    ("{{ 1 / 0 }}", "ZeroDivisionError"),
+    ("{{ messages[0]['content'] + 1 }}", "TypeError"),
+    ("{{ ''.__class__.__mro__[1].__subclasses__() }}", "unsafe|not safely|access to attribute"),
+    ("{{ raise_exception('no users here') }}", "refuses the prompt: no users here"),
+    ("{% for i in range(10**9) %}{% endfor %}", "range too big|OverflowError"),
+])
+def test_a_template_that_fails_or_escapes_is_one_line_error(template, message):
+    """A checkpoint's chat template is untrusted: it renders sandboxed, and whatever it raises is one TokenizerError."""
+    from dist_finetune.hf_tokenizer import render_chat
+
+    with pytest.raises(TokenizerError, match=f"--chat-template: the checkpoint's chat template .*({message})"):
+        render_chat(template, "hi", {"bos_token": "<s>"})
 
 
 # ---------------------------------------------------------------- zeroshot

@@ -196,6 +196,7 @@ def test_transformers_5_rope_parameters_layout_reads_alike() -> None:
     ({"hidden_act": "gelu"}, "hidden_act"), ({"use_sliding_window": True}, "use_sliding_window"),
     ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, "rope_type"), ({"hidden_size": None}, "hidden_size"),
     ({"num_key_value_heads": 5}, "num_key_value_heads"),
+    ({"quantization_config": {"quant_method": "fp8"}}, "quantization_config"),
 ])
 def test_unsupported_configs_are_refused_by_key(change: dict, key: str) -> None:
     with pytest.raises(ValueError, match=key):
@@ -272,6 +273,9 @@ def test_wrong_model_type_is_one_clear_error(untied_folder: Path, tmp_path: Path
     (bad / "config.json").write_text(json.dumps({**config, "model_type": "gpt2"}))
     with pytest.raises(DecoderWeightsError, match=r"config\.json: model_type 'gpt2' is not supported"):
         load_decoder(bad)
+    (bad / "config.json").write_text("[]")
+    with pytest.raises(DecoderWeightsError, match=r"config\.json: expected a JSON object, found list"):
+        load_decoder(bad)
 
 
 @pytest.mark.parametrize("edit, message", [
@@ -304,6 +308,51 @@ def test_missing_files_name_the_file(untied_folder: Path, tmp_path: Path) -> Non
     (empty / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"x": "model-1.safetensors"}}))
     with pytest.raises(DecoderWeightsError, match=r"model-1\.safetensors: listed in .*index\.json but not found"):
         load_decoder(empty)
+
+
+@pytest.mark.parametrize("shard", ["../outside.safetensors", "/tmp/outside.safetensors", "sub/model.safetensors",
+                                   "..", 7])
+def test_an_index_naming_a_file_outside_the_folder_is_refused(untied_folder: Path, tmp_path: Path, shard) -> None:
+    """The index of a downloaded checkpoint is untrusted: its shards are file names beside it, nothing else."""
+    folder = tmp_path / "ckpt"
+    folder.mkdir()
+    (folder / "config.json").write_text((untied_folder / "config.json").read_text())
+    (tmp_path / "outside.safetensors").write_bytes((untied_folder / "model.safetensors").read_bytes())
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"model.norm.weight": shard}}))
+    with pytest.raises(DecoderWeightsError, match=r"index\.json: (shard .* is not a file name in|weight_map must)"):
+        load_decoder(folder)
+
+
+def test_an_index_whose_weight_map_is_not_an_object_is_one_clear_error(untied_folder: Path, tmp_path: Path) -> None:
+    folder = tmp_path / "ckpt"
+    folder.mkdir()
+    (folder / "config.json").write_text((untied_folder / "config.json").read_text())
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": ["model.safetensors"]}))
+    with pytest.raises(DecoderWeightsError, match=r"index\.json: weight_map must map tensor names to shard"):
+        load_decoder(folder)
+
+
+def test_a_decoder_download_fetches_its_tokenizer_and_shards(tmp_path: Path, monkeypatch) -> None:
+    """model.download=true for a Llama / Qwen3 hub id: config.json, the (sharded) safetensors and the tokenizer
+    files; a GPT-2 hub id keeps its two files."""
+    hub = pytest.importorskip("huggingface_hub")
+    from dist_finetune import weights
+
+    asked = []
+
+    def fake_download(repo_id, allow_patterns):
+        asked.append(list(allow_patterns))
+        (tmp_path / "snap").mkdir(exist_ok=True)
+        (tmp_path / "snap" / "model.safetensors").write_bytes(b"")
+        return str(tmp_path / "snap")
+
+    monkeypatch.setattr(hub, "snapshot_download", fake_download)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    assert weights.resolve_weights("someone/SmolLM2-tiny", download=True, decoder=True) == tmp_path / "snap"
+    assert {"config.json", "model.safetensors.index.json", "model-*.safetensors", "tokenizer.json",
+            "tokenizer_config.json"} <= set(asked[0])
+    assert weights.resolve_weights("someone/gpt2-tiny", download=True) == tmp_path / "snap"
+    assert asked[1] == ["model.safetensors", "config.json"]
 
 
 # ---------------------------------------------------------------- the tokenizer
@@ -369,3 +418,17 @@ def test_model_specific_tokenizer_class_keeps_tokenizer_json(trained_tokenizer, 
     texts = [mixed_text(random.Random(3)) for _ in range(200)]
     as_written = transformers.PreTrainedTokenizerFast.from_pretrained(folder)(texts)["input_ids"]
     assert HFTokenizer.from_folder(folder).encode_batch(texts) == as_written
+
+
+def test_vocab_size_covers_the_largest_id_when_ids_have_gaps(trained_tokenizer, tmp_path: Path) -> None:
+    """A tokenizer.json whose ids skip some (a token given a far id): the model must hold the largest id, not
+    merely as many rows as there are tokens."""
+    folder = save_tokenizer(trained_tokenizer, tmp_path / "gap", bos_template=False, pad_token="<pad>")
+    data = json.loads((folder / "tokenizer.json").read_text())
+    vocab = data["model"]["vocab"]
+    far = max(vocab, key=vocab.get)
+    vocab[far] = 5000
+    (folder / "tokenizer.json").write_text(json.dumps(data))
+    tok = HFTokenizer.from_folder(folder)
+    assert tok.tokenizer.token_to_id(far) == 5000 and tok.tokenizer.get_vocab_size(with_added_tokens=True) < 5000
+    assert tok.vocab_size == 5001

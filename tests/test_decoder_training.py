@@ -107,6 +107,23 @@ def test_last_n_blocks_of_a_decoder(folders) -> None:
         set_trainable(model, "last_3_blocks")
 
 
+def test_a_weights_folder_without_tokenizer_json_or_with_a_larger_tokenizer_is_one_clear_error(folders,
+                                                                                                 tmp_path) -> None:
+    from dist_finetune.families import load_tokenizer
+    from dist_finetune.hf_tokenizer import TokenizerError
+    from dist_finetune.weights import WeightsError
+
+    folder = Path(shutil.copytree(folders["qwen3"], tmp_path / "no-tokenizer"))
+    (folder / "tokenizer.json").unlink()
+    mc = from_dict({"model": {"name": "auto", "weights": str(folder)}}).model
+    with pytest.raises(TokenizerError, match=r"no-tokenizer/tokenizer\.json: not found"):
+        load_tokenizer(mc)
+    shutil.copy(folders["qwen3"] / "tokenizer.json", folder / "tokenizer.json")
+    edit_json(folder / "config.json", vocab_size=100)  # the tokenizer has ~600 tokens
+    with pytest.raises(WeightsError, match=r"tokenizer\.json: token ids up to \d+, beyond the model's vocab_size=100"):
+        load_tokenizer(mc)
+
+
 # Rank-8 adapters (A: in x 8, B: 8 x out) of 2 blocks, hidden 64, head_dim 16, 4 query and 2 KV heads, MLP 96,
 # plus the 2-class head (64 x 2 + 2).
 LORA_PARAMETERS = {"[q,v]": 2 * (8 * (64 + 64) + 8 * (64 + 32)) + 130,
