@@ -24,6 +24,7 @@ from .config import ConfigError
 from . import safe_load
 from .distributed import DistEnv, barrier
 from .files import atomic_write_text, publish, temp_path_for
+from .zero3 import writable
 
 log = logging.getLogger(__name__)
 
@@ -173,8 +174,6 @@ def _load_module_zero3(engine, run_dir: Path, tag: str) -> None:
     """Module-only load under ZeRO-3. DeepSpeed's own (load_module_only=True) consolidates the shards
     without the tag, i.e. whatever `latest` points to (issue 14): we read the tag's fp32 weights and
     copy them into the partitioned parameters, one parameter gathered at a time, on every rank."""
-    import deepspeed
-
     sd = consolidated_state_dict(run_dir, tag)
     module = engine.module
     missing = [name for name, _ in module.named_parameters() if name not in sd]
@@ -183,8 +182,9 @@ def _load_module_zero3(engine, run_dir: Path, tag: str) -> None:
                           "written for another model; use a checkpoint of this run's own model")
     with torch.no_grad():
         for name, param in module.named_parameters():
-            with deepspeed.zero.GatheredParameters([param], modifier_rank=0):
-                param.data.copy_(sd[name].reshape(param.shape).to(param.device, param.dtype))
+            with writable(param) as writes:
+                if writes:
+                    param.data.copy_(sd[name].reshape(param.shape).to(param.device, param.dtype))
         for name, buffer in module.named_buffers():
             if name in sd:
                 buffer.copy_(sd[name].to(buffer.device, buffer.dtype))

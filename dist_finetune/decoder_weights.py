@@ -13,12 +13,14 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
 
 from dist_finetune.decoder import Decoder, DecoderConfig
 from dist_finetune.weights import WeightsError
+from dist_finetune.zero3 import full_shape, partitioned_build, writable
 
 CONFIG_FILE = "config.json"
 SINGLE_FILE = "model.safetensors"
@@ -115,7 +117,7 @@ def read_headers(files: list[Path]) -> dict[str, tuple[Path, tuple[int, ...]]]:
 
 def expected_tensors(model: Decoder) -> dict[str, tuple[str, tuple[int, ...]]]:
     """HF name -> (our parameter name, shape) for everything the model needs from the checkpoint."""
-    return {hf_name(name): (name, tuple(p.shape)) for name, p in model.named_parameters()}
+    return {hf_name(name): (name, full_shape(p)) for name, p in model.named_parameters()}
 
 
 def check_tensors(folder: Path, headers: dict[str, tuple[Path, tuple[int, ...]]],
@@ -143,7 +145,8 @@ def _ignorable(name: str) -> bool:
 
 @torch.no_grad()
 def load_into(model: Decoder, folder: str | Path) -> None:
-    """Copies the checkpoint in `folder` into `model`'s parameters, one tensor at a time."""
+    """Copies the checkpoint in `folder` into `model`'s parameters, one tensor at a time. Parameters partitioned
+    by ZeRO-3 (zero3.py) are gathered one at a time, and only rank 0 reads the tensor: every rank must call."""
     folder = Path(folder)
     files = shard_files(folder)
     expected = expected_tensors(model)
@@ -153,19 +156,31 @@ def load_into(model: Decoder, folder: str | Path) -> None:
         with safe_open(path, framework="pt", device="cpu") as f:
             for name in f.keys():
                 if name in expected:
-                    params[expected[name][0]].copy_(f.get_tensor(name))  # the read tensor dies here
+                    param = params[expected[name][0]]
+                    with writable(param) as writes:
+                        if writes:
+                            param.copy_(f.get_tensor(name))  # the read tensor dies here
+
+
+def unloaded_decoder(config: DecoderConfig, lm_head: bool = True, dtype: torch.dtype = torch.float32,
+                     device: str | torch.device = "cpu", ds_config: dict[str, Any] | None = None) -> Decoder:
+    """A Decoder whose every weight is about to be loaded (`load_into`, or a run's checkpoint, whose loads are
+    strict), so a random init would be wasted time and memory: built on the meta device and materialised
+    uninitialised. With a ZeRO-3 `ds_config` it is built partitioned across the ranks instead (zero3.py; every
+    rank calls, `dtype` and `device` are the run's); its layers' own init then draws from a forked RNG, so that
+    the global one (the classifier head's init, the data order) is the same as without ZeRO-3."""
+    if ds_config is not None:
+        devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+        with torch.random.fork_rng(devices=devices), partitioned_build(ds_config):
+            return Decoder(config, lm_head=lm_head)
+    with torch.device("meta"):
+        model = Decoder(config, lm_head=lm_head)
+    return model.to(dtype).to_empty(device=device)
 
 
 def load_decoder(folder: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
                  lm_head: bool = True) -> Decoder:
-    """A Decoder built from `folder`'s config.json and loaded from its safetensors.
-
-    Built on the meta device and materialised uninitialised: loading writes every parameter (the
-    check refuses a checkpoint that lacks one), so a random init would be wasted time and memory.
-    """
-    config = read_config(folder)
-    with torch.device("meta"):
-        model = Decoder(config, lm_head=lm_head)
-    model = model.to(dtype).to_empty(device=device)
+    """A Decoder built from `folder`'s config.json and loaded from its safetensors."""
+    model = unloaded_decoder(read_config(folder), lm_head, dtype, device)
     load_into(model, folder)
     return model

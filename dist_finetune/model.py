@@ -19,6 +19,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from dist_finetune.config import ConfigError, Trainable
 from dist_finetune.decoder import Attention as DecoderAttention
 from dist_finetune.decoder import Decoder, DecoderConfig
+from dist_finetune.zero3 import full_numel
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -169,7 +170,9 @@ class GPTClassifier(nn.Module):
     """A classifier head on a backbone: GPT-2 (GPTConfig) or a Llama / Qwen3 decoder (DecoderConfig)."""
 
     def __init__(self, gpt_config: GPTConfig | DecoderConfig, num_classes: int, pooling: str = "last",
-                 head_init: str = "gpt2", head_bias: bool = True):
+                 head_init: str = "gpt2", head_bias: bool = True, backbone: nn.Module | None = None):
+        """`backbone`: one built elsewhere, whose weights are loaded next (build_model): only the head is
+        initialised here."""
         super().__init__()
         if pooling not in POOLINGS:
             raise ValueError(f"pooling {pooling!r} is not one of {', '.join(POOLINGS)}")
@@ -178,8 +181,15 @@ class GPTClassifier(nn.Module):
         self.pooling = pooling
         self.num_classes = num_classes
         decoder = isinstance(gpt_config, DecoderConfig)
-        self.backbone = Decoder(gpt_config, lm_head=False) if decoder else GPT(gpt_config)
+        built = backbone is None
+        if built:
+            backbone = Decoder(gpt_config, lm_head=False) if decoder else GPT(gpt_config)
+        self.backbone = backbone
         self.head = nn.Linear(gpt_config.n_embd, num_classes, bias=head_bias)
+        if not built:
+            self.head.apply(_init_weights)
+            init_head(self.head, head_init)
+            return
         self.apply(_init_weights)
         # GPT-2: scale the init of the projections that write into the residual stream.
         std = 0.02 / math.sqrt(2 * gpt_config.n_layer)
@@ -284,23 +294,28 @@ def configure_kernels(model: nn.Module, fused_qkv: bool = True, attention_backen
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:
-    """(trainable, total) parameter counts."""
+    """(trainable, total) parameter counts (whole, also where ZeRO-3 holds a share of each)."""
     params = list(model.parameters())
-    return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
+    return sum(full_numel(p) for p in params if p.requires_grad), sum(full_numel(p) for p in params)
 
 
 def build_model(mc: ModelConfig, num_classes: int, lora: LoraConfig | None = None,
-                run_dir: Path | None = None) -> GPTClassifier:
+                run_dir: Path | None = None, ds_config: dict[str, Any] | None = None) -> GPTClassifier:
     """The architecture (families.backbone_config: GPT-2 or a Llama / Qwen3 decoder) with GPT-2's random
-    init; weights.load_pretrained loads weights.
+    init; weights.load_pretrained loads weights. A decoder's backbone is left uninitialised (every weight is
+    loaded next, from its checkpoint or the run's), and with a ZeRO-3 `ds_config` it is built partitioned across
+    the ranks (zero3.py): every rank must call then.
 
     With `lora` and model.trainable=lora, the adapters are in place too (to read a LoRA checkpoint).
     `run_dir`: a run read back (a resume, evaluate, export): a decoder's architecture as the run saved it.
     """
-    from dist_finetune.families import backbone_config  # families reads weights folders: it imports this module
+    from dist_finetune.decoder_weights import unloaded_decoder  # both import this module
+    from dist_finetune.families import backbone_config
 
-    model = GPTClassifier(backbone_config(mc, run_dir), num_classes, pooling=mc.pooling, head_init=mc.head_init,
-                          head_bias=mc.head_bias)
+    arch = backbone_config(mc, run_dir)
+    backbone = unloaded_decoder(arch, lm_head=False, ds_config=ds_config) if isinstance(arch, DecoderConfig) else None
+    model = GPTClassifier(arch, num_classes, pooling=mc.pooling, head_init=mc.head_init, head_bias=mc.head_bias,
+                          backbone=backbone)
     if lora is not None and mc.trainable == "lora":
         from dist_finetune.lora import apply_lora
 

@@ -27,7 +27,8 @@ from .encoding import default_stride, describe
 from .multilabel import METRICS as MULTI_LABEL_METRICS, tune_thresholds
 from .regression import METRICS as REGRESSION_METRICS
 
-from .engine import build_engine, param_group_names, plan_batches
+from .engine import (build_engine, deepspeed_config, param_group_names, plan_batches, resolve_precision,
+                     skip_shm_comm_op)
 from .exporter import EXPORT_SUBDIRS, export_checkpoint
 from .hf_export import export_notes
 from .loaders import train_loader
@@ -371,12 +372,15 @@ class Trainer:
         backend = cfg.model.attention_backend
         if device.type != "cuda" and backend not in ("auto", "math"):
             raise ConfigError(f"model.attention_backend={backend} needs a CUDA GPU; use auto or math on a CPU")
-        model = build_model(cfg.model, len(self.data.label_map), run_dir=self.saved_run)
+        ds_config = self.partitioned_build_config()
+        if ds_config is not None:
+            skip_shm_comm_op(self.env)  # before zero.Init sets up DeepSpeed's communication
+        model = build_model(cfg.model, len(self.data.label_map), run_dir=self.saved_run, ds_config=ds_config)
         self.loaded_weights = None
-        # A decoder resumed under ZeRO 0-2: the checkpoint's module state holds every weight (frozen ones too) and
-        # is loaded strictly, so model.weights is not read and may be gone. Under ZeRO-3 they still load first (not
-        # verified that DeepSpeed's partitioned load restores frozen weights).
-        whole = self.saved_run is not None and cfg.model.is_decoder and cfg.zero.stage < 3
+        # A decoder resumed: the checkpoint holds every weight, frozen ones too (ZeRO 0-2: the module state, loaded
+        # strictly; ZeRO-3: each rank's share of the frozen ones beside the optimizer's), so model.weights is not
+        # read and may be gone.
+        whole = self.saved_run is not None and cfg.model.is_decoder
         if cfg.model.weights.lower() != "none" and not whole:
             self.loaded_weights = load_pretrained(model, cfg.model.weights, download=cfg.model.download,
                                                   head_policy=cfg.model.head, labels=self.data.label_map.labels)
@@ -384,6 +388,14 @@ class Trainer:
         configure_kernels(model, cfg.model.fused_qkv, backend)
         self.trainable, self.total_params = count_parameters(model)
         return model
+
+    def partitioned_build_config(self) -> dict[str, Any] | None:
+        """A Llama / Qwen3 run under ZeRO-3 builds its backbone partitioned across the ranks (zero3.py): the
+        DeepSpeed config it is built under. GPT-2 (at most 1.5B parameters) is built whole, as before."""
+        cfg = self.cfg
+        if cfg.zero.stage < 3 or not cfg.model.is_decoder:
+            return None
+        return deepspeed_config(cfg, self.plan, resolve_precision(cfg.precision, self.env.device))
 
     @property
     def saved_run(self) -> Path | None:
