@@ -15,6 +15,7 @@ context as max_length, padding to the longest text. An ONNX export (model.onnx) 
 """
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +25,7 @@ import torch
 
 from .cli import BACKENDS, pick_device
 from .data import DataError, make_collate
-from .encoding import fit_example, full_length, windows
+from .encoding import PAIR_SEPARATOR, encode_pairs, fit_example, full_length, windows
 from .regression import TargetScale
 from .hf_import import load_hf_classifier
 from .onnx_export import ONNX_EXPORT_SUBDIR, ONNX_WEIGHTS, load_onnx
@@ -105,6 +106,9 @@ class Classifier:
         self.source = source  # the folder it was loaded from
         # GPT-2's BPE, or the tokenizer.json an export of a Llama / Qwen3 model carries
         self.tokenizer = GPT2_BPE if source is None else export_tokenizer(source, info)
+        # a model of text pairs: the ids between the two texts, as the export recorded them (read_export_info
+        # checked them against the tokenizer's "\n\n")
+        self.pair_separator = _recorded_separator(source) if info.text_pair_column is not None else PAIR_SEPARATOR
 
     @classmethod
     def load(cls, path: str | Path, device: str | torch.device = "auto", backend: str = "auto") -> Classifier:
@@ -147,13 +151,14 @@ class Classifier:
             raise TypeError("this model classifies text pairs: call predict(texts, pairs=second_texts)" if self.pairs
                             else "this model classifies single texts: call predict(texts) without pairs")
         tokens = _encoded(texts, "text", self.tokenizer)
-        pair_tokens = _encoded(pairs, "pair", self.tokenizer) if pairs is not None else [None] * len(tokens)
+        pair_tokens = _encoded(pairs, "pair", self.tokenizer, second=True) if pairs is not None \
+            else [None] * len(tokens)
         if len(pair_tokens) != len(tokens):
             raise ValueError(f"{len(tokens)} texts but {len(pair_tokens)} pairs: give one pair per text")
         examples = list(zip(tokens, pair_tokens))
         rows = self._probabilities(examples, batch_size)
         cut = self.info.long_texts != "chunk"  # chunk reads every token
-        return [self._prediction(p, cut and full_length(*example) > self.max_length)
+        return [self._prediction(p, cut and full_length(*example, self.pair_separator) > self.max_length)
                 for p, example in zip(rows, examples)]
 
     def _probabilities(self, examples: list[tuple[list[int], list[int] | None]],
@@ -162,7 +167,7 @@ class Classifier:
         model scores a text from all its windows."""
         info = self.info
         if info.long_texts != "chunk":
-            inputs = [fit_example(ids, pair, info.max_length, info.long_texts, info.head_tokens)
+            inputs = [fit_example(ids, pair, info.max_length, info.long_texts, info.head_tokens, self.pair_separator)
                       for ids, pair in examples]
             outputs = self._logits(inputs, batch_size)
         else:
@@ -201,15 +206,24 @@ class Classifier:
         return Prediction(labels[index], index, dict(zip(labels, probabilities)), truncated)
 
 
-def _encoded(texts: Sequence[str], what: str, tokenizer: Any) -> list[list[int]]:
-    """Token ids of a list of strings; anything else, or an empty text, is refused naming its position."""
+def _recorded_separator(source: Path | None) -> tuple[int, ...]:
+    """The pair separator an export's model_config.json records (GPT-2's for a model built by hand)."""
+    if source is None or not (source / EXPORT_CONFIG).is_file():
+        return PAIR_SEPARATOR
+    recorded = json.loads((source / EXPORT_CONFIG).read_text(encoding="utf-8")).get("pair_separator")
+    return PAIR_SEPARATOR if recorded is None else tuple(recorded)
+
+
+def _encoded(texts: Sequence[str], what: str, tokenizer: Any, second: bool = False) -> list[list[int]]:
+    """Token ids of a list of strings (`second`: the second texts of pairs, encoded as `encode_pairs` does);
+    anything else, or an empty text, is refused naming its position."""
     if isinstance(texts, str):
         raise TypeError(f"predict takes a list of {what}s; for one {what}, write predict([{what}])")
     texts = list(texts)
     for row, text in enumerate(texts, 1):
         if not isinstance(text, str):
             raise TypeError(f"{what} {row} is a {type(text).__name__}, not a str: predict takes a list of strings")
-    tokens = tokenizer.encode_batch(texts)
+    tokens = encode_pairs(tokenizer, texts) if second else tokenizer.encode_batch(texts)
     for row, ids in enumerate(tokens, 1):
         if not ids:
             raise DataError(f"{what} {row}: it is empty (zero tokens); give a non-empty {what}")

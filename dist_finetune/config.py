@@ -711,8 +711,6 @@ def _validate(cfg: Config) -> None:
 def _validate_decoder_run(cfg: Config) -> None:
     """What is GPT-2 only so far, refused by key for the Llama / Qwen3 families."""
     family = f"model.name={cfg.model.name} (a Llama / Qwen3 decoder)"
-    _check(cfg.data.text_pair_column is None, f"data.text_pair_column: text pairs are joined by GPT-2's paragraph "
-                                              f"token, GPT-2 only so far; {family}: remove the key")
     _check(not (cfg.checkpoint.export and "hf" in cfg.checkpoint.export_formats and cfg.model.head_bias),
            f"checkpoint.export_formats: hf: {family} with a head bias, which transformers' score layer lacks and "
            "the final RMSNorm cannot absorb; set model.head_bias: false (or remove hf: native and onnx export it)")

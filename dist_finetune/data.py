@@ -30,7 +30,7 @@ from torch.utils.data import Dataset
 
 from .config import SPLIT_DEFAULT, SPLIT_DEFAULT_VAL, DataConfig
 from .formats import folder_sha256, read_dataset_dir, read_parquet
-from .encoding import fit_example, full_length, windows
+from .encoding import PAIR_SEPARATOR, encode_pairs, fit_example, full_length, min_pair_length, pair_separator, windows
 from .regression import TargetScale
 from .tokenizer import GPT2_BPE, PAD_ID
 from .errors import UserError
@@ -711,13 +711,16 @@ def load_data(cfg: DataConfig, context_length: int, saved_split: DataSplit | Non
         label_map = _label_map_from_train(tables["train"])
         labels = {split: _label_ids(table, label_map, tables["train"].source.name) for split, table in tables.items()}
     tokens = {split: _tokenize(table, tokenizer) for split, table in tables.items()}  # (text ids, pair ids or None)
+    joint = pair_separator(tokenizer) if cfg.text_pair_column is not None else PAIR_SEPARATOR  # a pair's separator
     texts = {split: table.frame["text"].tolist() for split, table in tables.items()}
     user_data = cfg.train_file is not None or cfg.dataset_dir is not None  # the bundled split is balanced already
     if cfg.balance == "undersample" and user_data:
         keep = undersample_indices(labels["train"])
         labels["train"], tokens["train"], texts["train"] = (
             [column[i] for i in keep] for column in (labels["train"], tokens["train"], texts["train"]))
-    max_length = _max_length(cfg, context_length, [full_length(*row) for row in tokens["train"]])
+    max_length = _max_length(cfg, context_length, [full_length(*row, joint) for row in tokens["train"]])
+    if cfg.text_pair_column is not None:
+        _check_pair_room(max_length, joint)
     if cfg.chunk_stride is not None and cfg.chunk_stride > max_length:
         raise DataError(f"data.chunk_stride: {cfg.chunk_stride} is more than max_length ({max_length}, the longest "
                         "training example), so windows would skip tokens; lower it")
@@ -732,8 +735,8 @@ def load_data(cfg: DataConfig, context_length: int, saved_split: DataSplit | Non
                                       cfg.chunk_stride)
             truncated[name] = 0  # every token is read
             continue
-        truncated[name] = sum(full_length(*row) > max_length for row in tokens[name])
-        ids = [fit_example(*row, max_length, cfg.long_texts, cfg.head_tokens) for row in tokens[name]]
+        truncated[name] = sum(full_length(*row, joint) > max_length for row in tokens[name])
+        ids = [fit_example(*row, max_length, cfg.long_texts, cfg.head_tokens, joint) for row in tokens[name]]
         datasets[name] = ClassificationDataset(ids, labels[name], texts[name])
     return DataBundle(datasets["train"], datasets["val"], datasets.get("test"), label_map, max_length, truncated,
                       record, scale)
@@ -926,7 +929,7 @@ def _tokenize(table: _Table, tokenizer: Any) -> list[tuple[list[int], list[int] 
     columns = [(token_ids, table.source.text_column)]
     pair_ids = None
     if "pair" in table.frame:
-        pair_ids = encode_batch(table.frame["pair"].tolist())
+        pair_ids = encode_pairs(tokenizer, table.frame["pair"].tolist())  # without a second <|begin_of_text|>
         columns.append((pair_ids, table.source.pair_column))
     for ids_of_column, column in columns:
         for row, ids in enumerate(ids_of_column, 1):
@@ -945,6 +948,13 @@ def _max_length(cfg: DataConfig, context_length: int, train_lengths: list[int]) 
             f"({context_length}); lower it or leave it unset (null) for the longest training example."
         )
     return cfg.max_length
+
+
+def _check_pair_room(max_length: int, separator: tuple[int, ...]) -> None:
+    """A pair needs a token of each text and the separator (the config checks GPT-2's; a decoder's may be longer)."""
+    if max_length < min_pair_length(separator):
+        raise DataError(f"data.max_length: {max_length} leaves no room for a text pair (a token of each text and the "
+                        f"{len(separator)}-token separator); give at least {min_pair_length(separator)}")
 
 
 # ---------------------------------------------------------------- files given to evaluate / predict
@@ -977,8 +987,9 @@ def load_eval_file(path: str | Path, text_column: str, label_column: str, label_
     tokens = _tokenize(table, tokenizer)
     if long_texts == "chunk":
         return windowed([ids for ids, _ in tokens], labels, table.frame["text"].tolist(), max_length, chunk_stride), 0
-    truncated = sum(full_length(*row) > max_length for row in tokens)
-    dataset = ClassificationDataset([fit_example(*row, max_length, long_texts, head_tokens) for row in tokens],
+    joint = pair_separator(tokenizer) if pair_column is not None else PAIR_SEPARATOR  # as the run's training joined
+    truncated = sum(full_length(*row, joint) > max_length for row in tokens)
+    dataset = ClassificationDataset([fit_example(*row, max_length, long_texts, head_tokens, joint) for row in tokens],
                                     labels, table.frame["text"].tolist())
     return dataset, truncated
 

@@ -11,19 +11,64 @@ evaluation and prediction.
   prediction classify the text from its windows' logits, averaged (or their maximum, a switch).
 
 A text pair (`data.text_pair_column`: premise / hypothesis, question / passage) is `text + "\n\n" + pair`, each
-tokenized alone, joined by GPT-2's paragraph-break token (628). GPT-2 has no separator token; a blank line is
-the boundary it saw between passages in pretraining, whereas `<|endoftext|>` (also the pad id) means "a new
-document": the model would read the pair as two unrelated texts. When the pair is too long, tokens go from the
-longer text first (transformers' `longest_first`): the shorter keeps all it has while it fits in half.
+tokenized alone, joined by the tokenizer's own encoding of the blank line (`pair_separator`): GPT-2's
+paragraph-break token (628); for a Llama / Qwen3 decoder, its tokenizer.json's ids of "\n\n" (without special
+tokens). These models have no separator token; a blank line is the boundary they saw between passages in
+pretraining, whereas an end-of-text token (GPT-2's is also the pad id) means "a new document": the model would
+read the pair as two unrelated texts. The first text is encoded as a single text is (a Llama 3 tokenizer puts
+<|begin_of_text|> first), the second without special tokens (`encode_pairs`), so that the example reads as the
+one text `text + "\n\n" + pair`. An export records its separator (model_config.json's pair_separator) and
+prediction joins with the recorded one. When the pair is too long, tokens go from the longer text first
+(transformers' `longest_first`): the shorter keeps all it has while it fits in half.
 """
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
+
+from .errors import UserError
 
 LONG_TEXTS = ("truncate", "head_tail", "chunk")
 AGGREGATES = ("mean", "max")
-PAIR_SEPARATOR = (628,)  # "\n\n" in the GPT-2 BPE
-MIN_PAIR_LENGTH = len(PAIR_SEPARATOR) + 2  # a token of each text at least
+PAIR_TEXT = "\n\n"  # what joins the two texts of a pair
+PAIR_SEPARATOR = (628,)  # PAIR_TEXT in the GPT-2 BPE
+MIN_PAIR_LENGTH = len(PAIR_SEPARATOR) + 2  # a token of each text at least (GPT-2; see min_pair_length)
+
+
+class PairSeparatorError(UserError, ValueError):
+    """A tokenizer that cannot join a text pair."""
+
+
+def _is_gpt2(tokenizer: Any) -> bool:
+    from .tokenizer import GPT2BPE  # tiktoken: only when a tokenizer is at hand (config.py imports this module)
+
+    return tokenizer is None or isinstance(tokenizer, GPT2BPE)
+
+
+def pair_separator(tokenizer: Any = None) -> tuple[int, ...]:
+    """The ids joining the two texts of a pair: `tokenizer`'s encoding of a blank line, without special tokens
+    (GPT-2's, PAIR_SEPARATOR, for None or the GPT-2 BPE)."""
+    if _is_gpt2(tokenizer):
+        return PAIR_SEPARATOR
+    ids = tuple(tokenizer.encode(PAIR_TEXT, add_special_tokens=False))
+    if not ids:
+        raise PairSeparatorError('data.text_pair_column: the model\'s tokenizer encodes a blank line ("\\n\\n") to '
+                                 "zero tokens, so nothing would separate the two texts of a pair; use a tokenizer "
+                                 "that encodes it, or train on single texts (remove data.text_pair_column)")
+    return ids
+
+
+def min_pair_length(separator: Sequence[int] = PAIR_SEPARATOR) -> int:
+    """The shortest max_length that holds a pair: a token of each text and the separator."""
+    return len(separator) + 2
+
+
+def encode_pairs(tokenizer: Any, pairs: list[str]) -> list[list[int]]:
+    """The ids of the second texts of pairs: as `tokenizer` encodes a text, but without the special tokens its
+    post-processor adds (a Llama 3 <|begin_of_text|>), which the first text already has."""
+    if _is_gpt2(tokenizer):
+        return tokenizer.encode_batch(list(pairs))
+    return tokenizer.encode_batch(list(pairs), add_special_tokens=False)
 
 
 def default_head(max_length: int) -> int:
@@ -61,18 +106,20 @@ def pair_budgets(first: int, second: int, room: int) -> tuple[int, int]:
     return min(first, room - keep_second), keep_second
 
 
-def full_length(ids: Sequence[int], pair: Sequence[int] | None = None) -> int:
-    """Tokens of the example before any cut."""
-    return len(ids) if pair is None else len(ids) + len(PAIR_SEPARATOR) + len(pair)
+def full_length(ids: Sequence[int], pair: Sequence[int] | None = None,
+                separator: Sequence[int] = PAIR_SEPARATOR) -> int:
+    """Tokens of the example before any cut; `separator`: `pair_separator`'s, for a pair."""
+    return len(ids) if pair is None else len(ids) + len(separator) + len(pair)
 
 
 def fit_example(ids: Sequence[int], pair: Sequence[int] | None, max_length: int, mode: str = "truncate",
-                head: int | None = None) -> list[int]:
-    """One example's model input: a text cut by `fit`, or a pair, each text cut to its share by `fit`."""
+                head: int | None = None, separator: Sequence[int] = PAIR_SEPARATOR) -> list[int]:
+    """One example's model input: a text cut by `fit`, or a pair, each text cut to its share by `fit` and joined
+    by `separator` (`pair_separator` of the model's tokenizer)."""
     if pair is None:
         return fit(ids, max_length, mode, head)
-    first, second = pair_budgets(len(ids), len(pair), max_length - len(PAIR_SEPARATOR))
-    return fit(ids, first, mode) + list(PAIR_SEPARATOR) + fit(pair, second, mode)
+    first, second = pair_budgets(len(ids), len(pair), max_length - len(separator))
+    return fit(ids, first, mode) + list(separator) + fit(pair, second, mode)
 
 
 def default_stride(max_length: int) -> int:

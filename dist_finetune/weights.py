@@ -23,7 +23,7 @@ from dist_finetune.decoder import DecoderConfig
 from dist_finetune.hf_tokenizer import CHAT_TEMPLATE_FILE, CONFIG_FILE, SPECIAL_TOKENS_FILE, TOKENIZER_FILE, HFTokenizer
 from dist_finetune.model import GPT, POOLINGS, GPTClassifier, GPTConfig
 from dist_finetune.tokenizer import GPT2_BPE, PAD_ID, GPT2BPE
-from .encoding import AGGREGATES, LONG_TEXTS, PAIR_SEPARATOR
+from .encoding import AGGREGATES, LONG_TEXTS, PAIR_SEPARATOR, pair_separator
 from . import files
 from . import safe_load
 from .errors import UserError
@@ -593,7 +593,8 @@ def save_export(model: GPTClassifier, folder: Path, pooling: str, labels: list |
               "pooling": pooling, "max_length": max_length, "padding": padding,
               "long_texts": long_texts, "head_tokens": head_tokens, "text_column": text_column,
               "text_pair_column": text_pair_column,
-              "pair_separator": list(PAIR_SEPARATOR) if text_pair_column is not None else None}
+              "pair_separator": None if text_pair_column is None else  # the tokenizer's "\n\n" (GPT-2's: 628)
+              list(pair_separator(None if tokenizer_dir is None else HFTokenizer.from_folder(tokenizer_dir)))}
     if long_texts == "chunk":
         config.update(chunk_stride=chunk_stride, chunk_aggregate=chunk_aggregate)
     if model.head_linear.bias is None:  # model.head_bias=false
@@ -886,9 +887,12 @@ def read_export_info(folder: Path) -> ExportInfo:
                       config.get("chunk_aggregate", "mean"), config.get("targets"), config.get("thresholds"),
                       config.get("text_column") or "text")
     separator = config.get("pair_separator")
-    if info.text_pair_column is not None and separator != list(PAIR_SEPARATOR):
-        raise WeightsError(f"{folder / EXPORT_CONFIG}: pair_separator {separator!r} is not this version's "
-                           f"{list(PAIR_SEPARATOR)}; export the run again with this version")
+    if info.text_pair_column is not None:  # the export's tokenizer's "\n\n", which training joined the pairs with
+        hf = info.tokenizer == EXPORT_HF_TOKENIZER and (folder / TOKENIZER_FILE).is_file()  # else refused below
+        expected = list(pair_separator(HFTokenizer.from_folder(folder))) if hf else list(PAIR_SEPARATOR)
+        if separator != expected and (hf or info.tokenizer == EXPORT_TOKENIZER):
+            raise WeightsError(f"{folder / EXPORT_CONFIG}: pair_separator {separator!r} is not this version's "
+                               f"{expected} (the tokenizer's blank line); export the run again with this version")
     if info.long_texts not in LONG_TEXTS or info.chunk_aggregate not in AGGREGATES:
         raise WeightsError(f"{folder / EXPORT_CONFIG}: long_texts {info.long_texts!r} / chunk_aggregate "
                            f"{info.chunk_aggregate!r} is not one of {' | '.join(LONG_TEXTS)} / "
