@@ -144,22 +144,29 @@ def _ignorable(name: str) -> bool:
 
 
 @torch.no_grad()
-def load_into(model: Decoder, folder: str | Path) -> None:
+def load_into(model: Decoder, folder: str | Path, also: tuple[str, ...] = ()) -> dict[str, torch.Tensor]:
     """Copies the checkpoint in `folder` into `model`'s parameters, one tensor at a time. Parameters partitioned
-    by ZeRO-3 (zero3.py) are gathered one at a time, and only rank 0 reads the tensor: every rank must call."""
+    by ZeRO-3 (zero3.py) are gathered one at a time, and only rank 0 reads the tensor: every rank must call.
+    `also`: tensors outside the backbone the checkpoint may hold (a sequence classifier's score.weight), returned
+    (on every rank) rather than refused."""
     folder = Path(folder)
     files = shard_files(folder)
     expected = expected_tensors(model)
-    check_tensors(folder, read_headers(files), expected)
+    headers = read_headers(files)
+    check_tensors(folder, {k: v for k, v in headers.items() if k not in also}, expected)
     params = dict(model.named_parameters())
+    extra = {}
     for path in files:
         with safe_open(path, framework="pt", device="cpu") as f:
             for name in f.keys():
-                if name in expected:
+                if name in also:
+                    extra[name] = f.get_tensor(name)
+                elif name in expected:
                     param = params[expected[name][0]]
                     with writable(param) as writes:
                         if writes:
                             param.copy_(f.get_tensor(name))  # the read tensor dies here
+    return extra
 
 
 def unloaded_decoder(config: DecoderConfig, lm_head: bool = True, dtype: torch.dtype = torch.float32,

@@ -12,6 +12,7 @@ from torch import nn
 
 from .config import Config, ConfigError
 from .distributed import DistEnv
+from .zero3 import match_partitioned_dtype
 
 log = logging.getLogger(__name__)
 
@@ -233,6 +234,7 @@ def build_engine(model: nn.Module, cfg: Config, env: DistEnv, plan: BatchPlan, t
     precision = resolve_precision(cfg.precision, env.device)
     ds_config = deepspeed_config(cfg, plan, precision)
     model = model.to(env.device)
+    match_partitioned_dtype(model)
     optimizer = make_optimizer(model, cfg, env.device)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: lr_multiplier(step, cfg, total_steps)

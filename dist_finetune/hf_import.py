@@ -78,7 +78,7 @@ def is_generic(names: Sequence[str]) -> bool:
     return all(name == f"LABEL_{i}" for i, name in enumerate(names))
 
 
-def label_rows(source: Path, names: Sequence[str], data_labels: Sequence) -> list[int]:
+def label_rows(source: Path, names: Sequence[str], data_labels: Sequence, kind: str = HF_CLASSIFIER) -> list[int]:
     """For each of our class ids (the data's sorted labels), the checkpoint's score row.
 
     Labels compare as text (the integer label 1 is the name "1"); placeholder names LABEL_k also match
@@ -93,19 +93,21 @@ def label_rows(source: Path, names: Sequence[str], data_labels: Sequence) -> lis
     generic = " (transformers' placeholder names: they match the labels 0..N-1 or the same names)" \
         if is_generic(names) else ""
     raise WeightsError(
-        f"weights {source}: its classifier ({HF_CLASSIFIER}) has {len(names)} labels {list(names)} "
+        f"weights {source}: its classifier ({kind}) has {len(names)} labels {list(names)} "
         f"(config.json id2label){generic}, but the data has {len(ours)} labels {ours}; use data with the "
         "checkpoint's labels, or set model.head=new to train a fresh head on its backbone")
 
 
-def imported_head(source: Path, score: Tensor, data_labels: Sequence | None, pooling: str) -> dict[str, Tensor]:
-    """head.weight (the score rows in our label order) and a zero head.bias."""
+def imported_head(source: Path, score: Tensor, data_labels: Sequence | None, pooling: str,
+                  kind: str = HF_CLASSIFIER) -> dict[str, Tensor]:
+    """head.weight (the score rows in our label order) and a zero head.bias. `kind`: the transformers class
+    (GPT2ForSequenceClassification, or a Llama / Qwen3 one), for the messages."""
     if pooling != POOLING:
         raise WeightsError(
-            f"weights {source}: a {HF_CLASSIFIER} head was trained on the last non-padding token, but "
+            f"weights {source}: a {kind} head was trained on the last non-padding token, but "
             f"model.pooling={pooling}; set model.pooling={POOLING}, or model.head=new to train a fresh head")
     names = read_hf_labels(source, score.shape[0])
-    rows = label_rows(source, names, data_labels) if data_labels is not None else list(range(len(names)))
+    rows = label_rows(source, names, data_labels, kind) if data_labels is not None else list(range(len(names)))
     weight = score[rows].clone()
     return {"head.weight": weight, "head.bias": torch.zeros(weight.shape[0], dtype=weight.dtype)}
 

@@ -455,7 +455,7 @@ def load_pretrained(model: GPTClassifier, spec: str, download: bool = False, hea
     A Llama / Qwen3 backbone loads from its checkpoint folder shard by shard (decoder_weights.py); its head is new.
     """
     if not isinstance(model.config, GPTConfig):
-        return _load_decoder_backbone(model, spec, download)
+        return _load_decoder(model, spec, download, head_policy, labels)
     source, raw, fmt = _read_weights(spec, download)
     sd = to_canonical(raw, fmt)
     if fmt == "hf":
@@ -508,14 +508,33 @@ def load_pretrained(model: GPTClassifier, spec: str, download: bool = False, hea
     )
 
 
-def _load_decoder_backbone(model: GPTClassifier, spec: str, download: bool) -> LoadReport:
+def _load_decoder(model: GPTClassifier, spec: str, download: bool, head_policy: str,
+                  labels: list | tuple | None) -> LoadReport:
+    """A Llama / Qwen3 backbone, shard by shard; from a transformers Llama/Qwen3ForSequenceClassification (an
+    `export --format hf`, say), its score layer too (model.head=auto), rows in the data's label order."""
     from .decoder_weights import load_into  # it imports this module (WeightsError)
+    from .hf_export import DECODER_CLASSES
+    from .hf_import import SCORE, imported_head
 
     source = resolve_weights(spec, download, decoder=True)
-    load_into(model.backbone, source)
+    score = load_into(model.backbone, source, also=(SCORE,)).get(SCORE)
     loaded = sorted(f"backbone.{name}" for name, _ in model.backbone.named_parameters())
-    return LoadReport(source=source, format="hf", loaded=loaded, missing=["head.bias", "head.weight"], unexpected=[],
-                      head_loaded=False)
+    head_loaded = score is not None and head_policy == "auto"
+    if head_loaded:
+        kind = DECODER_CLASSES[model.config.family]
+        head = imported_head(source, score, labels, model.pooling, kind)["head.weight"]
+        linear = model.head_linear
+        if tuple(head.shape) != tuple(linear.weight.shape):
+            raise WeightsError(f"{source}: its classifier head ({SCORE}) has shape {tuple(head.shape)}, the model's "
+                               f"{tuple(linear.weight.shape)}; set model.head=new to train a fresh head")
+        with torch.no_grad():
+            linear.weight.copy_(head)
+            if linear.bias is not None:
+                linear.bias.zero_()  # transformers' score has no bias: zeros reproduce it
+        loaded += ["head.weight"] + (["head.bias"] if linear.bias is not None else [])
+    missing = [] if head_loaded else ["head.bias", "head.weight"]
+    return LoadReport(source=source, format="hf", loaded=loaded, missing=missing,
+                      unexpected=[SCORE] if score is not None and not head_loaded else [], head_loaded=head_loaded)
 
 
 def _untied_lm_head(raw: dict[str, Tensor]) -> str | None:

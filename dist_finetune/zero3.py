@@ -54,3 +54,16 @@ def writable(param: nn.Parameter) -> Iterator[bool]:
 
     with deepspeed.zero.GatheredParameters([param], modifier_rank=0):
         yield torch.distributed.get_rank() == 0
+
+
+def match_partitioned_dtype(model: nn.Module) -> None:
+    """Before deepspeed.initialize: DeepSpeed leaves a model built partitioned as it is (its parameters are in the
+    run's dtype already), so the ones made whole afterwards (the head, LoRA adapters) are cast to that dtype too,
+    as it would cast all of a model built whole."""
+    dtypes = {p.dtype for p in model.parameters() if is_partitioned(p)}
+    if len(dtypes) != 1:
+        return
+    (dtype,) = dtypes
+    for p in model.parameters():
+        if not is_partitioned(p) and p.is_floating_point() and p.dtype != dtype:
+            p.data = p.data.to(dtype)

@@ -110,6 +110,35 @@ def test_transformers_reads_the_hf_folder_and_answers_as_our_classifier(family, 
         mine, abs=1e-5)
 
 
+@pytest.mark.parametrize("head_bias", [False, True])
+def test_an_hf_export_as_model_weights_brings_its_head_in_the_data_label_order(folders, tmp_path, head_bias) -> None:
+    """model.weights = a Llama/Qwen3ForSequenceClassification folder (our `--format hf`): the backbone loads and,
+    with model.head=auto, score.weight becomes the head, its rows put in the data's label order; head=new ignores
+    it, and a label set that differs is one clear error."""
+    from dist_finetune.model import build_model
+    from dist_finetune.weights import WeightsError, load_pretrained
+
+    folder = folders["qwen3"]
+    model = classifier_model(folder, bias=False)
+    save_format("hf", model, tmp_path / "hf", run_config(folder), LABELS, MAX_LENGTH)
+    mc = from_dict({"model": {"name": "auto", "weights": str(tmp_path / "hf"), "pooling": "last_token",
+                              "head_bias": head_bias}}).model
+    data_labels = sorted(LABELS)  # the data's label map: ham, other, spam
+    ours = build_model(mc, len(LABELS))
+    report = load_pretrained(ours, mc.weights, labels=data_labels)
+    assert report.head_loaded and "head.weight" in report.loaded and not report.missing
+    rows = [LABELS.index(label) for label in data_labels]
+    assert torch.equal(ours.head.weight, model.head.weight[rows])
+    assert (ours.head.bias is None) != head_bias and (not head_bias or not ours.head.bias.any())
+    ids = torch.tensor([HFTokenizer.from_folder(folder).encode("win a free prize now")])
+    with torch.no_grad():
+        torch.testing.assert_close(ours.eval()(ids), model(ids)[:, rows], rtol=0, atol=1e-6)
+    fresh = build_model(mc, len(LABELS))
+    assert not load_pretrained(fresh, mc.weights, head_policy="new", labels=data_labels).head_loaded
+    with pytest.raises(WeightsError, match=r"has 3 labels \['ham', 'spam', 'other'\].*but the data has 2 labels"):
+        load_pretrained(build_model(mc, 2), mc.weights, labels=["ham", "spam"])
+
+
 def test_a_head_with_a_bias_is_refused_and_nothing_is_written(folders, tmp_path) -> None:
     model = classifier_model(folders["llama"], bias=True)
     with pytest.raises(HfExportError, match=r"the head's bias \(up to .*\) has no place in "
