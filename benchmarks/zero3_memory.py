@@ -1,7 +1,8 @@
 """Host memory per rank of building, loading and starting a Llama / Qwen3 classifier, with and without ZeRO-3's
 partitioned build (zero3.py).
 
-    python benchmarks/zero3_memory.py [--preset smollm2-360m] [--nproc 2] [--shard-mb 1000] [--json PATH]
+    python benchmarks/zero3_memory.py [--preset smollm2-360m] [--nproc 2] [--shard-mb 1000] [--only MODE ...]
+                                      [--override KEY=VALUE ...] [--json PATH]
 
 A random checkpoint of the preset's architecture (bf16 safetensors, in shards of --shard-mb) is written to a
 temporary folder. Each mode then runs under torchrun with --nproc ranks, bf16, model.trainable=lora, and does
@@ -34,6 +35,9 @@ from pathlib import Path
 import torch
 
 MODES = ("zero2", "zero3_whole", "zero3_partitioned")
+TINY = dict(model_type="llama", vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, tie_word_embeddings=True,
+            rms_norm_eps=1e-5, rope_theta=10000.0)  # --preset tiny: the script end to end in seconds (tests)
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -45,7 +49,7 @@ def write_checkpoint(folder: Path, preset: str, shard_mb: int) -> int:
     from dist_finetune.decoder import Decoder, DecoderConfig
     from dist_finetune.decoder_weights import INDEX_FILE, hf_name
 
-    hf = DECODER_PRESETS[preset]
+    hf = TINY if preset == "tiny" else DECODER_PRESETS[preset]
     with torch.device("meta"):
         shapes = {hf_name(n): tuple(p.shape) for n, p in Decoder(DecoderConfig.from_hf(hf)).named_parameters()}
     folder.mkdir(parents=True)
@@ -104,8 +108,8 @@ class AnonPeak:
         return peak
 
 
-def worker(folder: str, mode: str) -> None:
-    from dist_finetune.config import from_dict
+def worker(folder: str, mode: str, overrides: list[str]) -> None:
+    from dist_finetune.config import from_dict, replace
     from dist_finetune.distributed import DistEnv, init_distributed, shutdown
     from dist_finetune.engine import build_engine, deepspeed_config, plan_batches, skip_shm_comm_op
     from dist_finetune.model import build_model, set_trainable
@@ -113,6 +117,8 @@ def worker(folder: str, mode: str) -> None:
 
     cfg = from_dict({"model": {"name": "auto", "weights": folder, "trainable": "lora"}, "precision": "bf16",
                      "zero": {"stage": 2 if mode == "zero2" else 3}, "train": {"micro_batch_size": 1}})
+    if mode != "zero2":
+        cfg = replace(cfg, overrides)
     env: DistEnv = init_distributed(600)
     plan = plan_batches(cfg, env.world_size)
     skip_shm_comm_op(env)
@@ -146,14 +152,15 @@ def worker(folder: str, mode: str) -> None:
     shutdown()
 
 
-def run_mode(folder: Path, mode: str, nproc: int) -> list[dict]:
+def run_mode(folder: Path, mode: str, nproc: int, overrides: list[str]) -> list[dict]:
     import socket
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", f"--nproc_per_node={nproc}",
-           "--master_addr=127.0.0.1", f"--master_port={port}", __file__, "--worker", mode, "--folder", str(folder)]
+           "--master_addr=127.0.0.1", f"--master_port={port}", __file__, "--worker", mode, "--folder", str(folder),
+           *(f"--override={o}" for o in overrides)]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     if proc.returncode != 0 or not lines:
@@ -163,16 +170,19 @@ def run_mode(folder: Path, mode: str, nproc: int) -> list[dict]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--preset", default="smollm2-360m")
+    parser.add_argument("--preset", default="smollm2-360m", help="a model.name preset, or tiny")
     parser.add_argument("--nproc", type=int, default=2)
     parser.add_argument("--shard-mb", type=int, default=1000)
     parser.add_argument("--only", nargs="*", choices=MODES, default=list(MODES))
+    parser.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
+                        help="a config override for the ZeRO-3 modes, e.g. "
+                             "deepspeed.zero_optimization.stage3_max_live_parameters=20000000")
     parser.add_argument("--json", type=Path)
     parser.add_argument("--worker", choices=MODES, help=argparse.SUPPRESS)
     parser.add_argument("--folder", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        worker(args.folder, args.worker)
+        worker(args.folder, args.worker, args.override)
         return
     with tempfile.TemporaryDirectory(prefix="zero3_memory_") as tmp:
         params = write_checkpoint(Path(tmp) / "ckpt", args.preset, args.shard_mb)
@@ -184,7 +194,7 @@ def main() -> None:
         phases = ("start", "build", "load", "engine", "step", "end")
         print("| mode | rank | " + " | ".join(phases) + " |\n|" + "---|" * (len(phases) + 2))
         for mode in args.only:
-            results[mode] = run_mode(Path(tmp) / "ckpt", mode, args.nproc)
+            results[mode] = run_mode(Path(tmp) / "ckpt", mode, args.nproc, args.override)
             for rank, r in enumerate(results[mode]):
                 cells = " | ".join(f"{r[p + '_anon']} / {r[p + '_rss']}" for p in phases)
                 print(f"| {mode} | {rank} | {cells} |", flush=True)

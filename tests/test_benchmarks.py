@@ -136,3 +136,16 @@ def test_end_to_end_times_whole_runs_and_the_chapter_loop(tmp_path: Path) -> Non
         assert sum(phases) <= r["process_wall_seconds"] + 0.5, (name, r)
         assert r["epochs"] == 1 and r["test_accuracy"] > 0.8, (name, r)
         assert (tmp_path / "runs" / name.replace(" ", "_").replace(",", "") / "summary.json").exists()
+
+
+@pytest.mark.slow
+def test_zero3_memory_runs_every_mode_on_two_ranks(tmp_path: Path) -> None:
+    out = tmp_path / "memory.json"
+    proc = subprocess.run([sys.executable, "benchmarks/zero3_memory.py", "--preset", "tiny", "--json", str(out)],
+                          cwd=runner.REPO, env=runner.child_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    results = json.loads(out.read_text())["results"]
+    assert sorted(results) == ["zero2", "zero3_partitioned", "zero3_whole"]
+    for rows in results.values():
+        assert len(rows) == 2 and all(r["load_anon"] >= r["start_anon"] > 0 for r in rows)
+    assert proc.stdout.count("| zero3_partitioned |") == 2
