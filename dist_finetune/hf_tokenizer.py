@@ -15,6 +15,10 @@ from __future__ import annotations
 
 import functools
 import json
+import signal
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -177,16 +181,41 @@ def _compile(template: str, where: str) -> Any:
             from None
 
 
+RENDER_SECONDS = 10.0  # a chat template that renders longer is refused (the checkpoint's code: it may loop)
+
+
+@contextmanager
+def _time_limit(seconds: float, where: str) -> Iterator[None]:
+    """A TokenizerError after `seconds` of rendering (SIGALRM: the main thread only; elsewhere no limit)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def expired(signum: int, frame: Any) -> None:
+        raise TokenizerError(f"{where}: the checkpoint's chat template did not finish rendering in {seconds:g} s "
+                             "(it loops too long); fix chat_template in tokenizer_config.json, or leave out "
+                             "--chat-template")
+
+    previous = signal.signal(signal.SIGALRM, expired)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
 def render_chat(template: str, prompt: str, special_tokens: dict[str, str], where: str = "--chat-template") -> str:
     """`template` rendered with `prompt` as the one user message and add_generation_prompt=True."""
     import jinja2
 
     compiled = _compile(template, where)
     try:
-        return compiled.render(messages=[{"role": "user", "content": prompt}], tools=None, documents=None,
-                               add_generation_prompt=True, **special_tokens)
+        with _time_limit(RENDER_SECONDS, where):
+            return compiled.render(messages=[{"role": "user", "content": prompt}], tools=None, documents=None,
+                                   add_generation_prompt=True, **special_tokens)
     except TokenizerError:
-        raise  # raise_exception: the template's own message
+        raise  # raise_exception: the template's own message, or the time limit
     except Exception as e:  # the template is the checkpoint's, not ours: 1/0, "a" + 1 ... are its errors too
         kind = "" if isinstance(e, jinja2.TemplateError) else f"{type(e).__name__}: "
         raise TokenizerError(f"{where}: the checkpoint's chat template failed to render ({kind}{e})") from None

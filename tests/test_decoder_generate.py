@@ -181,6 +181,21 @@ def test_a_template_that_fails_or_escapes_is_one_line_error(template, message):
         render_chat(template, "hi", {"bos_token": "<s>"})
 
 
+def test_a_template_that_loops_too_long_is_stopped(monkeypatch):
+    import time
+
+    from dist_finetune import hf_tokenizer
+
+    monkeypatch.setattr(hf_tokenizer, "RENDER_SECONDS", 0.5)
+    start = time.monotonic()
+    with pytest.raises(TokenizerError, match="did not finish rendering in 0.5 s"):
+        hf_tokenizer.render_chat("{% for i in range(99999) %}{% for j in range(99999) %}{% endfor %}{% endfor %}",
+                                 "hi", {})
+    assert time.monotonic() - start < 5
+    assert hf_tokenizer.render_chat("{{ messages[0]['content'] }}", "hi", {}) == "hi"  # the alarm is off again
+    time.sleep(0.7)  # and no stray SIGALRM arrives later
+
+
 # ---------------------------------------------------------------- zeroshot
 
 
