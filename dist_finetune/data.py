@@ -685,7 +685,6 @@ def load_data(cfg: DataConfig, context_length: int, saved_split: DataSplit | Non
     A data.train_file that is split (cfg.split_fractions()) is split as `saved_split` records (a run's
     own record: resume, evaluate), else afresh (a new run; the bundle's `split` is then written to the
     run folder)."""
-    regression = task == "regression"
     tables, record = _load_tables(cfg, saved_split, task)
     check_label_spellings(list(tables.values()))
     for split, table in tables.items():
@@ -694,22 +693,7 @@ def load_data(cfg: DataConfig, context_length: int, saved_split: DataSplit | Non
                 f"{table.source.name}: the {split} split has no rows. Add examples (one row each, "
                 "below the header) or point the config at another file."
             )
-    scale = None
-    if regression:  # the targets, standardized with the training split's mean and deviation
-        label_map = LabelMap(target_columns(cfg.label_column))
-        scale = TargetScale.of(label_map.labels, [list(v) for v in tables["train"].frame["label"]])
-        for name, mean, std in zip(scale.names, scale.mean, scale.std):
-            if not (math.isfinite(mean) and math.isfinite(std)):
-                raise DataError(f"{tables['train'].source.name}, column {name!r}: the targets are too large to "
-                                f"standardize (mean {mean:g}, standard deviation {std:g}); rescale them, e.g. to "
-                                "thousands or a logarithm.")
-        labels = {split: scale.standardize([list(v) for v in table.frame["label"]]) for split, table in tables.items()}
-    elif task == "multi_label":  # multi-hot rows over the labels of the training split
-        label_map = _label_map_from_train(tables["train"], multi=True)
-        labels = {split: _multi_hot(table, label_map, tables["train"].source.name) for split, table in tables.items()}
-    else:
-        label_map = _label_map_from_train(tables["train"])
-        labels = {split: _label_ids(table, label_map, tables["train"].source.name) for split, table in tables.items()}
+    label_map, labels, scale = _split_labels(tables, cfg.label_column, task)
     tokens = {split: _tokenize(table, tokenizer) for split, table in tables.items()}  # (text ids, pair ids or None)
     joint = pair_separator(tokenizer) if cfg.text_pair_column is not None else PAIR_SEPARATOR  # a pair's separator
     texts = {split: table.frame["text"].tolist() for split, table in tables.items()}
@@ -740,6 +724,29 @@ def load_data(cfg: DataConfig, context_length: int, saved_split: DataSplit | Non
         datasets[name] = ClassificationDataset(ids, labels[name], texts[name])
     return DataBundle(datasets["train"], datasets["val"], datasets.get("test"), label_map, max_length, truncated,
                       record, scale)
+
+
+def _split_labels(tables: dict[str, _Table], label_column: str, task: str,
+                  ) -> tuple[LabelMap, dict[str, list], TargetScale | None]:
+    """The label map (from the training split) and each split's targets: class ids, multi-hot rows, or
+    standardized values (task=regression, with the scale that undoes it)."""
+    train = tables["train"]
+    if task == "regression":  # the targets, standardized with the training split's mean and deviation
+        label_map = LabelMap(target_columns(label_column))
+        scale = TargetScale.of(label_map.labels, [list(v) for v in train.frame["label"]])
+        for name, mean, std in zip(scale.names, scale.mean, scale.std):
+            if not (math.isfinite(mean) and math.isfinite(std)):
+                raise DataError(f"{train.source.name}, column {name!r}: the targets are too large to "
+                                f"standardize (mean {mean:g}, standard deviation {std:g}); rescale them, e.g. to "
+                                "thousands or a logarithm.")
+        return label_map, {split: scale.standardize([list(v) for v in table.frame["label"]])
+                           for split, table in tables.items()}, scale
+    if task == "multi_label":  # multi-hot rows over the labels of the training split
+        label_map = _label_map_from_train(train, multi=True)
+        return label_map, {split: _multi_hot(table, label_map, train.source.name)
+                           for split, table in tables.items()}, None
+    label_map = _label_map_from_train(train)
+    return label_map, {split: _label_ids(table, label_map, train.source.name) for split, table in tables.items()}, None
 
 
 def _load_tables(cfg: DataConfig, saved: DataSplit | None,
