@@ -36,6 +36,7 @@ from .onnx_export import ONNX_EXPORT_SUBDIR
 from .data import DataBundle, LabelMap, load_data
 from .families import (RUN_ARCH_FILE, RUN_TOKENIZER_DIR, TOKENIZER_FILES, backbone_config, block_parameters,
                        embedding_parameters, load_tokenizer, save_run_files)
+from .families import RUN_ARCH_FILE
 from .model import GPTClassifier, build_model
 from .splits import SPLIT_FILE, DataSplit, read_split
 from .trackers import IDS_FILE as TRACKER_IDS
@@ -283,11 +284,11 @@ def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def result_changing_differences(saved: dict[str, Any], cfg: Config) -> list[str]:
+def result_changing_differences(saved: dict[str, Any], cfg: Config, also_free: tuple[str, ...] = ()) -> list[str]:
     # A key the saved config predates counts as its default.
     old, new = {**_flatten(to_dict(Config())), **_flatten(saved)}, _flatten(to_dict(cfg))
     keys = sorted(set(old) | set(new))
-    free = lambda k: any(k == f or (f.endswith(".") and k.startswith(f)) for f in RESUME_FREE_KEYS)
+    free = lambda k: any(k == f or (f.endswith(".") and k.startswith(f)) for f in RESUME_FREE_KEYS + also_free)
     return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in keys if not free(k) and old.get(k) != new.get(k)]
 
 
@@ -702,7 +703,10 @@ class Plan:
 
 def _check_resumable(cfg: Config, path: Path, tag: str, world_size: int) -> None:
     saved = path / "config.yaml"
-    diffs = result_changing_differences(read_yaml(saved), cfg) if saved.exists() else []
+    # A decoder run that keeps its architecture and tokenizer reads no weights folder on a resume (the checkpoint
+    # holds every weight): the folder may have moved.
+    unread = ("model.weights", "model.download") if cfg.model.is_decoder and (path / RUN_ARCH_FILE).is_file() else ()
+    diffs = result_changing_differences(read_yaml(saved), cfg, unread) if saved.exists() else []
     if diffs:
         raise RunError(f"resume: {path} was trained with a different config; these keys change the result: "
                        + "; ".join(diffs) + ". Use the original values, or a new output_dir.")

@@ -58,7 +58,8 @@ def test_one_rank_holds_it_all(sharded, tmp_path) -> None:
 
 def test_a_zero3_resume_reads_no_weights_folder_and_equals_an_unbroken_run(tmp_path) -> None:
     """Frozen weights come back from the checkpoint (each rank's share, beside the optimizer state), not from
-    model.weights: a run killed after step 4, resumed with its weights folder deleted, ends bit-equal to one that
+    model.weights: a run killed after step 4, resumed with its weights folder deleted (and model.weights naming
+    another place, as after a move), ends bit-equal to one that
     never stopped; evaluate and export of it need no weights folder either."""
     import shutil
 
@@ -80,6 +81,7 @@ def test_a_zero3_resume_reads_no_weights_folder_and_equals_an_unbroken_run(tmp_p
                           env={"DIST_FINETUNE_FAULTS": "exit@step=5"})
     assert not broken.ok and [p.name for p in (broken.dir / "checkpoints").glob("step_*")] == ["step_0000003"]
     shutil.rmtree(copy)
+    base["model"]["weights"] = str(tmp_path / "moved")  # a folder that moved (or went): the resume reads none
     resumed = runner.train(tmp_path, "broken", overrides=["resume=auto"], nproc=2, base=base, timeout=600)
     assert resumed.ok, resumed.output()
     said = resumed.proc.stdout + resumed.proc.stderr
