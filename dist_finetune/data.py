@@ -30,7 +30,8 @@ from torch.utils.data import Dataset
 
 from .config import SPLIT_DEFAULT, SPLIT_DEFAULT_VAL, DataConfig
 from .formats import folder_sha256, read_dataset_dir, read_parquet
-from .encoding import PAIR_SEPARATOR, encode_pairs, fit_example, full_length, min_pair_length, pair_separator, windows
+from .encoding import (PAIR_SEPARATOR, encode_pairs, fit_example, full_length, min_pair_length, pair_separator,
+                       special_count, windows)
 from .regression import TargetScale
 from .tokenizer import GPT2_BPE, PAD_ID
 from .errors import UserError
@@ -704,7 +705,7 @@ def load_data(cfg: DataConfig, context_length: int, saved_split: DataSplit | Non
             [column[i] for i in keep] for column in (labels["train"], tokens["train"], texts["train"]))
     max_length = _max_length(cfg, context_length, [full_length(*row, joint) for row in tokens["train"]])
     if cfg.text_pair_column is not None:
-        _check_pair_room(max_length, joint)
+        _check_pair_room(max_length, joint, special_count(tokenizer))
     if cfg.chunk_stride is not None and cfg.chunk_stride > max_length:
         raise DataError(f"data.chunk_stride: {cfg.chunk_stride} is more than max_length ({max_length}, the longest "
                         "training example), so windows would skip tokens; lower it")
@@ -957,11 +958,14 @@ def _max_length(cfg: DataConfig, context_length: int, train_lengths: list[int]) 
     return cfg.max_length
 
 
-def _check_pair_room(max_length: int, separator: tuple[int, ...]) -> None:
-    """A pair needs a token of each text and the separator (the config checks GPT-2's; a decoder's may be longer)."""
-    if max_length < min_pair_length(separator):
-        raise DataError(f"data.max_length: {max_length} leaves no room for a text pair (a token of each text and the "
-                        f"{len(separator)}-token separator); give at least {min_pair_length(separator)}")
+def _check_pair_room(max_length: int, separator: tuple[int, ...], specials: int) -> None:
+    """A pair needs a token of each text, the separator and the tokenizer's own tokens (the config checks GPT-2's;
+    a decoder's may be longer)."""
+    least = min_pair_length(separator, specials)
+    if max_length < least:
+        added = f" and the tokenizer's {specials} special token(s)" if specials else ""
+        raise DataError(f"data.max_length: {max_length} leaves no room for a text pair (a token of each text, the "
+                        f"{len(separator)}-token separator{added}); give at least {least}")
 
 
 # ---------------------------------------------------------------- files given to evaluate / predict

@@ -31,6 +31,7 @@ from .errors import UserError
 LONG_TEXTS = ("truncate", "head_tail", "chunk")
 AGGREGATES = ("mean", "max")
 PAIR_TEXT = "\n\n"  # what joins the two texts of a pair
+WORD_START = "\u2581"  # SentencePiece's word-start mark
 PAIR_SEPARATOR = (628,)  # PAIR_TEXT in the GPT-2 BPE
 MIN_PAIR_LENGTH = len(PAIR_SEPARATOR) + 2  # a token of each text at least (GPT-2; see min_pair_length)
 
@@ -55,12 +56,25 @@ def pair_separator(tokenizer: Any = None) -> tuple[int, ...]:
         raise PairSeparatorError('data.text_pair_column: the model\'s tokenizer encodes a blank line ("\\n\\n") to '
                                  "zero tokens, so nothing would separate the two texts of a pair; use a tokenizer "
                                  "that encodes it, or train on single texts (remove data.text_pair_column)")
+    if any(WORD_START in (tokenizer.tokenizer.id_to_token(i) or "") for i in ids):
+        raise PairSeparatorError("data.text_pair_column: the model's tokenizer marks word starts SentencePiece-style "
+                                 f"({WORD_START!r}: Llama 2, Mistral), so two texts encoded alone and joined would not "
+                                 "read as one text; text pairs take a byte-level BPE tokenizer (Llama 3, SmolLM2, "
+                                 "Qwen3), or train on single texts")
     return ids
 
 
-def min_pair_length(separator: Sequence[int] = PAIR_SEPARATOR) -> int:
-    """The shortest max_length that holds a pair: a token of each text and the separator."""
-    return len(separator) + 2
+def special_count(tokenizer: Any = None) -> int:
+    """Tokens the tokenizer adds to a text of its own (a Llama 3 <|begin_of_text|>); GPT-2's: none."""
+    if _is_gpt2(tokenizer):
+        return 0
+    return len(tokenizer.encode("a")) - len(tokenizer.encode("a", add_special_tokens=False))
+
+
+def min_pair_length(separator: Sequence[int] = PAIR_SEPARATOR, specials: int = 0) -> int:
+    """The shortest max_length that holds a pair: a token of each text, the separator, and the tokens the
+    tokenizer adds to the first text (`special_count`)."""
+    return len(separator) + 2 + specials
 
 
 def encode_pairs(tokenizer: Any, pairs: list[str]) -> list[list[int]]:

@@ -80,8 +80,8 @@ class HfExportError(UserError, ValueError):
 def unsupported(pooling: str, causal_mask: bool, text_pair_column: str | None = None) -> str | None:
     """Why a model with these settings cannot be a GPT2ForSequenceClassification (None: it can)."""
     if text_pair_column is not None:
-        return ("a model of text pairs (data.text_pair_column) has no transformers equivalent: GPT-2's tokenizer "
-                "joins a pair without the blank line our model reads between the texts, and truncates it "
+        return ("a model of text pairs (data.text_pair_column) has no transformers equivalent: the checkpoint's "
+                "tokenizer joins a pair without the blank line our model reads between the texts, and truncates it "
                 "otherwise; use the native export (predict, Classifier) for it")
     if pooling != "last_token":
         return (f"model.pooling={pooling} has no transformers equivalent (its ...ForSequenceClassification "

@@ -220,7 +220,8 @@ def warn_truncated(truncated: int, total: int, classifier: Classifier) -> None:
     if truncated:
         n = classifier.max_length
         print(f"warning: {truncated} of {total} text(s) are longer than the model's max_length ({n} tokens) "
-              f"and were cut to {describe(n, classifier.info.long_texts, classifier.info.head_tokens)}, as in "
+              f"and were cut to {describe(n, classifier.info.long_texts, classifier.info.head_tokens, classifier.pairs)}"
+              ", as in "
               "training", file=sys.stderr)
 
 

@@ -114,6 +114,35 @@ def test_load_data_joins_decoder_pairs_with_their_separator(family, tokenizers_,
         load_data(too_short, context_length=128, tokenizer=tok)
 
 
+def test_the_first_texts_special_tokens_need_room_too(tokenizers_, tmp_path):
+    """A Llama 3 tokenizer puts <|begin_of_text|> before the first text: the shortest max_length counts it, so the
+    first text keeps a token of its own."""
+    files = runner.split_files(tmp_path, write_split, (8, 4, 4))
+    cfg = DataConfig(train_file=str(files["train"]), val_file=str(files["val"]), test_file=str(files["test"]),
+                     text_column="question", text_pair_column="answer")
+    least = len(pair_separator(tokenizers_["llama"])) + 3  # a token of each text, the separator, the BOS
+    with pytest.raises(DataError, match=f"the tokenizer's 1 special token\\(s\\)\\); give at least {least}"):
+        load_data(dataclasses.replace(cfg, max_length=least - 1), context_length=128, tokenizer=tokenizers_["llama"])
+    bundle = load_data(dataclasses.replace(cfg, max_length=least), context_length=128, tokenizer=tokenizers_["llama"])
+    assert all(len(ids) == least and ids[0] == tokenizers_["llama"].bos_id for ids in bundle.train.token_ids)
+    load_data(dataclasses.replace(cfg, max_length=least - 1), context_length=128, tokenizer=tokenizers_["qwen3"])
+
+
+def test_a_sentencepiece_style_tokenizer_is_refused_for_pairs(tmp_path):
+    """Word starts marked with \u2581 (Llama 2, Mistral): texts encoded alone and joined would not read as one text."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.normalizer = normalizers.Sequence([normalizers.Prepend("\u2581"), normalizers.Replace(" ", "\u2581")])
+    tok.pre_tokenizer = pre_tokenizers.Split("\n", behavior="isolated")
+    tok.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.Strip(" ", 1, 0)])
+    trainer = trainers.BpeTrainer(vocab_size=120, special_tokens=["<unk>", "<|begin_of_text|>", "<|end_of_text|>"])
+    tok.train_from_iterator(["is it right\n\nyes it is", "no it is not\n\nright"] * 20, trainer)
+    sp = HFTokenizer.from_folder(save_tokenizer(tok, tmp_path / "sp", bos_template=False))
+    with pytest.raises(PairSeparatorError, match="marks word starts SentencePiece-style"):
+        pair_separator(sp)
+
+
 def test_decoder_configs_take_text_pairs():
     cfg = from_dict({"model": {"name": "auto", "weights": "/some/folder"},
                      "data": {"train_file": "t.csv", "text_pair_column": "b"}})
