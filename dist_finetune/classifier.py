@@ -27,10 +27,10 @@ from .cli import BACKENDS, pick_device
 from .data import DataError, make_collate
 from .encoding import PAIR_SEPARATOR, encode_pairs, fit_example, full_length, windows
 from .regression import TargetScale
-from .hf_import import load_hf_classifier
+from .hf_import import load_hf_classifier, transformers_info
 from .onnx_export import ONNX_EXPORT_SUBDIR, ONNX_WEIGHTS, load_onnx
-from .tokenizer import GPT2_BPE, PAD_ID
-from .weights import (EXPORT_CONFIG, EXPORT_FILES, EXPORT_TOKENIZER, EXPORT_WEIGHTS, ExportInfo, WeightsError,
+from .tokenizer import GPT2_BPE
+from .weights import (EXPORT_CONFIG, EXPORT_FILES, EXPORT_WEIGHTS, ExportInfo, WeightsError,
                       export_tokenizer, load_export, read_export_info)
 
 EXPORT_SUBDIR = "export"  # where training writes a run's export
@@ -120,7 +120,7 @@ class Classifier:
         device = device if isinstance(device, torch.device) else pick_device(device)
         if is_transformers_folder(folder):
             model, labels = load_hf_classifier(str(folder))
-            info = ExportInfo(labels, EXPORT_TOKENIZER, PAD_ID, model.config.context_length, "longest")
+            info = transformers_info(folder, model, labels)
         else:
             info = read_export_info(folder)  # checks the JSON files before any model is built
             model = load_onnx(folder / ONNX_WEIGHTS, device, len(info.labels), info.max_length, info.pad_id) \

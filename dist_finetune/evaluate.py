@@ -14,6 +14,7 @@ Under torchrun, put `--` before the arguments (or spell `--run` as `--run-dir`):
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from dataclasses import dataclass
@@ -22,9 +23,11 @@ from typing import Any
 
 import torch
 from .cli import run_command
-from .config import Config, replace
+from .config import AUTO_MODEL, Config, replace
+from .decoder import DecoderConfig
 from .data import SPLITS, ClassificationDataset, LabelMap, load_eval_file, make_collate, sorted_labels
 from .hf_import import POOLING, eval_labels, load_hf_classifier
+from .weights import resolve_weights
 from .distributed import leave, DistEnv, init_distributed
 from .metrics import format_table
 from .step import evaluate
@@ -163,8 +166,10 @@ def prepare(args: argparse.Namespace) -> EvalJob:
 
 
 def prepare_weights(args: argparse.Namespace) -> EvalJob:
-    """A transformers classifier: last_token pooling, padding to the longest text, fp32, no run config."""
-    model, names = load_hf_classifier(args.weights)
+    """A transformers classifier: last_token pooling, padding to the longest text, fp32, no run config (a Llama /
+    Qwen3 one: its folder's tokenizer.json, through a model section naming the folder)."""
+    folder = resolve_weights(args.weights, decoder=True)
+    model, names = load_hf_classifier(str(folder))
     labels = eval_labels(names)
     label_map = LabelMap(tuple(sorted_labels(labels)))
     rows = [labels.index(label) for label in label_map.labels]  # our class ids are the sorted labels
@@ -176,8 +181,12 @@ def prepare_weights(args: argparse.Namespace) -> EvalJob:
                        f"({model.config.context_length}); give at most that")
     overrides = ["data.padding=longest", f"model.pooling={POOLING}"]
     cfg = replace(Config(), overrides + ([f"eval.batch_size={args.batch_size}"] if args.batch_size else []))
+    if isinstance(model.config, DecoderConfig):
+        cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, name=AUTO_MODEL, weights=str(folder),
+                                                                 head_bias=False))
     dataset, truncated = load_eval_file(args.data, args.text_column or cfg.data.text_column,
-                                        args.label_column or cfg.data.label_column, label_map, max_length)
+                                        args.label_column or cfg.data.label_column, label_map, max_length,
+                                        tokenizer=load_tokenizer(cfg.model))
     return EvalJob(cfg, model, dataset, truncated, args.data.stem, label_map.to_json(), max_length, "fp32",
                    Path(args.weights))
 

@@ -1,4 +1,5 @@
-"""A transformers `GPT2ForSequenceClassification` folder as our classifier.
+"""A transformers `GPT2ForSequenceClassification` folder as our classifier (and a Llama / Qwen3 one: its backbone
+through decoder_weights.py, its tokenizer.json beside it).
 
 Its backbone loads as any Hugging Face GPT-2 checkpoint; `score.weight` [num_labels, n_embd] becomes
 our head (with a zero bias: transformers' score has none), and config.json's `id2label` names the rows.
@@ -16,8 +17,13 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .decoder import FAMILIES, DecoderConfig
+from .decoder_weights import load_into, read_config, read_headers, shard_files, unloaded_decoder
 from .model import GPTClassifier
-from .weights import WeightsError, _read_weights, infer_gpt_config, load_state_strict, to_canonical
+from .hf_tokenizer import HFTokenizer
+from .tokenizer import PAD_ID
+from .weights import (EXPORT_HF_TOKENIZER, EXPORT_TOKENIZER, ExportInfo, WeightsError, _read_weights,
+                      infer_gpt_config, load_state_strict, resolve_weights, to_canonical)
 
 HF_CLASSIFIER = "GPT2ForSequenceClassification"
 SCORE = "score.weight"
@@ -116,8 +122,17 @@ def check_classifier_config(source: Path) -> None:
     _check_arch(source, _config(source))
 
 
+def is_decoder_folder(source: Path) -> bool:
+    """A Llama / Qwen3 checkpoint folder (config.json's model_type), read by decoder_weights.py."""
+    return source.is_dir() and _config(source).get("model_type") in FAMILIES
+
+
 def load_hf_classifier(spec: str, download: bool = False) -> tuple[GPTClassifier, list[str]]:
-    """The classifier (eval mode, `last_token` pooling) and its labels (id2label, class id order)."""
+    """The classifier (eval mode, `last_token` pooling) and its labels (id2label, class id order); a
+    Llama/Qwen3ForSequenceClassification folder too."""
+    folder = resolve_weights(spec, download, decoder=True)
+    if is_decoder_folder(folder):
+        return _load_decoder_classifier(folder)
     source, raw, fmt = _read_weights(spec, download)
     sd = to_canonical(raw, fmt)
     if fmt != "hf" or SCORE not in sd:
@@ -135,3 +150,33 @@ def load_hf_classifier(spec: str, download: bool = False) -> tuple[GPTClassifier
 def eval_labels(names: Sequence[str]) -> list:
     """The labels a data file must use: the names, or 0..N-1 for transformers' placeholder names."""
     return list(range(len(names))) if is_generic(names) else list(names)
+
+
+def _load_decoder_classifier(source: Path) -> tuple[GPTClassifier, list[str]]:
+    """Its backbone shard by shard (decoder_weights.py) and score.weight as a bias-free head."""
+    arch = read_config(source)
+    kind = f"transformers {arch.family.capitalize()}ForSequenceClassification"
+    score = read_headers(shard_files(source)).get(SCORE)
+    if score is None:
+        raise WeightsError(f"weights {source}: not a {kind} (no {SCORE}); it holds no classifier head: give a folder "
+                           "saved by ...ForSequenceClassification.save_pretrained, or train from it with "
+                           "model.weights (a new head)")
+    names = read_hf_labels(source, score[1][0])
+    model = GPTClassifier(arch, len(names), pooling=POOLING, head_bias=False,
+                          backbone=unloaded_decoder(arch, lm_head=False))
+    weight = load_into(model.backbone, source, also=(SCORE,))[SCORE]
+    if tuple(weight.shape) != tuple(model.head.weight.shape):
+        raise WeightsError(f"weights {source}: {SCORE} has shape {tuple(weight.shape)}, config.json implies "
+                           f"{tuple(model.head.weight.shape)}")
+    with torch.no_grad():
+        model.head.weight.copy_(weight)
+    return model.eval(), names
+
+
+def transformers_info(folder: Path, model: GPTClassifier, labels: list[str]) -> ExportInfo:
+    """How a transformers classifier's texts are encoded: GPT-2's BPE, or the folder's tokenizer.json (its pad
+    token); padded to the longest text, cut at the model's context."""
+    if isinstance(model.config, DecoderConfig):
+        pad_id = HFTokenizer.from_folder(folder).pad_id
+        return ExportInfo(labels, EXPORT_HF_TOKENIZER, pad_id, model.config.context_length, "longest")
+    return ExportInfo(labels, EXPORT_TOKENIZER, PAD_ID, model.config.context_length, "longest")

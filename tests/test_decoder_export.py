@@ -139,6 +139,36 @@ def test_an_hf_export_as_model_weights_brings_its_head_in_the_data_label_order(f
         load_pretrained(build_model(mc, 2), mc.weights, labels=["ham", "spam"])
 
 
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+def test_a_transformers_decoder_classifier_predicts_and_evaluates_as_ours(family, folders, tmp_path) -> None:
+    """Classifier.load, predict --model and evaluate --weights take a Llama/Qwen3ForSequenceClassification folder
+    (tokenizer.json and pad token from it), and answer as the native export of the same model."""
+    import csv
+    import subprocess
+    import sys
+
+    folder, model = folders[family], classifier_model(folders[family], bias=False)
+    save_format("native", model, tmp_path / "native", run_config(folder), LABELS, MAX_LENGTH)
+    save_format("hf", model, tmp_path / "hf", run_config(folder), LABELS, MAX_LENGTH)
+    texts = [t for t in texts_for(folder) if len(HFTokenizer.from_folder(folder).encode(t)) <= MAX_LENGTH]
+    native, hf = (Classifier.load(tmp_path / name, device="cpu") for name in ("native", "hf"))
+    assert hf.labels == LABELS and hf.tokenizer.pad_id == native.tokenizer.pad_id
+    assert probabilities(hf, texts) == pytest.approx(probabilities(native, texts), abs=1e-6)
+    predicted = [p.label for p in native.predict(texts)]
+    truth = [LABELS[i % 3] for i in range(len(texts))]
+    data = tmp_path / "labelled.csv"
+    with data.open("w", newline="") as f:
+        csv.writer(f).writerows([("text", "label"), *zip(texts, truth)])
+    out = tmp_path / "report.json"
+    proc = subprocess.run([sys.executable, "-m", "dist_finetune.evaluate", "--weights", str(tmp_path / "hf"), "--data",
+                           str(data), "--batch-size", "4", "--out", str(out)],
+                          cwd=runner.REPO, env=runner.child_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert report["labels"] == sorted(LABELS) and report["examples"] == len(texts)
+    assert report["accuracy"] == pytest.approx(sum(p == t for p, t in zip(predicted, truth)) / len(texts))
+
+
 def test_a_head_with_a_bias_is_refused_and_nothing_is_written(folders, tmp_path) -> None:
     model = classifier_model(folders["llama"], bias=True)
     with pytest.raises(HfExportError, match=r"the head's bias \(up to .*\) has no place in "
