@@ -51,7 +51,7 @@ def build_plain_model(cfg: Config, num_classes: int, device: torch.device, load_
     """
     torch.manual_seed(cfg.seed)
     with device if init_on_device else contextlib.nullcontext():
-        model = build_model(cfg.model, num_classes)
+        model = build_model(cfg.model, num_classes, random_backbone=not load_weights)
     if load_weights and cfg.model.weights.lower() != "none":
         from dist_finetune.weights import load_pretrained
 

@@ -172,17 +172,21 @@ def load_into(model: Decoder, folder: str | Path, also: tuple[str, ...] = ()) ->
 def unloaded_decoder(config: DecoderConfig, lm_head: bool = True, dtype: torch.dtype = torch.float32,
                      device: str | torch.device = "cpu", ds_config: dict[str, Any] | None = None) -> Decoder:
     """A Decoder whose every weight is about to be loaded (`load_into`, or a run's checkpoint, whose loads are
-    strict), so a random init would be wasted time and memory: built on the meta device and materialised
-    uninitialised. With a ZeRO-3 `ds_config` it is built partitioned across the ranks instead (zero3.py; every
-    rank calls, `dtype` and `device` are the run's); its layers' own init then draws from a forked RNG, so that
-    the global one (the classifier head's init, the data order) is the same as without ZeRO-3."""
+    strict), so a random init would be wasted time: built on the meta device and materialised as NaN. With a
+    ZeRO-3 `ds_config` it is built partitioned across the ranks instead (zero3.py; every rank calls, `dtype` and
+    `device` are the run's); its layers' own init then draws from a forked RNG, so that the global one (the
+    classifier head's init, the data order) is the same as without ZeRO-3."""
     if ds_config is not None:
         devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
         with torch.random.fork_rng(devices=devices), partitioned_build(ds_config):
             return Decoder(config, lm_head=lm_head)
     with torch.device("meta"):
         model = Decoder(config, lm_head=lm_head)
-    return model.to(dtype).to_empty(device=device)
+    model = model.to(dtype).to_empty(device=device)
+    with torch.no_grad():
+        for param in model.parameters():
+            param.fill_(float("nan"))  # a weight never loaded is loud (non-finite), never silently random
+    return model
 
 
 def load_decoder(folder: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",

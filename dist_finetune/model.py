@@ -300,11 +300,13 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
 
 
 def build_model(mc: ModelConfig, num_classes: int, lora: LoraConfig | None = None,
-                run_dir: Path | None = None, ds_config: dict[str, Any] | None = None) -> GPTClassifier:
+                run_dir: Path | None = None, ds_config: dict[str, Any] | None = None,
+                random_backbone: bool = False) -> GPTClassifier:
     """The architecture (families.backbone_config: GPT-2 or a Llama / Qwen3 decoder) with GPT-2's random
     init; weights.load_pretrained loads weights. A decoder's backbone is left uninitialised (every weight is
     loaded next, from its checkpoint or the run's), and with a ZeRO-3 `ds_config` it is built partitioned across
-    the ranks (zero3.py): every rank must call then.
+    the ranks (zero3.py): every rank must call then. `random_backbone`: a decoder that will not be loaded (a
+    benchmark) gets GPT-2's random init too.
 
     With `lora` and model.trainable=lora, the adapters are in place too (to read a LoRA checkpoint).
     `run_dir`: a run read back (a resume, evaluate, export): a decoder's architecture as the run saved it.
@@ -313,7 +315,8 @@ def build_model(mc: ModelConfig, num_classes: int, lora: LoraConfig | None = Non
     from dist_finetune.families import backbone_config
 
     arch = backbone_config(mc, run_dir)
-    backbone = unloaded_decoder(arch, lm_head=False, ds_config=ds_config) if isinstance(arch, DecoderConfig) else None
+    unloaded = isinstance(arch, DecoderConfig) and not random_backbone
+    backbone = unloaded_decoder(arch, lm_head=False, ds_config=ds_config) if unloaded else None
     model = GPTClassifier(arch, num_classes, pooling=mc.pooling, head_init=mc.head_init, head_bias=mc.head_bias,
                           backbone=backbone)
     if lora is not None and mc.trainable == "lora":
