@@ -303,7 +303,7 @@ def build_model(mc: ModelConfig, num_classes: int, lora: LoraConfig | None = Non
                 run_dir: Path | None = None, ds_config: dict[str, Any] | None = None,
                 random_backbone: bool = False) -> GPTClassifier:
     """The architecture (families.backbone_config: GPT-2 or a Llama / Qwen3 decoder) with GPT-2's random
-    init; weights.load_pretrained loads weights. A decoder's backbone is left uninitialised (every weight is
+    init; weights.load_pretrained loads weights. A decoder's backbone is not initialised (NaN: every weight is
     loaded next, from its checkpoint or the run's), and with a ZeRO-3 `ds_config` it is built partitioned across
     the ranks (zero3.py): every rank must call then. `random_backbone`: a decoder that will not be loaded (a
     benchmark) gets GPT-2's random init too.
