@@ -15,7 +15,6 @@ context as max_length, padding to the longest text. An ONNX export (model.onnx) 
 """
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +24,7 @@ import torch
 
 from .cli import BACKENDS, pick_device
 from .data import DataError, make_collate
-from .encoding import PAIR_SEPARATOR, encode_pairs, fit_example, full_length, windows
+from .encoding import encode_pairs, fit_example, full_length, windows
 from .regression import TargetScale
 from .hf_import import load_hf_classifier, transformers_info
 from .onnx_export import ONNX_EXPORT_SUBDIR, ONNX_WEIGHTS, load_onnx
@@ -106,9 +105,6 @@ class Classifier:
         self.source = source  # the folder it was loaded from
         # GPT-2's BPE, or the tokenizer.json an export of a Llama / Qwen3 model carries
         self.tokenizer = GPT2_BPE if source is None else export_tokenizer(source, info)
-        # a model of text pairs: the ids between the two texts, as the export recorded them (read_export_info
-        # checked them against the tokenizer's "\n\n")
-        self.pair_separator = _recorded_separator(source) if info.text_pair_column is not None else PAIR_SEPARATOR
 
     @classmethod
     def load(cls, path: str | Path, device: str | torch.device = "auto", backend: str = "auto") -> Classifier:
@@ -158,7 +154,7 @@ class Classifier:
         examples = list(zip(tokens, pair_tokens))
         rows = self._probabilities(examples, batch_size)
         cut = self.info.long_texts != "chunk"  # chunk reads every token
-        return [self._prediction(p, cut and full_length(*example, self.pair_separator) > self.max_length)
+        return [self._prediction(p, cut and full_length(*example, self.info.pair_separator) > self.max_length)
                 for p, example in zip(rows, examples)]
 
     def _probabilities(self, examples: list[tuple[list[int], list[int] | None]],
@@ -167,7 +163,7 @@ class Classifier:
         model scores a text from all its windows."""
         info = self.info
         if info.long_texts != "chunk":
-            inputs = [fit_example(ids, pair, info.max_length, info.long_texts, info.head_tokens, self.pair_separator)
+            inputs = [fit_example(ids, pair, info.max_length, info.long_texts, info.head_tokens, info.pair_separator)
                       for ids, pair in examples]
             outputs = self._logits(inputs, batch_size)
         else:
@@ -204,14 +200,6 @@ class Classifier:
             return Prediction(None, -1, dict(zip(labels, probabilities)), truncated, labels=chosen)
         index = max(range(len(probabilities)), key=probabilities.__getitem__)
         return Prediction(labels[index], index, dict(zip(labels, probabilities)), truncated)
-
-
-def _recorded_separator(source: Path | None) -> tuple[int, ...]:
-    """The pair separator an export's model_config.json records (GPT-2's for a model built by hand)."""
-    if source is None or not (source / EXPORT_CONFIG).is_file():
-        return PAIR_SEPARATOR
-    recorded = json.loads((source / EXPORT_CONFIG).read_text(encoding="utf-8")).get("pair_separator")
-    return PAIR_SEPARATOR if recorded is None else tuple(recorded)
 
 
 def _encoded(texts: Sequence[str], what: str, tokenizer: Any, second: bool = False) -> list[list[int]]:

@@ -892,6 +892,7 @@ class ExportInfo:
     targets: dict | None = None  # task=regression: {"targets": names, "mean": [...], "std": [...]}
     thresholds: list[float] | None = None  # task=multi_label: each label's decision threshold
     text_column: str = "text"  # the column the texts came from: predict --input's default
+    pair_separator: tuple[int, ...] = PAIR_SEPARATOR  # a model of text pairs: the ids training joined them with
 
 
 def read_export_info(folder: Path) -> ExportInfo:
@@ -912,6 +913,8 @@ def read_export_info(folder: Path) -> ExportInfo:
         if separator != expected and (hf or info.tokenizer == EXPORT_TOKENIZER):
             raise WeightsError(f"{folder / EXPORT_CONFIG}: pair_separator {separator!r} is not this version's "
                                f"{expected} (the tokenizer's blank line); export the run again with this version")
+        if isinstance(separator, list):  # checked above, or the tokenizer is refused below
+            info = dataclasses.replace(info, pair_separator=tuple(separator))
     if info.long_texts not in LONG_TEXTS or info.chunk_aggregate not in AGGREGATES:
         raise WeightsError(f"{folder / EXPORT_CONFIG}: long_texts {info.long_texts!r} / chunk_aggregate "
                            f"{info.chunk_aggregate!r} is not one of {' | '.join(LONG_TEXTS)} / "

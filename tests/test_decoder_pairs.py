@@ -162,7 +162,7 @@ def test_gpt2_pair_export_still_records_628(tmp_path):
     assert config["pair_separator"] == [628] and config["tokenizer"] == "gpt2"
     assert read_export_info(tmp_path / "export").text_pair_column == "answer"
     clf = Classifier.load(tmp_path / "export", device="cpu")
-    assert clf.pair_separator == (628,)
+    assert clf.info.pair_separator == (628,)
     assert len(clf.predict(["is it?"], pairs=[ANSWERS["yes"]])) == 1
     config["pair_separator"] = [198, 198]
     (tmp_path / "export" / "model_config.json").write_text(json.dumps(config))
@@ -208,7 +208,7 @@ def test_one_rank_decoder_trains_on_pairs_exports_and_predicts_as_evaluate(bpe, 
     assert result["accuracy"] == pytest.approx(run.summary()["test"]["accuracy"])
 
     clf = Classifier.load(run.dir, device="cpu")
-    assert list(clf.pair_separator) == separator
+    assert list(clf.info.pair_separator) == separator
     predictions = clf.predict([r["question"] for r in out], pairs=[r["answer"] for r in out])
     assert [p.label for p in predictions] == [r["predicted_label"] for r in out]
 
