@@ -18,12 +18,13 @@ import torch
 from torch import Tensor
 
 from .decoder import FAMILIES, DecoderConfig
-from .decoder_weights import load_into, read_config, read_headers, shard_files, unloaded_decoder
+from .decoder_weights import read_config, read_headers, shard_files, unloaded_decoder
+from .hf_export import DECODER_CLASSES
 from .model import GPTClassifier
 from .hf_tokenizer import HFTokenizer
 from .tokenizer import PAD_ID
 from .weights import (EXPORT_HF_TOKENIZER, EXPORT_TOKENIZER, ExportInfo, WeightsError, _read_weights,
-                      infer_gpt_config, load_state_strict, resolve_weights, to_canonical)
+                      infer_gpt_config, load_pretrained, load_state_strict, resolve_weights, to_canonical)
 
 HF_CLASSIFIER = "GPT2ForSequenceClassification"
 SCORE = "score.weight"
@@ -153,23 +154,17 @@ def eval_labels(names: Sequence[str]) -> list:
 
 
 def _load_decoder_classifier(source: Path) -> tuple[GPTClassifier, list[str]]:
-    """Its backbone shard by shard (decoder_weights.py) and score.weight as a bias-free head."""
+    """Its backbone shard by shard and score.weight as a bias-free head (weights.load_pretrained, rows in id order)."""
     arch = read_config(source)
-    kind = f"transformers {arch.family.capitalize()}ForSequenceClassification"
     score = read_headers(shard_files(source)).get(SCORE)
     if score is None:
-        raise WeightsError(f"weights {source}: not a {kind} (no {SCORE}); it holds no classifier head: give a folder "
-                           "saved by ...ForSequenceClassification.save_pretrained, or train from it with "
-                           "model.weights (a new head)")
+        raise WeightsError(f"weights {source}: not a transformers {DECODER_CLASSES[arch.family]} (no {SCORE}); it "
+                           "holds no classifier head: give a folder saved by ...ForSequenceClassification."
+                           "save_pretrained, or train from it with model.weights (a new head)")
     names = read_hf_labels(source, score[1][0])
     model = GPTClassifier(arch, len(names), pooling=POOLING, head_bias=False,
                           backbone=unloaded_decoder(arch, lm_head=False))
-    weight = load_into(model.backbone, source, also=(SCORE,))[SCORE]
-    if tuple(weight.shape) != tuple(model.head.weight.shape):
-        raise WeightsError(f"weights {source}: {SCORE} has shape {tuple(weight.shape)}, config.json implies "
-                           f"{tuple(model.head.weight.shape)}")
-    with torch.no_grad():
-        model.head.weight.copy_(weight)
+    load_pretrained(model, str(source))
     return model.eval(), names
 
 
